@@ -1,0 +1,42 @@
+# One entry point for developers and CI (.ci/run calls `make test`).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install serve test lint typecheck bench bench-server loadtest clean
+
+# The venv is rebuilt when pyproject.toml changes. Installing torch from this machine's local
+# wheels takes about 2 minutes; the Dockerfile runs the same pip command.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[serve,dev,loadtest]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	HOST=$(HOST) PORT=$(PORT) $(BIN)/python -m app
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/pool_bench.py
+
+bench-server: $(VENV)/.installed
+	$(BIN)/python benchmarks/server_bench.py
+
+loadtest: $(VENV)/.installed
+	$(BIN)/python -m loadtest.compare
+
+clean:
+	rm -rf $(VENV) .bench .pytest_cache .mypy_cache .ruff_cache
