@@ -1,0 +1,56 @@
+"""stateful_pool: pools of stateful worker processes. Spawn once, execute many, never hang.
+
+Quick start::
+
+    from stateful_pool import SPool, SWorker
+
+    class Square(SWorker):
+        def spawn(self, offset):
+            self.offset = offset          # expensive setup goes here (load a model...)
+            return "ready"
+
+        def execute(self, x):
+            return x * x + self.offset
+
+    if __name__ == "__main__":
+        with SPool(Square) as pool:
+            pool.spawn(offset=1)
+            print(pool.execute(3))        # 10
+"""
+
+from __future__ import annotations
+
+from ._pool import SPool
+from ._stats import PoolStats, WorkerStats
+from ._worker import SWorker
+from .errors import (
+    NoWorkersError,
+    PoolClosedError,
+    PoolError,
+    QueueFullError,
+    RemoteError,
+    SpawnError,
+    SpawnTimeoutError,
+    TaskTimeoutError,
+    WorkerCrashedError,
+)
+
+SWorker.__module__ = "stateful_pool"
+
+__version__ = "0.4.0"
+
+__all__ = [
+    "NoWorkersError",
+    "PoolClosedError",
+    "PoolError",
+    "PoolStats",
+    "QueueFullError",
+    "RemoteError",
+    "SPool",
+    "SWorker",
+    "SpawnError",
+    "SpawnTimeoutError",
+    "TaskTimeoutError",
+    "WorkerCrashedError",
+    "WorkerStats",
+]

@@ -1,0 +1,385 @@
+"""SPool: the public face of the pool. The work happens in ``_dispatch.Dispatcher``."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import multiprocessing
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Generic
+
+from . import _messages as m
+from ._dispatch import Dispatcher, Task, WorkerSlot
+from ._stats import PoolStats, WorkerStats
+from ._worker import ExecR, SpawnR, SWorker, defines_execute_batch
+from .errors import NoWorkersError, PoolClosedError, QueueFullError
+
+_live_pools: weakref.WeakSet[SPool[Any, Any]] = weakref.WeakSet()
+# Bound on how long interpreter exit waits for a pool its owner forgot to shut down.
+_ATEXIT_TIMEOUT = 10.0
+
+
+def _shutdown_forgotten_pools() -> None:
+    for pool in list(_live_pools):
+        pool.shutdown(wait=True, cancel_futures=True, timeout=_ATEXIT_TIMEOUT)
+
+
+# Registered at import, after multiprocessing's own exit hook, so it runs first (atexit is
+# LIFO): multiprocessing's hook would otherwise join our non-daemon workers forever.
+atexit.register(_shutdown_forgotten_pools)
+
+
+class _Capacity:
+    """Bounds the number of queued tasks (``queue_size``); callers may wait for room."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+        self._async_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = (
+            deque())
+
+    def acquire(self, timeout: float | None) -> bool:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self.used < self.limit, timeout)  # type: ignore
+            if ok:
+                self.used += 1
+            return ok
+
+    async def acquire_async(self, timeout: float | None) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._cond:
+                if self.used < self.limit:  # type: ignore[operator]
+                    self.used += 1
+                    return True
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._async_waiters.append((loop, waiter))
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except (asyncio.TimeoutError, TimeoutError):
+                return False
+
+    def release(self, task: Task) -> None:
+        with self._cond:
+            if not task.holds_slot:
+                return
+            task.holds_slot = False
+            self.used -= 1
+            self._cond.notify()
+            # Wake every async waiter: one that already gave up must not swallow the wakeup.
+            waiters, self._async_waiters = self._async_waiters, deque()
+        for loop, waiter in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve_waiter, waiter)
+            except RuntimeError:
+                pass  # that loop is closed
+
+
+def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _check_timeout(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{name} must be None or > 0 seconds, got {value!r}")
+
+
+class SPool(Generic[SpawnR, ExecR]):
+    """A pool of stateful worker processes: spawn each worker once, then execute many tasks.
+
+    Args:
+        worker_cls: an ``SWorker`` subclass, importable by the worker processes (define it at
+            module level; with the default ``spawn`` start method, scripts need the
+            ``if __name__ == "__main__":`` guard).
+        queue_size: most tasks that may wait for a worker at once; ``None`` or ``0`` means
+            unbounded. Running tasks do not count.
+        submission_timeout: how long a submit waits for room in a full queue before raising
+            ``QueueFullError``; ``None`` waits as long as it takes.
+        execution_timeout: seconds from submission after which the task fails with
+            ``TaskTimeoutError``. A task that had not started is removed and never runs; a
+            running one finishes on its worker and its result is discarded.
+        thread_pool: accepted for compatibility with stateful-pool 0.3.2 and not used: this
+            pool parks no thread per task.
+        mp_context: a ``multiprocessing`` context; default ``get_context("spawn")`` because
+            CUDA cannot be initialised in a forked child.
+        max_batch_size: with a worker that defines ``execute_batch``, hand up to this many
+            queued tasks to one call. ``1`` (default) turns batching off.
+        max_batch_wait: seconds a partial batch may wait for more tasks, measured from the
+            arrival of its oldest task. ``0`` (default) takes what is queued.
+        spawn_timeout: seconds a worker's ``spawn`` may take before the process is killed and
+            ``SpawnTimeoutError`` raised; ``None`` (default) waits.
+        hang_timeout: opt-in: seconds a task (or batch) may run before its worker is killed and
+            respawned; its tasks fail with ``WorkerCrashedError``. ``None`` (default) never
+            kills.
+        max_restarts: respawns allowed per worker within ``restart_window`` seconds after
+            crashes; ``0`` turns respawning off, ``None`` means no limit. Default 5.
+        restart_window: the window, in seconds, over which restarts are counted. Default 60.
+        restart_backoff: delay before the first respawn; it doubles with each further restart
+            within the window, up to 10 s. Default 0.1 s.
+
+    Raises:
+        ValueError: an option is out of its range (nothing is spawned).
+        TypeError: ``worker_cls`` is not an ``SWorker`` subclass.
+    """
+
+    def __init__(
+        self,
+        worker_cls: type[SWorker[SpawnR, ExecR]],
+        queue_size: int | None = None,
+        submission_timeout: float | None = None,
+        execution_timeout: float | None = None,
+        thread_pool: ThreadPoolExecutor | None = None,
+        *,
+        mp_context: Any = None,
+        max_batch_size: int = 1,
+        max_batch_wait: float = 0.0,
+        spawn_timeout: float | None = None,
+        hang_timeout: float | None = None,
+        max_restarts: int | None = 5,
+        restart_window: float = 60.0,
+        restart_backoff: float = 0.1,
+    ) -> None:
+        if not (isinstance(worker_cls, type) and issubclass(worker_cls, SWorker)):
+            raise TypeError(f"worker_cls must be a subclass of SWorker, got {worker_cls!r}")
+        if queue_size is not None and queue_size < 0:
+            raise ValueError(f"queue_size must be None or >= 0, got {queue_size}")
+        if submission_timeout is not None and submission_timeout < 0:
+            raise ValueError(f"submission_timeout must be None or >= 0, got {submission_timeout}")
+        _check_timeout("execution_timeout", execution_timeout)
+        _check_timeout("spawn_timeout", spawn_timeout)
+        _check_timeout("hang_timeout", hang_timeout)
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_wait < 0:
+            raise ValueError(f"max_batch_wait must be >= 0 seconds, got {max_batch_wait}")
+        if max_restarts is not None and max_restarts < 0:
+            raise ValueError(f"max_restarts must be None or >= 0, got {max_restarts}")
+        if restart_window <= 0:
+            raise ValueError(f"restart_window must be > 0 seconds, got {restart_window}")
+        if restart_backoff < 0:
+            raise ValueError(f"restart_backoff must be >= 0 seconds, got {restart_backoff}")
+
+        self.worker_cls = worker_cls
+        self.queue_size = queue_size or None
+        self.submission_timeout = submission_timeout
+        self.execution_timeout = execution_timeout
+        self.thread_pool = thread_pool
+        self.batching = max_batch_size > 1 and defines_execute_batch(worker_cls)
+        self.max_batch_size = max_batch_size if self.batching else 1
+        self.max_batch_wait = max_batch_wait if self.batching else 0.0
+        self._capacity = _Capacity(self.queue_size)
+        self._ids = iter(range(1, 1 << 62)).__next__
+        self._worker_ids = iter(range(1 << 62)).__next__
+        self._closed = False
+        self._dispatcher = Dispatcher(
+            worker_cls=worker_cls,
+            mp_context=mp_context or multiprocessing.get_context("spawn"),
+            batching=self.batching,
+            max_batch_size=self.max_batch_size,
+            max_batch_wait=self.max_batch_wait,
+            spawn_timeout=spawn_timeout,
+            hang_timeout=hang_timeout,
+            max_restarts=max_restarts,
+            restart_window=restart_window,
+            restart_backoff=restart_backoff,
+            release_slot=self._capacity.release,
+        )
+        # A pool dropped without shutdown() still stops its workers.
+        weakref.finalize(self, self._dispatcher.request_close, True, _ATEXIT_TIMEOUT)
+        _live_pools.add(self)
+
+    # ---- spawning ---------------------------------------------------------------------------
+
+    def submit_spawn(self, *args: Any, **kwargs: Any) -> Future[SpawnR]:
+        """Start one more worker process and run its ``spawn(*args, **kwargs)``.
+
+        Returns:
+            A future of what the worker's ``spawn`` returned. It fails with the exception
+            ``spawn`` raised (worker traceback attached), ``SpawnError`` if the process died,
+            or ``SpawnTimeoutError``; in each case no process is left behind.
+
+        Raises:
+            PoolClosedError: after ``shutdown()``.
+            Exception: the arguments cannot be pickled (raised here, in the caller).
+        """
+        payload = m.dumps((args, kwargs), m.PROTOCOL)
+        future: Future[SpawnR] = Future()
+        future.set_running_or_notify_cancel()  # a spawn cannot be cancelled once submitted
+        dispatcher = self._dispatcher
+        with dispatcher.lock:
+            if self._closed or not dispatcher.accepting:
+                raise PoolClosedError("cannot spawn: the pool is shut down")
+            slot = WorkerSlot(self._worker_ids(), payload, future)
+            dispatcher.slots.append(slot)
+            dispatcher.inbox.append(slot)
+        dispatcher.wake()
+        return future
+
+    def spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
+        """Add a worker and wait until its ``spawn`` returned; return what it returned."""
+        return self.submit_spawn(*args, **kwargs).result()
+
+    async def async_spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
+        """``spawn`` for asyncio: awaits the worker without blocking the event loop."""
+        return await asyncio.wrap_future(self.submit_spawn(*args, **kwargs))
+
+    # ---- executing --------------------------------------------------------------------------
+
+    def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        if self._closed:
+            raise PoolClosedError("cannot execute: the pool is shut down")
+        if self.batching:
+            if len(args) != 1 or kwargs:
+                raise TypeError(
+                    "with batching on (max_batch_size > 1), execute takes exactly one "
+                    f"positional argument, got {len(args)} positional and "
+                    f"{len(kwargs)} keyword arguments")
+            payload = m.dumps(args[0], m.PROTOCOL)
+        else:
+            payload = m.dumps((args, kwargs), m.PROTOCOL)
+        if not self._dispatcher.has_live_worker():
+            raise NoWorkersError("cannot execute: the pool has no live worker; call spawn() first")
+        return payload
+
+    def _enqueue(self, payload: bytes) -> Task:
+        deadline = (None if self.execution_timeout is None
+                    else time.monotonic() + self.execution_timeout)
+        task = Task(self._ids(), payload, deadline, self.queue_size is not None,
+                    self._on_cancel)
+        dispatcher = self._dispatcher
+        with dispatcher.lock:
+            if self._closed or not dispatcher.accepting:
+                if task.holds_slot:
+                    self._capacity.release(task)
+                raise PoolClosedError("cannot execute: the pool is shut down")
+            dispatcher.inbox.append(task)
+        dispatcher.wake()
+        return task
+
+    def _on_cancel(self, task: Task) -> None:
+        if task.holds_slot:
+            self._capacity.release(task)
+        self._dispatcher.inbox.append(("cancelled", task))
+        self._dispatcher.wake()
+
+    def _queue_full(self) -> QueueFullError:
+        return QueueFullError(
+            f"the pool's queue is full ({self.queue_size} tasks waiting) and no room came "
+            f"within submission_timeout={self.submission_timeout} s")
+
+    def submit_execute(self, *args: Any, **kwargs: Any) -> Future[ExecR]:
+        """Queue one task; return at once with its future.
+
+        Tasks start in submission order on whichever worker is free first.
+
+        Returns:
+            A ``concurrent.futures.Future`` of the task's result. ``future.cancel()`` removes
+            a task that has not started.
+
+        Raises:
+            PoolClosedError: after ``shutdown()``.
+            NoWorkersError: no worker is alive, starting or restarting.
+            QueueFullError: ``queue_size`` tasks wait and no room came in time.
+            TypeError: with batching on, anything but exactly one positional argument.
+            Exception: the arguments cannot be pickled (raised here; the pool is unaffected).
+        """
+        payload = self._payload(args, kwargs)
+        if self.queue_size is not None and not self._capacity.acquire(self.submission_timeout):
+            raise self._queue_full()
+        return self._enqueue(payload)
+
+    def execute(self, *args: Any, **kwargs: Any) -> ExecR:
+        """Run one task and wait for its result (``submit_execute(...).result()``).
+
+        Raises:
+            Exception: whatever the task raised in the worker (same type, worker traceback
+                as ``__cause__``), or any error of ``submit_execute``, ``TaskTimeoutError``,
+                ``WorkerCrashedError`` or ``RemoteError``.
+        """
+        return self.submit_execute(*args, **kwargs).result()
+
+    async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:
+        """Run one task from asyncio. No thread waits for it: the event loop is woken when
+        the result arrives. Cancelling the awaiting task before the task starts removes it
+        from the queue. Raises as ``execute`` does; a full queue is waited on asynchronously.
+        """
+        payload = self._payload(args, kwargs)
+        if self.queue_size is not None and not await self._capacity.acquire_async(
+                self.submission_timeout):
+            raise self._queue_full()
+        return await asyncio.wrap_future(self._enqueue(payload))
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
+                 timeout: float | None = None) -> None:
+        """Stop accepting tasks, finish the accepted ones, stop every worker. Idempotent.
+
+        Args:
+            wait: block until every worker process has exited.
+            cancel_futures: cancel the tasks that have not started instead of running them.
+            timeout: seconds to wait for accepted tasks; past it, running tasks fail with
+                ``PoolClosedError`` and their workers are killed. ``None``: no limit.
+
+        Afterwards every future of this pool is done and no worker process remains. Safe from
+        ``atexit``, from a signal handler's thread and from the event loop's thread (it never
+        waits on the loop).
+        """
+        dispatcher = self._dispatcher
+        self._closed = True
+        dispatcher.request_close(cancel_futures, timeout)
+        _live_pools.discard(self)
+        if wait and threading.current_thread() is not dispatcher.thread:
+            dispatcher.thread.join()
+
+    def __enter__(self) -> SPool[SpawnR, ExecR]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    async def __aenter__(self) -> SPool[SpawnR, ExecR]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """A consistent-enough snapshot of workers, queue and counters (cheap; no I/O)."""
+        d = self._dispatcher
+        workers = tuple(
+            WorkerStats(worker_id=s.id, pid=s.pid, state=s.state, tasks_done=s.tasks_done,
+                        restarts=s.restarts, running=len(s.tasks), last_exitcode=s.last_exitcode)
+            for s in list(d.slots))
+        queued = len(d.pending) + sum(isinstance(item, Task) for item in list(d.inbox))
+        counts = dict(d.counts)
+        b = d.batches
+        return PoolStats(
+            workers=workers, queue_depth=queued,
+            in_flight=queued + sum(w.running for w in workers),
+            submitted=counts["submitted"], completed=counts["completed"],
+            failed=counts["failed"], cancelled=counts["cancelled"],
+            timed_out=counts["timed_out"], restarts=counts["restarts"], batches=b.batches,
+            batch_size_mean=b.mean, batch_size_max=b.largest,
+            batch_size_hist=dict(b.histogram))
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = "closed" if self._closed else "open"
+        return (f"<SPool {self.worker_cls.__qualname__} {state} workers={s.live_workers} "
+                f"busy={s.busy_workers} queued={s.queue_depth} in_flight={s.in_flight}>")
+
+
+SPool.__module__ = "stateful_pool"

@@ -1,0 +1,151 @@
+"""The worker: the user's ``SWorker`` subclass and the loop that runs it in its own process.
+
+Everything below ``SWorker`` runs in the worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Generic, TypeVar
+
+from . import _messages as m
+
+SpawnR = TypeVar("SpawnR")
+ExecR = TypeVar("ExecR")
+
+# How often a worker checks that its parent is still alive. A worker whose parent was
+# SIGKILLed must exit on its own (it may hold GPU memory); 0.2 s keeps that well under a second
+# at a negligible cost (one getppid() call per tick).
+_PARENT_CHECK_INTERVAL = 0.2
+
+
+class SWorker(Generic[SpawnR, ExecR]):
+    """Base class of a stateful worker. One instance lives in each worker process.
+
+    Subclass it and override:
+
+    * ``spawn(self, *args, **kwargs)``: runs once when the process starts (load a model,
+      open a device). Its return value is what ``pool.spawn(...)`` returns. If it raises,
+      ``pool.spawn`` raises the same exception and the process is gone.
+    * ``execute(self, *args, **kwargs)``: runs once per task, with the arguments given to
+      ``pool.execute(...)``; its return value is the task's result.
+    * optionally ``execute_batch(self, batch: list) -> list``: with ``SPool(...,
+      max_batch_size=N)``, receives the single positional argument of up to ``N`` queued
+      tasks and returns one result per item, in order. An item's result may be an exception
+      instance to fail only that item.
+
+    The instance is created in the worker process with no arguments; keep state on ``self``.
+    """
+
+    def spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
+        """Set the worker up; runs once in the worker process. Default: do nothing."""
+        return None  # type: ignore[return-value]
+
+    def execute(self, *args: Any, **kwargs: Any) -> ExecR:
+        """Run one task in the worker process."""
+        raise NotImplementedError(f"{type(self).__qualname__} does not define execute()")
+
+
+def defines_execute_batch(worker_cls: type) -> bool:
+    return callable(getattr(worker_cls, "execute_batch", None))
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit the worker as soon as its parent is gone (reparented to init or a subreaper)."""
+    while True:
+        time.sleep(_PARENT_CHECK_INTERVAL)
+        if os.getppid() != parent_pid:
+            os._exit(70)
+
+
+def _run_one(worker: SWorker[Any, Any], task_id: int, payload: bytes) -> tuple[int, m.Outcome]:
+    try:
+        args, kwargs = m.loads(payload)
+        result = worker.execute(*args, **kwargs)
+    except Exception as exc:
+        return task_id, m.error_outcome(exc)
+    return task_id, m.ok_outcome(result)
+
+
+def _run_batch(
+    worker: Any, task_ids: list[int], payloads: list[bytes]
+) -> list[tuple[int, m.Outcome]]:
+    """Run one ``execute_batch`` call; an item that cannot be unpickled fails alone."""
+    outcomes: dict[int, m.Outcome] = {}
+    items: list[Any] = []
+    item_ids: list[int] = []
+    for task_id, payload in zip(task_ids, payloads):
+        try:
+            items.append(m.loads(payload))
+            item_ids.append(task_id)
+        except Exception as exc:
+            outcomes[task_id] = m.error_outcome(exc)
+    if items:
+        try:
+            results = worker.execute_batch(items)
+            if not isinstance(results, (list, tuple)) or len(results) != len(items):
+                got = (f"{len(results)} results" if isinstance(results, (list, tuple))
+                       else f"a {type(results).__name__}")
+                raise TypeError(
+                    f"{type(worker).__qualname__}.execute_batch returned {got} for a batch of "
+                    f"{len(items)} items; it must return a list with one result per item"
+                )
+        except Exception as exc:
+            record = m.error_record(exc)
+            for task_id in item_ids:
+                outcomes[task_id] = (False, record)
+        else:
+            for task_id, result in zip(item_ids, results):
+                if isinstance(result, BaseException):
+                    outcomes[task_id] = m.error_outcome(result)
+                else:
+                    outcomes[task_id] = m.ok_outcome(result)
+    return [(task_id, outcomes[task_id]) for task_id in task_ids]
+
+
+def worker_main(conn: Connection, worker_cls: type[SWorker[Any, Any]], parent_pid: int) -> None:
+    """Entry point of a worker process: spawn once, then answer tasks until told to stop.
+
+    Runs in the worker process.
+    """
+    # Ctrl-C reaches the whole process group; the parent decides how to shut down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                     name="stateful_pool-parent-watch").start()
+    send = conn.send_bytes
+    try:
+        _, payload = m.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return  # the parent gave up on this worker before it started
+    try:
+        args, kwargs = m.loads(payload)
+        worker = worker_cls()
+        spawned = worker.spawn(*args, **kwargs)
+    except Exception as exc:
+        send(m.dumps((m.SPAWNED, m.error_outcome(exc)), m.PROTOCOL))
+        return
+    outcome = m.ok_outcome(spawned)
+    send(m.dumps((m.SPAWNED, outcome), m.PROTOCOL))
+    if not outcome[0]:
+        return
+    recv = conn.recv_bytes
+    while True:
+        try:
+            message = m.loads(recv())
+        except (EOFError, OSError):
+            return  # the parent closed the pipe or died
+        kind = message[0]
+        if kind == m.EXEC:
+            reply = [_run_one(worker, message[1], message[2])]
+        elif kind == m.BATCH:
+            reply = _run_batch(worker, message[1], message[2])
+        else:
+            return
+        try:
+            send(m.dumps((m.RESULTS, reply), m.PROTOCOL))
+        except (EOFError, OSError):
+            return
