@@ -116,6 +116,8 @@ class WorkerSlot:
         self.restarts = 0
         self.tasks_done = 0
         self.last_exitcode: int | None = None
+        self.spawn_error: BaseException | None = None
+        self.reaping = False
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -386,12 +388,13 @@ class Dispatcher:
             else:
                 logger.info("worker %d respawned (pid %s)", slot.id, slot.pid)
             return
-        # spawn() raised: the process exits by itself; _on_exit reaps it.
+        # spawn() raised (or its result could not be sent): the process is exiting. Reap it
+        # before the caller hears, so that no process outlives the failed spawn.
         slot.kill_reason = "spawn_failed"
-        if future is not None:
-            settle(future, exc=value)
-        else:
-            logger.error("worker %d failed to respawn: %s", slot.id, value)
+        slot.spawn_error = value
+        slot.spawn_future = future
+        if not slot.reaping:
+            self._on_exit(slot)
 
     # ---- worker lifecycle -------------------------------------------------------------------
 
@@ -425,11 +428,14 @@ class Dispatcher:
         conn = slot.conn
         assert conn is not None
         # Results the worker sent just before dying still count.
+        slot.reaping = True
         try:
             while conn.poll():
                 self._on_message(slot, m.loads(conn.recv_bytes()))
         except (EOFError, OSError):
             pass
+        finally:
+            slot.reaping = False
         slot.process.join(1.0)
         if slot.process.exitcode is None:  # pipe broke but the process lingers
             slot.process.kill()
@@ -449,7 +455,10 @@ class Dispatcher:
             return
         if was == STARTING:
             if reason == "spawn_failed":
-                error: BaseException | None = None  # spawn() raised; the caller has it already
+                error: BaseException | None = slot.spawn_error
+                slot.spawn_error = None
+                if slot.spawn_future is None:
+                    logger.error("worker %d failed to respawn: %r", slot.id, error)
             elif reason == "spawn_timeout":
                 error = SpawnTimeoutError(
                     f"worker {slot.id} (pid {pid}) did not finish spawn within "

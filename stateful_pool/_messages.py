@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from typing import Any, Union
+from typing import Any
 
 from .errors import RemoteError
 
@@ -38,7 +38,7 @@ RESULTS = 11
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
-ErrorRecord = tuple[str, str, str, Union[bytes, None]]
+ErrorRecord = tuple[str, str, str, bytes | None]
 Outcome = tuple[Any, ...]  # (True, type_name, bytes) | (False, ErrorRecord)
 
 dumps = pickle.dumps

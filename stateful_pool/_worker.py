@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from . import _messages as m
 
@@ -78,7 +79,7 @@ def _run_batch(
     outcomes: dict[int, m.Outcome] = {}
     items: list[Any] = []
     item_ids: list[int] = []
-    for task_id, payload in zip(task_ids, payloads):
+    for task_id, payload in zip(task_ids, payloads, strict=True):
         try:
             items.append(m.loads(payload))
             item_ids.append(task_id)
@@ -99,12 +100,23 @@ def _run_batch(
             for task_id in item_ids:
                 outcomes[task_id] = (False, record)
         else:
-            for task_id, result in zip(item_ids, results):
+            for task_id, result in zip(item_ids, results, strict=True):
                 if isinstance(result, BaseException):
                     outcomes[task_id] = m.error_outcome(result)
                 else:
                     outcomes[task_id] = m.ok_outcome(result)
     return [(task_id, outcomes[task_id]) for task_id in task_ids]
+
+
+def _exit_after_failed_spawn(send: Any, outcome: m.Outcome) -> NoReturn:
+    """Report a failed spawn and leave at once: threads the failed spawn started must not
+    keep the process alive."""
+    try:
+        send(m.dumps((m.SPAWNED, outcome), m.PROTOCOL))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def worker_main(conn: Connection, worker_cls: type[SWorker[Any, Any]], parent_pid: int) -> None:
@@ -126,12 +138,11 @@ def worker_main(conn: Connection, worker_cls: type[SWorker[Any, Any]], parent_pi
         worker = worker_cls()
         spawned = worker.spawn(*args, **kwargs)
     except Exception as exc:
-        send(m.dumps((m.SPAWNED, m.error_outcome(exc)), m.PROTOCOL))
-        return
+        _exit_after_failed_spawn(send, m.error_outcome(exc))
     outcome = m.ok_outcome(spawned)
-    send(m.dumps((m.SPAWNED, outcome), m.PROTOCOL))
     if not outcome[0]:
-        return
+        _exit_after_failed_spawn(send, outcome)
+    send(m.dumps((m.SPAWNED, outcome), m.PROTOCOL))
     recv = conn.recv_bytes
     while True:
         try:
