@@ -40,6 +40,10 @@ class PendingQueue(Generic[T]):
         entry = self._items.pop(key, None)
         return None if entry is None else entry[0]
 
+    def snapshot(self) -> list[T]:
+        """The queued items, oldest first (safe to call from another thread)."""
+        return [item for item, _ in list(self._items.values())]
+
     def pop_all(self) -> list[T]:
         items = [item for item, _ in self._items.values()]
         self._items.clear()

@@ -201,7 +201,7 @@ class Dispatcher:
         self._fd_owner: dict[int, tuple[WorkerSlot, bool]] = {}
         # Closed only when nothing can reach this object any more: a caller thread may still
         # call wake() after the dispatcher thread has ended, and a closed fd number gets reused.
-        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w).atexit = False
         self.thread = threading.Thread(target=self._run, name="stateful_pool-dispatcher",
                                        daemon=True)
         self.thread.start()

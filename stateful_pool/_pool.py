@@ -195,7 +195,8 @@ class SPool(Generic[SpawnR, ExecR]):
             release_slot=self._capacity.release,
         )
         # A pool dropped without shutdown() still stops its workers.
-        weakref.finalize(self, self._dispatcher.request_close, True, _ATEXIT_TIMEOUT)
+        finalizer = weakref.finalize(self, self._dispatcher.request_close, True, _ATEXIT_TIMEOUT)
+        finalizer.atexit = False  # at exit, _shutdown_forgotten_pools does it and waits
         _live_pools.add(self)
 
     # ---- spawning ---------------------------------------------------------------------------
@@ -363,7 +364,10 @@ class SPool(Generic[SpawnR, ExecR]):
             WorkerStats(worker_id=s.id, pid=s.pid, state=s.state, tasks_done=s.tasks_done,
                         restarts=s.restarts, running=len(s.tasks), last_exitcode=s.last_exitcode)
             for s in list(d.slots))
-        queued = len(d.pending) + sum(isinstance(item, Task) for item in list(d.inbox))
+        # Cancelled tasks leave the queue at once for callers, even before the dispatcher
+        # has drained the news.
+        waiting = d.pending.snapshot() + [t for t in list(d.inbox) if isinstance(t, Task)]
+        queued = sum(not t.cancelled() for t in waiting)
         counts = dict(d.counts)
         b = d.batches
         return PoolStats(
