@@ -1,0 +1,47 @@
+"""``python -m app``: one uvicorn process serving the app on HOST:PORT (``make serve``).
+
+SIGTERM or Ctrl-C: uvicorn stops accepting, lets the accepted requests finish (at most
+SHUTDOWN_TIMEOUT_S), then the lifespan stops the workers; the exit code is 0. It is 1 when
+no worker could start, 2 when the settings are invalid.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from .logs import configure_logging
+from .main import create_app
+from .settings import Settings
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"invalid server settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    fatal = False
+
+    def stop_on_fatal() -> None:
+        nonlocal fatal
+        fatal = True
+        server.should_exit = True
+
+    try:
+        app = create_app(settings, on_fatal=stop_on_fatal)
+    except ValueError as exc:
+        print(f"invalid server settings: {exc}", file=sys.stderr)
+        return 2
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s), lifespan="on"))
+    server.run()
+    return 1 if fatal or not server.started else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Prometheus metrics: HTTP traffic, and the pool read from ``pool.stats()`` at scrape time.
+
+Each app gets its own registry, so several apps in one process (tests) never collide, and the
+pool's figures are read when scraped rather than pushed on every task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from stateful_pool import PoolStats
+
+# Latency buckets span an echo worker (ms) to ViT-L on CPU under load (tens of seconds).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+WORKER_STATES = ("starting", "idle", "busy", "restarting", "stopping", "stopped", "dead")
+
+
+class PoolCollector(Collector):
+    """Exposes a pool snapshot; ``stats`` returns None before the pool exists."""
+
+    def __init__(self, stats: Callable[[], PoolStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        if s is None:
+            return
+        yield GaugeMetricFamily("pool_queue_depth", "Tasks waiting for a worker", s.queue_depth)
+        yield GaugeMetricFamily("pool_in_flight", "Tasks queued or running", s.in_flight)
+        yield GaugeMetricFamily("pool_busy_workers", "Workers running a task", s.busy_workers)
+        states = GaugeMetricFamily("pool_workers", "Workers by state", labels=["state"])
+        for state in WORKER_STATES:
+            states.add_metric([state], sum(w.state == state for w in s.workers))
+        yield states
+        yield CounterMetricFamily("pool_worker_restarts", "Worker respawns after a crash",
+                                  s.restarts)
+        tasks = CounterMetricFamily("pool_tasks", "Tasks by outcome", labels=["outcome"])
+        for outcome in ("submitted", "completed", "failed", "cancelled", "timed_out"):
+            tasks.add_metric([outcome], getattr(s, outcome))
+        yield tasks
+        yield batch_size_histogram(s)
+
+
+def batch_size_histogram(s: PoolStats) -> HistogramMetricFamily:
+    buckets = [(str(bound), sum(n for size, n in s.batch_size_hist.items() if size <= bound))
+               for bound in BATCH_BUCKETS]
+    buckets.append(("+Inf", s.batches))
+    return HistogramMetricFamily(
+        "pool_batch_size", "Tasks per execute_batch call", buckets=buckets,
+        sum_value=s.batch_size_mean * s.batches)
+
+
+class Metrics:
+    """The app's registry and its HTTP instruments."""
+
+    def __init__(self, pool_stats: Callable[[], PoolStats | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests", "HTTP requests by route and status",
+            ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "http_request_duration_seconds", "Time from request to last response byte",
+            ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.in_progress = Gauge(
+            "http_requests_in_progress", "Requests being handled", registry=self.registry)
+        ProcessCollector(registry=self.registry)
+        self.registry.register(PoolCollector(pool_stats))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)

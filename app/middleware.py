@@ -1,0 +1,145 @@
+"""Pure ASGI middleware: request ids, access log and metrics; the upload size limit.
+
+Pure ASGI rather than ``BaseHTTPMiddleware`` so that the body streams through untouched and
+an error raised while the body is read still gets an answer with the request id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from fastapi import HTTPException
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .logs import request_id_var
+from .metrics import Metrics
+
+logger = logging.getLogger("app.access")
+
+# A client's id is echoed into headers and logs: keep it short and free of separators.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+# Probes and scrapers hit these every few seconds; their lines would drown the rest.
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+async def send_json(send: Send, status: int, body: dict[str, object],
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the client's ``X-Request-ID`` or a new one), echoes it on
+    the response, sets it for log lines, writes one access-log line, records the metrics,
+    and answers any unhandled error 500 in JSON (the traceback goes to the log only)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], set[str]]):
+        self.app = app
+        self.metrics = metrics
+        self.known_paths = known_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client_id = header(scope, b"x-request-id")
+        request_id = (client_id if client_id and _CLIENT_ID.fullmatch(client_id)
+                      else uuid.uuid4().hex)
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        self.metrics.in_progress.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if response_started:
+                raise
+            await send_json(send_with_id, 500, {"detail": "internal server error"})
+        finally:
+            self.metrics.in_progress.dec()
+            seconds = time.perf_counter() - started
+            route = self._route_label(scope)
+            self.metrics.observe(scope["method"], route, status, seconds)
+            level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
+            logger.log(level, '"%s %s" %d %.1f ms', scope["method"], scope["path"], status,
+                       seconds * 1000)
+            request_id_var.reset(token)
+
+    def _route_label(self, scope: Scope) -> str:
+        """The route template, never the raw path: raw paths would explode label cardinality."""
+        route = scope.get("route")
+        if route is not None and hasattr(route, "path"):
+            return str(route.path)
+        return scope["path"] if scope["path"] in self.known_paths() else "other"
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``max_bytes`` with 413, declared or chunked.
+
+    A declared ``Content-Length`` over the limit is refused before a byte is read; a chunked
+    body is counted as it streams and refused as soon as it passes the limit, so an upload
+    never costs more than ``max_bytes`` of memory or disk.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> str:
+        return f"request body over the limit of {self.max_bytes / 2**20:g} MiB (MAX_UPLOAD_MB)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = header(scope, b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await send_json(send, 400, {"detail": "invalid Content-Length header"})
+                return
+            if int(declared) > self.max_bytes:
+                await send_json(send, 413, {"detail": self._too_large()})
+                return
+        await self.app(scope, self._counting(receive), send)
+
+    def _counting(self, receive: Receive) -> Callable[[], Awaitable[Message]]:
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside the form parser; FastAPI re-raises HTTPException as is.
+                    raise HTTPException(413, self._too_large())
+            return message
+
+        return receive_within_limit

@@ -1,0 +1,67 @@
+"""Response bodies. ``POST /predict`` is typed by the served worker's ``output_model``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+
+class AnyOutput(BaseModel):
+    """Stand-in for a worker that declares no ``output_model``: any JSON object."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(BaseModel):
+    detail: str | list[Any] = Field(description="what went wrong, for a human")
+
+
+def predict_response_model(output_model: type[BaseModel] | None) -> type[BaseModel]:
+    """``{"predictions": [{"filename": ..., **output}, ...]}`` for the given worker output."""
+    base = output_model or AnyOutput
+    item = create_model(
+        f"{base.__name__}Prediction", __base__=base,
+        filename=(str | None, Field(description="the upload's filename, if it had one")),
+    )
+    return create_model(
+        "PredictResponse",
+        predictions=(list[item], Field(description="one entry per uploaded file, in order")),
+    )
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    workers_ready: int
+    workers: int
+
+
+class WorkerInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    worker_id: int
+    pid: int | None
+    state: str
+    restarts: int
+    tasks_done: int
+
+
+class Batching(BaseModel):
+    max_batch_size: int
+    max_batch_wait_ms: float
+
+
+class ModelInfo(BaseModel):
+    model: str
+    weights: str = Field(description="MODEL_WEIGHTS as configured; per worker: what loaded")
+    worker_class: str
+    device: str
+    precision: str
+    batching: Batching
+    queue_size: int
+    request_timeout_s: float
+    workers: list[WorkerInfo]

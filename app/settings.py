@@ -1,0 +1,88 @@
+"""Server settings, read from the environment (pydantic-settings).
+
+Every field maps to the upper-case environment variable of the same name (``MODEL_NAME``,
+``NUM_WORKERS``...). Invalid values stop the server at start-up with a message naming the
+variable, before any worker is spawned.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .images import PILLOW_PIXEL_CEILING
+
+WEIGHTS_MODES = ("auto", "pretrained", "random")
+
+
+class Settings(BaseSettings):
+    """The server's configuration; see docs/SERVER.md for the table."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", protected_namespaces=())
+
+    model_name: str = "vit_large_patch16_224"
+    model_weights: str = Field(
+        "auto", description="auto | pretrained | random | path to a .safetensors/.pth file")
+    worker_class: str = Field(
+        "app.worker:ViTWorker", pattern=r"^[\w.]+:[\w.]+$",
+        description="package.module:Class of the SWorker subclass to serve")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_workers: int | None = Field(
+        None, ge=1, description="workers (default: one per GPU; on CPU see cpu_workers())")
+    max_batch_size: int = Field(16, ge=1)
+    max_batch_wait_ms: float = Field(0.0, ge=0)
+    queue_size: int = Field(256, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    max_upload_mb: float = Field(20.0, gt=0)
+    max_files: int = Field(16, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, le=PILLOW_PIXEL_CEILING)
+    api_key: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model_weights")
+    @classmethod
+    def _weights_mode_or_existing_file(cls, value: str) -> str:
+        if value in WEIGHTS_MODES:
+            return value
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"must be one of {', '.join(WEIGHTS_MODES)} or the path of a checkpoint file; "
+                f"{value!r} is neither")
+        return str(path.resolve())
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_means_no_auth(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset and container cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_workers(cpus: int) -> int:
+    """Default number of CPU workers.
+
+    One worker using every core: on the 2-core reference machine one 2-thread worker and two
+    1-thread workers served ViT-L/16 at the same rate (docs/SERVER.md, "CPU worker count"),
+    and one worker holds one copy of the model instead of two.
+    """
+    return 1
