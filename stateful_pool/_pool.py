@@ -65,7 +65,7 @@ class _Capacity:
                 return False
             try:
                 await asyncio.wait_for(waiter, remaining)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 return False
 
     def release(self, task: Task) -> None:
