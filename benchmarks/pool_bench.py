@@ -1,0 +1,343 @@
+"""Micro-benchmarks of stateful_pool against stateful-pool 0.3.2 and ProcessPoolExecutor.
+
+Every implementation runs in its own subprocess, in the same run, on the same machine, so the
+ratios are fair even where absolute figures drift (2 shared cores here). The original
+stateful-pool 0.3.2 has the same import name: it is installed with ``pip install --target
+.bench/seed`` and imported from there.
+
+    python benchmarks/pool_bench.py              # full table (about 2 minutes here)
+    python benchmarks/pool_bench.py --quick      # tiny counts, to check that it runs
+    python benchmarks/pool_bench.py --no-seed    # skip 0.3.2 (no package index reachable)
+    python benchmarks/pool_bench.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_DIR = ROOT / ".bench" / "seed"
+SEED_VERSION = "0.3.2"
+
+# ---- workers (module level: worker processes import them) ---------------------------------
+
+
+def _trivial(x):
+    return x
+
+
+def _sleep_10ms(x):
+    time.sleep(0.01)
+    return x
+
+
+def _payload_len(b):
+    return len(b)
+
+
+def make_worker_classes(SWorker):  # noqa: N803 (the class comes from the implementation)
+    class Trivial(SWorker):
+        def spawn(self):
+            return os.getpid()
+
+        def execute(self, x):
+            return x
+
+    class Sleeper(SWorker):
+        def spawn(self):
+            return os.getpid()
+
+        def execute(self, x):
+            time.sleep(0.01)
+            return x
+
+    class Sized(SWorker):
+        def spawn(self):
+            return os.getpid()
+
+        def execute(self, b):
+            return len(b)
+
+    class GpuLike(SWorker):
+        """Costs like a GPU: 10 ms per call plus 1 ms per item."""
+
+        def spawn(self):
+            return os.getpid()
+
+        def execute(self, x):
+            time.sleep(0.011)
+            return x
+
+        def execute_batch(self, batch):
+            time.sleep(0.010 + 0.001 * len(batch))
+            return list(batch)
+
+    return {"Trivial": Trivial, "Sleeper": Sleeper, "Sized": Sized, "GpuLike": GpuLike}
+
+
+def _install_worker_classes(module_name: str) -> dict:
+    """Define the worker classes at module level of __main__ so spawned children find them."""
+    from stateful_pool import SWorker
+
+    classes = make_worker_classes(SWorker)
+    main = sys.modules[module_name]
+    for name, cls in classes.items():
+        cls.__module__ = module_name
+        cls.__qualname__ = name
+        setattr(main, name, cls)
+    return classes
+
+
+if __name__ == "__mp_main__":  # a spawned worker re-imports this file under that name
+    _install_worker_classes("__mp_main__")
+
+
+# ---- measurements -------------------------------------------------------------------------
+
+
+def _latency_us(call, n: int) -> float:
+    for _ in range(min(200, n)):
+        call()
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def _rate(n: int, run) -> float:
+    t0 = time.perf_counter()
+    run()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_pool(counts: dict, include_batching: bool) -> dict:
+    """Run every workload on an SPool (ours or 0.3.2, whichever is importable)."""
+    from stateful_pool import SPool
+
+    classes = _install_worker_classes("__main__")
+    out: dict[str, float] = {}
+
+    with SPool(classes["Trivial"]) as pool:
+        pool.spawn()
+        pool.spawn()
+        out["latency_us"] = _latency_us(lambda: pool.execute(1), counts["latency"])
+        n = counts["submit"]
+        out["submit_per_s"] = _rate(n, lambda: [f.result() for f in
+                                                [pool.submit_execute(i) for i in range(n)]])
+        n = counts["async"]
+
+        async def gather_all():
+            await asyncio.gather(*(pool.async_execute(i) for i in range(n)))
+
+        out["async_per_s"] = _rate(n, lambda: asyncio.run(gather_all()))
+
+    with SPool(classes["Sleeper"]) as pool:
+        for _ in range(8):
+            pool.spawn()
+        per_caller = counts["util_per_caller"]
+
+        async def callers():
+            async def caller():
+                for i in range(per_caller):
+                    await pool.async_execute(i)
+            await asyncio.gather(*(caller() for _ in range(100)))
+
+        t0 = time.perf_counter()
+        asyncio.run(callers())
+        wall = time.perf_counter() - t0
+        out["utilisation_8x10ms"] = (100 * per_caller * 0.010) / (8 * wall)
+
+    with SPool(classes["Sized"]) as pool:
+        pool.spawn()
+        pool.spawn()
+        blob = os.urandom(1 << 20)
+        n = counts["mib"]
+        out["mib_per_s"] = _rate(n, lambda: [f.result() for f in
+                                             [pool.submit_execute(blob) for _ in range(n)]])
+
+    if include_batching:
+        out.update(bench_batching(counts))
+    return out
+
+
+def bench_batching(counts: dict) -> dict:
+    from stateful_pool import SPool
+
+    classes = _install_worker_classes("__main__")
+    out: dict[str, float] = {}
+    n = counts["batch_tasks"]
+    for size in (1, 8, 32):
+        with SPool(classes["GpuLike"], max_batch_size=size, max_batch_wait=0.005) as pool:
+            pool.spawn()
+            pool.spawn()
+
+            async def callers(pool=pool):
+                async def caller(k):
+                    for i in range(n // 64):
+                        await pool.async_execute(k * 1000 + i)
+                await asyncio.gather(*(caller(k) for k in range(64)))
+
+            out[f"batch{size}_per_s"] = _rate(n // 64 * 64, lambda: asyncio.run(callers()))
+            if size > 1:
+                out[f"batch{size}_mean_size"] = pool.stats().batch_size_mean
+    for size, wait in ((1, 0.0), (32, 0.005)):
+        with SPool(classes["GpuLike"], max_batch_size=size, max_batch_wait=wait) as pool:
+            pool.spawn()
+            out[f"lone_ms_batch{size}"] = _latency_us(
+                lambda pool=pool: pool.execute(1), counts["lone"]) / 1000
+    return out
+
+
+def bench_ppe(counts: dict) -> dict:
+    from concurrent.futures import ProcessPoolExecutor
+
+    out: dict[str, float] = {}
+    with ProcessPoolExecutor(2) as ex:
+        ex.submit(_trivial, 0).result()
+        out["latency_us"] = _latency_us(lambda: ex.submit(_trivial, 1).result(),
+                                        counts["latency"])
+        n = counts["submit"]
+        out["submit_per_s"] = _rate(n, lambda: [f.result() for f in
+                                                [ex.submit(_trivial, i) for i in range(n)]])
+        n = counts["async"]
+
+        async def gather_all():
+            await asyncio.gather(*(asyncio.wrap_future(ex.submit(_trivial, i))
+                                   for i in range(n)))
+
+        out["async_per_s"] = _rate(n, lambda: asyncio.run(gather_all()))
+    with ProcessPoolExecutor(8) as ex:
+        list(ex.map(_trivial, range(16)))
+        per_caller = counts["util_per_caller"]
+
+        async def callers():
+            async def caller():
+                for i in range(per_caller):
+                    await asyncio.wrap_future(ex.submit(_sleep_10ms, i))
+            await asyncio.gather(*(caller() for _ in range(100)))
+
+        t0 = time.perf_counter()
+        asyncio.run(callers())
+        out["utilisation_8x10ms"] = (100 * per_caller * 0.010) / (8 * (time.perf_counter() - t0))
+    with ProcessPoolExecutor(2) as ex:
+        list(ex.map(_trivial, range(4)))
+        blob = os.urandom(1 << 20)
+        n = counts["mib"]
+        out["mib_per_s"] = _rate(n, lambda: [f.result() for f in
+                                             [ex.submit(_payload_len, blob) for _ in range(n)]])
+    return out
+
+
+COUNTS = {
+    "full": {"latency": 2000, "submit": 20_000, "async": 5000, "util_per_caller": 20,
+             "mib": 400, "batch_tasks": 2048, "lone": 100},
+    "quick": {"latency": 50, "submit": 500, "async": 200, "util_per_caller": 2,
+              "mib": 10, "batch_tasks": 128, "lone": 5},
+}
+
+ROWS = [
+    ("latency_us", "trivial execute latency (us, median; lower is better)", "<= 1.0x seed", False),
+    ("submit_per_s", "20k trivial submit_execute, 2 workers (tasks/s)", ">= 1.5x seed", True),
+    ("async_per_s", "5k async_execute, 2 workers (tasks/s)", ">= 2x seed", True),
+    ("utilisation_8x10ms", "8 workers x 10 ms tasks, 100 async callers (util.)", ">= 0.95", True),
+    ("mib_per_s", "1 MiB argument, 2 workers (tasks/s)", ">= 1.0x seed", True),
+]
+
+
+def ensure_seed() -> bool:
+    if (SEED_DIR / "stateful_pool").exists():
+        return True
+    print(f"installing stateful-pool=={SEED_VERSION} into {SEED_DIR} ...", file=sys.stderr)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(SEED_DIR),
+         f"stateful-pool=={SEED_VERSION}"], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"could not install stateful-pool {SEED_VERSION}: {result.stderr.strip()[-300:]}",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def run_side(impl: str, mode: str) -> dict:
+    path = {"spool": str(ROOT), "seed": str(SEED_DIR), "ppe": str(ROOT)}[impl]
+    env = dict(os.environ, PYTHONPATH=path)
+    result = subprocess.run([sys.executable, __file__, "--side", impl, "--mode", mode],
+                            env=env, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"{impl} side failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts (smoke run)")
+    parser.add_argument("--no-seed", action="store_true", help="skip stateful-pool 0.3.2")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="full", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    mode = "quick" if args.quick else args.mode
+
+    if args.side:  # one implementation, in its own interpreter
+        counts = COUNTS[mode]
+        result = bench_ppe(counts) if args.side == "ppe" else bench_pool(
+            counts, include_batching=args.side == "spool")
+        print(json.dumps(result))
+        return
+
+    sides = ["spool", "ppe"]
+    if not args.no_seed and ensure_seed():
+        sides.insert(1, "seed")
+    results = {}
+    for side in sides:
+        print(f"running {side} ...", file=sys.stderr, flush=True)
+        results[side] = run_side(side, mode)
+
+    spool, seed, ppe = results["spool"], results.get("seed", {}), results["ppe"]
+    print(f"\nstateful_pool vs stateful-pool {SEED_VERSION} vs ProcessPoolExecutor "
+          f"({os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {mode} run)\n")
+    print("| workload | stateful_pool | 0.3.2 | ProcessPoolExecutor | vs 0.3.2 | target |")
+    print("|---|---:|---:|---:|---:|---|")
+    for key, label, target, higher_better in ROWS:
+        ours, theirs = spool.get(key), seed.get(key)
+        if theirs:
+            ratio_s = f"{ours / theirs:.2f}x" + ("" if higher_better else " the time")
+        else:
+            ratio_s = "-"
+        print(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {fmt(ppe.get(key))} | {ratio_s} "
+              f"| {target} |")
+
+    base = spool["batch1_per_s"]
+    print("\nDynamic batching: execute_batch costs 10 ms + 1 ms/item, 2 workers, "
+          "64 async callers, max_batch_wait=5 ms\n")
+    print("| max_batch_size | tasks/s | mean batch | vs batching off |")
+    print("|---:|---:|---:|---:|")
+    for size in (1, 8, 32):
+        rate = spool[f"batch{size}_per_s"]
+        mean = spool.get(f"batch{size}_mean_size", 1.0)
+        print(f"| {size} | {fmt(rate)} | {mean:.1f} | {rate / base:.2f}x |")
+    lone1, lone32 = spool["lone_ms_batch1"], spool["lone_ms_batch32"]
+    print(f"\nLone task on an idle pool: {lone1:.2f} ms unbatched, {lone32:.2f} ms with "
+          f"max_batch_size=32, max_batch_wait=5 ms (+{lone32 - lone1:.2f} ms; target <= +6 ms)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
