@@ -1,7 +1,8 @@
 """Pool errors and rejected uploads -> HTTP answers, all in FastAPI's ``{"detail": ...}``.
 
 The mapping (DESIGN.md): queue full or no worker 503 with ``Retry-After``, deadline 504,
-worker crashed 500 (the pool respawns it; the server keeps serving), undecodable image 400.
+worker crashed 500 (the pool respawns it; the server keeps serving). A worker's
+``InvalidImageError`` becomes a 400 naming the file in ``routes.execute_one``.
 No traceback ever reaches the client; the log line carries it with the request id.
 """
 
@@ -21,7 +22,6 @@ from stateful_pool.errors import (
     WorkerCrashedError,
 )
 
-from .contract import InvalidImageError
 from .images import ImageRejected
 
 logger = logging.getLogger("app.errors")
@@ -42,10 +42,6 @@ def unavailable(detail: str) -> JSONResponse:
 async def _image_rejected(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageRejected)
     return error(exc.status_code, exc.detail)
-
-
-async def _invalid_image(request: Request, exc: Exception) -> JSONResponse:
-    return error(400, str(exc))
 
 
 async def _queue_full(request: Request, exc: Exception) -> JSONResponse:
@@ -81,7 +77,6 @@ async def _remote(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; anything else is answered 500 by ``RequestContextMiddleware``."""
     app.add_exception_handler(ImageRejected, _image_rejected)
-    app.add_exception_handler(InvalidImageError, _invalid_image)
     app.add_exception_handler(QueueFullError, _queue_full)
     app.add_exception_handler(NoWorkersError, _no_workers)
     app.add_exception_handler(PoolClosedError, _closed)

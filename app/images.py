@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-# Pillow format ids. MPO is what many phone cameras write: a JPEG with extra frames.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF")
+# Pillow format ids. The JPEG opener also accepts MPO (phone cameras: a JPEG with extra
+# frames) and reports it as "MPO".
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 # Above this Pillow raises DecompressionBombError itself; MAX_IMAGE_PIXELS may not exceed it.
 PILLOW_PIXEL_CEILING = 2 * Image.MAX_IMAGE_PIXELS
 
@@ -58,7 +59,7 @@ def inspect_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image
     except UnidentifiedImageError:
         raise ImageRejected(
             415, f"{name}: not an image in an accepted format "
-            f"({', '.join(f for f in ALLOWED_FORMATS if f != 'MPO')})") from None
+            f"({', '.join(ALLOWED_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         # A recognised format whose header is broken (Pillow raises SyntaxError for some).
         raise ImageRejected(400, f"{name}: corrupt image header ({exc})") from None

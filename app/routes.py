@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from stateful_pool import SPool
 
-from .contract import ImageInput
+from .contract import ImageInput, InvalidImageError
 from .errors import error, unavailable
 from .images import ImageRejected, inspect_image
 from .schemas import ErrorBody, Health, ModelInfo, Readiness, predict_response_model
@@ -56,12 +56,21 @@ async def require_api_key(
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-async def execute_all(pool: SPool[Any, Any], items: Sequence[ImageInput]) -> list[Any]:
+async def execute_one(pool: SPool[Any, Any], item: ImageInput, name: str) -> Any:
+    try:
+        return await pool.async_execute(item)
+    except InvalidImageError as exc:
+        raise ImageRejected(400, f"{name}: {exc}") from None
+
+
+async def execute_all(pool: SPool[Any, Any], items: Sequence[ImageInput],
+                      names: Sequence[str]) -> list[Any]:
     """Submit each image as its own task (so it can share a batch with other clients'),
     and fail fast: the first error cancels the images of this request still queued."""
     if len(items) == 1:
-        return [await pool.async_execute(items[0])]
-    tasks = [asyncio.ensure_future(pool.async_execute(item)) for item in items]
+        return [await execute_one(pool, items[0], names[0])]
+    tasks = [asyncio.ensure_future(execute_one(pool, item, name))
+             for item, name in zip(items, names, strict=True)]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
@@ -90,13 +99,14 @@ def build_router(output_model: type[BaseModel] | None) -> APIRouter:
             raise ImageRejected(
                 413, f"{len(files)} files in one request; the limit is {settings.max_files} "
                      "(MAX_FILES)")
-        items = []
+        items, names = [], []
         for number, upload in enumerate(files, 1):
             data = await upload.read()
             name = f"file {number} ({upload.filename})" if upload.filename else f"file {number}"
             header = inspect_image(data, max_pixels=settings.max_image_pixels, name=name)
             items.append(ImageInput(data, header.format, header.width, header.height, top_k))
-        outputs = await execute_all(state.ready_pool(), items)
+            names.append(name)
+        outputs = await execute_all(state.ready_pool(), items, names)
         return {"predictions": [
             {"filename": upload.filename, **output}
             for upload, output in zip(files, outputs, strict=True)]}
