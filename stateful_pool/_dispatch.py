@@ -320,30 +320,27 @@ class Dispatcher:
             slot.tasks[task.id] = task
         slot.state = BUSY
         slot.busy_since = now
-        if self.batching:
-            self.batches.record(len(tasks))
-            message = m.dumps((m.BATCH, [t.id for t in tasks], [t.payload for t in tasks]),
-                              m.PROTOCOL)
-        else:
-            task = tasks[0]
-            message = m.dumps((m.EXEC, task.id, task.payload), m.PROTOCOL)
+        payloads = [t.payload for t in tasks]
         for task in tasks:
-            task.payload = b""  # the worker has it now; free the memory
+            task.payload = b""  # the worker gets it now; free the memory with the message
+        assert slot.conn is not None
         try:
-            assert slot.conn is not None
-            slot.conn.send_bytes(message)
+            if self.batching:
+                self.batches.record(len(tasks))
+                m.send_message(slot.conn.send_bytes, m.BATCH, [t.id for t in tasks], payloads)
+            else:
+                m.send_message(slot.conn.send_bytes, m.EXEC, tasks[0].id, payloads)
         except OSError:
-            # The worker died; its sentinel fires next and fails these tasks.
-            pass
+            pass  # the worker died; its sentinel fires next and fails these tasks
 
     def _on_readable(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None
         try:
-            data = slot.conn.recv_bytes()
+            message = m.recv_message(slot.conn.recv_bytes)
         except (EOFError, OSError):
             self._on_exit(slot)
         else:
-            self._on_message(slot, m.loads(data))
+            self._on_message(slot, message)
 
     def _watch(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None
@@ -358,9 +355,10 @@ class Dispatcher:
                 self._poller.unregister(fd)
 
     def _on_message(self, slot: WorkerSlot, message: tuple[Any, ...]) -> None:
-        kind = message[0]
+        kind, metas, blobs = message
+        outcomes = m.join_outcomes(metas, blobs)
         if kind == m.RESULTS:
-            for task_id, outcome in message[1]:
+            for task_id, outcome in outcomes:
                 task = slot.tasks.pop(task_id, None)
                 if task is None:
                     continue
@@ -369,12 +367,12 @@ class Dispatcher:
                     self._finish(task, value)
                 else:
                     self._finish(task, exc=value)
-            slot.tasks_done += len(message[1])
+            slot.tasks_done += len(outcomes)
             if not slot.tasks and slot.state == BUSY:
                 slot.state = IDLE
                 self.idle.append(slot)
         elif kind == m.SPAWNED:
-            self._on_spawned(slot, message[1])
+            self._on_spawned(slot, outcomes[0][1])
 
     def _on_spawned(self, slot: WorkerSlot, outcome: m.Outcome) -> None:
         ok, value = m.rebuild_outcome(outcome)
@@ -419,7 +417,7 @@ class Dispatcher:
             slot.spawn_deadline = time.monotonic() + self.spawn_timeout
             self._timers_armed = True
         try:
-            parent_conn.send_bytes(m.dumps((m.SPAWN, slot.spawn_payload), m.PROTOCOL))
+            m.send_message(parent_conn.send_bytes, m.SPAWN, None, [slot.spawn_payload])
         except OSError:
             pass  # died at once; the sentinel tells
 
@@ -431,7 +429,7 @@ class Dispatcher:
         slot.reaping = True
         try:
             while conn.poll():
-                self._on_message(slot, m.loads(conn.recv_bytes()))
+                self._on_message(slot, m.recv_message(conn.recv_bytes))
         except (EOFError, OSError):
             pass
         finally:
@@ -622,7 +620,7 @@ class Dispatcher:
                     slot.process.kill()  # past the drain deadline
                 else:
                     try:
-                        slot.conn.send_bytes(m.dumps((m.STOP,), m.PROTOCOL))
+                        m.send_message(slot.conn.send_bytes, m.STOP, None, None)
                     except OSError:
                         pass
             if slot.state in LIVE_STATES:

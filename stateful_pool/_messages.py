@@ -5,20 +5,27 @@ results, exceptions) ride inside as bytes pickled on their own, so a message hea
 be read even when the object inside cannot be rebuilt; that one task then fails with a
 :class:`~stateful_pool.errors.RemoteError` and nothing else is affected.
 
+Every message is ``(kind, key, blobs)``: ``blobs`` is a list of pickled user objects. A blob
+larger than ``INLINE_MAX`` is not copied into the header: the header carries ``None`` in its
+place and the blob follows as a frame of its own, so a 1 MiB argument is pickled once by the
+caller and never copied again on its way to the worker (each extra 1 MiB copy costs about
+0.4 ms in fresh pages here).
+
 Parent -> worker::
 
-    (SPAWN, payload)                     payload = pickle((args, kwargs))
-    (EXEC, task_id, payload)             payload = pickle((args, kwargs))
-    (BATCH, [task_id, ...], [payload])   payload = pickle(item)
-    (STOP,)
+    (SPAWN, None, [pickle((args, kwargs))])
+    (EXEC, task_id, [pickle((args, kwargs))])
+    (BATCH, [task_id, ...], [pickle(item), ...])
+    (STOP, None, None)
 
 Worker -> parent::
 
-    (SPAWNED, outcome)
-    (RESULTS, [(task_id, outcome), ...])
+    (SPAWNED, [(None, meta)], [result blob if ok])
+    (RESULTS, [(task_id, meta), ...], [result blob of each ok task, in order])
 
-where an outcome is ``(True, type_name, pickled_result)`` or ``(False, error_record)`` and an
-error record is ``(type_name, message, traceback_text, pickled_exception_or_None)``.
+where ``meta`` is ``(True, type_name)`` or ``(False, error_record)``, and an error record is
+``(type_name, message, traceback_text, pickled_exception_or_None)``. In memory an outcome is
+``(True, type_name, blob)`` or ``(False, error_record)``.
 """
 
 from __future__ import annotations
@@ -43,6 +50,48 @@ Outcome = tuple[Any, ...]  # (True, type_name, bytes) | (False, ErrorRecord)
 
 dumps = pickle.dumps
 loads = pickle.loads
+
+INLINE_MAX = 64 * 1024
+
+
+def send_message(send: Any, kind: int, key: Any, blobs: list[bytes] | None) -> None:
+    """Send one message; large blobs follow the header as frames of their own."""
+    if blobs is None or all(len(b) <= INLINE_MAX for b in blobs):
+        send(dumps((kind, key, blobs), PROTOCOL))
+        return
+    inline = [b if len(b) <= INLINE_MAX else None for b in blobs]
+    send(dumps((kind, key, inline), PROTOCOL))
+    for b in blobs:
+        if len(b) > INLINE_MAX:
+            send(b)
+
+
+def recv_message(recv: Any) -> tuple[int, Any, list[bytes] | None]:
+    """Receive one message sent by ``send_message``, frames included."""
+    kind, key, blobs = loads(recv())
+    if blobs is not None and None in blobs:
+        blobs = [recv() if b is None else b for b in blobs]
+    return kind, key, blobs
+
+
+def send_outcomes(send: Any, kind: int, pairs: list[tuple[Any, Outcome]]) -> None:
+    """Send ``[(task_id, outcome), ...]`` with the result blobs out of the header."""
+    metas = []
+    blobs = []
+    for task_id, outcome in pairs:
+        if outcome[0]:
+            metas.append((task_id, (True, outcome[1])))
+            blobs.append(outcome[2])
+        else:
+            metas.append((task_id, outcome))
+    send_message(send, kind, metas, blobs)
+
+
+def join_outcomes(metas: list[tuple[Any, Any]], blobs: list[bytes]) -> list[tuple[Any, Outcome]]:
+    """Inverse of ``send_outcomes``: put each result blob back into its outcome."""
+    blob_iter = iter(blobs)
+    return [(task_id, (True, meta[1], next(blob_iter)) if meta[0] else meta)
+            for task_id, meta in metas]
 
 
 class RemoteTraceback(Exception):

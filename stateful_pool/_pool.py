@@ -84,6 +84,56 @@ class _Capacity:
                 pass  # that loop is closed
 
 
+class _LoopBridge:
+    """Hands finished tasks to one event loop, many per wakeup.
+
+    ``asyncio.wrap_future`` costs one ``call_soon_threadsafe`` (a write to the loop's self-pipe
+    and a wakeup) per task; under load this bridge coalesces every task that finished before
+    the loop got round to it into one callback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A weak reference: the pool's loop -> bridge map must not keep closed loops alive.
+        self._loop = weakref.ref(loop)
+        self._lock = threading.Lock()
+        self._ready: list[tuple[Task, asyncio.Future[Any]]] = []
+        self._scheduled = False
+
+    def watch(self, task: Task) -> asyncio.Future[Any]:
+        waiter = asyncio.get_running_loop().create_future()
+        task.add_done_callback(lambda _t: self._push(task, waiter))
+        return waiter
+
+    def _push(self, task: Task, waiter: asyncio.Future[Any]) -> None:
+        with self._lock:
+            self._ready.append((task, waiter))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        loop = self._loop()
+        try:
+            if loop is not None:
+                loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    def _deliver(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._scheduled = False
+        for task, waiter in ready:
+            if waiter.done():
+                continue
+            if task.cancelled():
+                waiter.cancel()
+                continue
+            exc = task.exception()
+            if exc is None:
+                waiter.set_result(task.result())
+            else:
+                waiter.set_exception(exc)
+
+
 def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -181,6 +231,8 @@ class SPool(Generic[SpawnR, ExecR]):
         self._ids = iter(range(1, 1 << 62)).__next__
         self._worker_ids = iter(range(1 << 62)).__next__
         self._closed = False
+        self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBridge] = (
+            weakref.WeakKeyDictionary())
         self._dispatcher = Dispatcher(
             worker_cls=worker_cls,
             mp_context=mp_context or multiprocessing.get_context("spawn"),
@@ -318,7 +370,16 @@ class SPool(Generic[SpawnR, ExecR]):
         if self.queue_size is not None and not await self._capacity.acquire_async(
                 self.submission_timeout):
             raise self._queue_full()
-        return await asyncio.wrap_future(self._enqueue(payload))
+        loop = asyncio.get_running_loop()
+        bridge = self._bridges.get(loop)
+        if bridge is None:
+            bridge = self._bridges[loop] = _LoopBridge(loop)
+        task = self._enqueue(payload)
+        try:
+            return await bridge.watch(task)  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            task.cancel()  # still queued: it leaves the queue and never runs
+            raise
 
     # ---- lifecycle --------------------------------------------------------------------------
 

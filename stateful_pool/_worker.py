@@ -112,7 +112,7 @@ def _exit_after_failed_spawn(send: Any, outcome: m.Outcome) -> NoReturn:
     """Report a failed spawn and leave at once: threads the failed spawn started must not
     keep the process alive."""
     try:
-        send(m.dumps((m.SPAWNED, outcome), m.PROTOCOL))
+        m.send_outcomes(send, m.SPAWNED, [(None, outcome)])
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -130,7 +130,9 @@ def worker_main(conn: Connection, worker_cls: type[SWorker[Any, Any]], parent_pi
                      name="stateful_pool-parent-watch").start()
     send = conn.send_bytes
     try:
-        _, payload = m.loads(conn.recv_bytes())
+        _, _, blobs = m.recv_message(conn.recv_bytes)
+        assert blobs is not None
+        payload = blobs[0]
     except (EOFError, OSError):
         return  # the parent gave up on this worker before it started
     try:
@@ -142,21 +144,20 @@ def worker_main(conn: Connection, worker_cls: type[SWorker[Any, Any]], parent_pi
     outcome = m.ok_outcome(spawned)
     if not outcome[0]:
         _exit_after_failed_spawn(send, outcome)
-    send(m.dumps((m.SPAWNED, outcome), m.PROTOCOL))
+    m.send_outcomes(send, m.SPAWNED, [(None, outcome)])
     recv = conn.recv_bytes
     while True:
         try:
-            message = m.loads(recv())
+            kind, key, blobs = m.recv_message(recv)
         except (EOFError, OSError):
             return  # the parent closed the pipe or died
-        kind = message[0]
         if kind == m.EXEC:
-            reply = [_run_one(worker, message[1], message[2])]
+            reply = [_run_one(worker, key, blobs[0])]  # type: ignore[index]
         elif kind == m.BATCH:
-            reply = _run_batch(worker, message[1], message[2])
+            reply = _run_batch(worker, key, blobs)  # type: ignore[arg-type]
         else:
             return
         try:
-            send(m.dumps((m.RESULTS, reply), m.PROTOCOL))
+            m.send_outcomes(send, m.RESULTS, reply)
         except (EOFError, OSError):
             return

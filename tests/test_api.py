@@ -169,3 +169,21 @@ def test_default_sworker_methods():
     assert w.spawn() is None
     with pytest.raises(NotImplementedError):
         w.execute(1)
+
+
+def test_large_arguments_and_results_cross_intact(pool):
+    # Over 64 KiB, blobs travel as frames of their own (see _messages.py).
+    blob = bytes(range(256)) * 8192  # 2 MiB
+    futures = [pool.submit_execute("echo", blob[i:]) for i in range(4)]
+    assert [f.result(timeout=30) for f in futures] == [blob[i:] for i in range(4)]
+    assert pool.execute("echo", b"small") == b"small"
+
+
+def test_large_items_in_a_batch_cross_intact(make_pool):
+    from workers import Batcher
+
+    pool = make_pool(Batcher, max_batch_size=4, max_batch_wait=0.05)
+    pool.spawn()
+    items = [("echo", bytes([i]) * (100_000 * (i % 2) + 10)) for i in range(6)]
+    futures = [pool.submit_execute(item) for item in items]
+    assert [f.result(timeout=30)[0] for f in futures] == [value for _, value in items]
