@@ -640,6 +640,10 @@ class Dispatcher:
                 self._finish(task, exc=PoolClosedError(
                     "the pool shut down before this task finished"))
             slot.tasks.clear()
+            if slot.spawn_future is not None:  # killed mid-spawn at the shutdown deadline
+                settle(slot.spawn_future, exc=PoolClosedError(
+                    "the pool shut down before this worker finished spawning"))
+                slot.spawn_future = None
             self._unwatch(slot)
             slot.conn.close()
             slot.conn = None

@@ -147,3 +147,16 @@ def test_workers_exit_when_the_parent_is_sigkilled():
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_shutdown_deadline_during_a_slow_spawn_resolves_the_spawn_future():
+    from workers import SpawnHangs
+
+    pool = SPool(SpawnHangs)
+    spawn = pool.submit_spawn(60)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    pool.shutdown(timeout=0.5)
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(PoolClosedError, match="before this worker finished spawning"):
+        spawn.result(timeout=0)
