@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import queue
 import select
 import signal
 import threading
@@ -116,8 +117,41 @@ class WorkerSlot:
         self.restarts = 0
         self.tasks_done = 0
         self.last_exitcode: int | None = None
+        self.writer: FrameWriter | None = None
         self.spawn_error: BaseException | None = None
         self.reaping = False
+
+
+class FrameWriter:
+    """Sends large messages to one worker from a thread of its own (one per worker, not per
+    task). A worker holds one message at a time, so at most one job is ever queued."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self.idle = threading.Event()
+        self.idle.set()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def send(self, conn: Connection, kind: int, key: Any, blobs: list[bytes]) -> None:
+        self.idle.clear()
+        self._jobs.put((conn, kind, key, blobs))
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            conn, kind, key, blobs = job
+            try:
+                m.send_message(conn.send_bytes, kind, key, blobs)
+            except (OSError, TypeError):
+                pass  # the worker died (its sentinel tells the dispatcher) or conn was closed
+            finally:
+                del job, blobs
+                self.idle.set()
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -324,12 +358,21 @@ class Dispatcher:
         for task in tasks:
             task.payload = b""  # the worker gets it now; free the memory with the message
         assert slot.conn is not None
+        key: Any
+        if self.batching:
+            self.batches.record(len(tasks))
+            kind, key = m.BATCH, [t.id for t in tasks]
+        else:
+            kind, key = m.EXEC, tasks[0].id
+        if any(len(p) > m.INLINE_MAX for p in payloads):
+            # A large message takes the pipe's speed to cross (0.5 ms per MiB here): written
+            # from this thread, it would hold every other worker's dispatch up meanwhile.
+            if slot.writer is None:
+                slot.writer = FrameWriter(f"stateful_pool-writer-{slot.id}")
+            slot.writer.send(slot.conn, kind, key, payloads)
+            return
         try:
-            if self.batching:
-                self.batches.record(len(tasks))
-                m.send_message(slot.conn.send_bytes, m.BATCH, [t.id for t in tasks], payloads)
-            else:
-                m.send_message(slot.conn.send_bytes, m.EXEC, tasks[0].id, payloads)
+            m.send_message(slot.conn.send_bytes, kind, key, payloads)
         except OSError:
             pass  # the worker died; its sentinel fires next and fails these tasks
 
@@ -341,6 +384,13 @@ class Dispatcher:
             self._on_exit(slot)
         else:
             self._on_message(slot, message)
+
+    @staticmethod
+    def _wait_writer(slot: WorkerSlot) -> None:
+        """Let an in-flight large send fail on the dead worker before its fd is closed (a
+        closed fd number is soon reused)."""
+        if slot.writer is not None and not slot.writer.idle.wait(5.0):
+            logger.error("writer of worker %d still blocked after its death", slot.id)
 
     def _watch(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None
@@ -441,6 +491,7 @@ class Dispatcher:
         exitcode = slot.process.exitcode
         slot.last_exitcode = exitcode
         self._unwatch(slot)
+        self._wait_writer(slot)
         conn.close()
         slot.conn = None
         if slot in self.idle:
@@ -645,10 +696,14 @@ class Dispatcher:
                     "the pool shut down before this worker finished spawning"))
                 slot.spawn_future = None
             self._unwatch(slot)
+            self._wait_writer(slot)
             slot.conn.close()
             slot.conn = None
             slot.state = STOPPED if slot.state != DEAD else DEAD
         self.idle.clear()
+        for slot in self.slots:
+            if slot.writer is not None:
+                slot.writer.close()
         self._drain_inbox_after_close()
 
     def _drain_inbox_after_close(self) -> None:

@@ -106,13 +106,13 @@ def worker_config(**overrides: Any) -> WorkerConfig:
 # ---- worker classes for WORKER_CLASS=app_fixtures:... -------------------------------------
 
 class SlowEchoWorker(EchoWorker):
-    """Takes ``DELAY`` seconds per batch: keeps requests in flight long enough to observe."""
+    """Takes ``DELAY`` seconds per image: keeps requests in flight long enough to observe."""
 
     DELAY = 0.5
 
-    def execute_batch(self, items: list[ImageInput]) -> list[dict[str, Any]]:
+    def execute(self, item: ImageInput) -> dict[str, Any]:
         time.sleep(self.DELAY)
-        return super().execute_batch(items)
+        return super().execute(item)
 
 
 class SlowSpawnWorker(EchoWorker):

@@ -156,3 +156,14 @@ def test_hang_timeout_kills_and_respawns_the_worker(make_pool):
     assert info.value.reason == "hang_timeout"
     assert pool.execute("echo", "alive") == "alive"
     assert pool.stats().restarts == 1
+
+
+def test_crash_with_a_large_argument_in_flight(make_pool):
+    pool = two_workers(make_pool)
+    big = b"x" * (4 << 20)
+    crashes = [pool.submit_execute("exit", 5, big) for _ in range(3)]
+    fine = [pool.submit_execute("echo", big[:100_000]) for _ in range(3)]
+    for f in crashes:
+        with pytest.raises(WorkerCrashedError):
+            f.result(timeout=10)
+    assert all(f.result(timeout=10) == big[:100_000] for f in fine)

@@ -71,7 +71,7 @@ class Tasks(SWorker):
     def do_raise(self, message):
         raise ValueError(message)
 
-    def do_exit(self, code):
+    def do_exit(self, code, _ballast=None):
         os._exit(code)
 
     def do_sigkill(self):
