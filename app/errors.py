@@ -31,6 +31,10 @@ logger = logging.getLogger("app.errors")
 RETRY_AFTER_S = 1
 
 
+class NotReadyError(NoWorkersError):
+    """No worker can take a task now (loading, restarting); the message is for the client."""
+
+
 def error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
 
@@ -50,6 +54,10 @@ async def _queue_full(request: Request, exc: Exception) -> JSONResponse:
 
 async def _no_workers(request: Request, exc: Exception) -> JSONResponse:
     return unavailable("no model worker is ready; retry later")
+
+
+async def _not_ready(request: Request, exc: Exception) -> JSONResponse:
+    return unavailable(str(exc))
 
 
 async def _closed(request: Request, exc: Exception) -> JSONResponse:
@@ -79,6 +87,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ImageRejected, _image_rejected)
     app.add_exception_handler(QueueFullError, _queue_full)
     app.add_exception_handler(NoWorkersError, _no_workers)
+    app.add_exception_handler(NotReadyError, _not_ready)
     app.add_exception_handler(PoolClosedError, _closed)
     app.add_exception_handler(TaskTimeoutError, _timeout)
     app.add_exception_handler(WorkerCrashedError, _crashed)

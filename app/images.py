@@ -16,6 +16,9 @@ from PIL import Image, UnidentifiedImageError
 # Pillow format ids. The JPEG opener also accepts MPO (phone cameras: a JPEG with extra
 # frames) and reports it as "MPO".
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# Magic bytes of the allowed formats: bytes that start like one but that Pillow cannot open
+# are a corrupt image (400), not a foreign format (415).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 # Above this Pillow raises DecompressionBombError itself; MAX_IMAGE_PIXELS may not exceed it.
 PILLOW_PIXEL_CEILING = 2 * Image.MAX_IMAGE_PIXELS
 
@@ -57,6 +60,8 @@ def inspect_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image
         raise ImageRejected(
             413, f"{name}: the image has too many pixels (limit {max_pixels})") from None
     except UnidentifiedImageError:
+        if looks_like_allowed_format(data):
+            raise ImageRejected(400, f"{name}: corrupt image header") from None
         raise ImageRejected(
             415, f"{name}: not an image in an accepted format "
             f"({', '.join(ALLOWED_FORMATS)})") from None
@@ -71,6 +76,10 @@ def inspect_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image
     if pixels == 0:
         raise ImageRejected(400, f"{name}: the image has no pixels")
     return header
+
+
+def looks_like_allowed_format(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:

@@ -19,10 +19,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from stateful_pool import PoolStats, SPool, SWorker
-from stateful_pool.errors import NoWorkersError
 
 from .contract import WorkerConfig
-from .errors import install_error_handlers
+from .errors import NotReadyError, install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
 from .routes import build_router
@@ -98,9 +97,9 @@ class ServerState:
         return ready, len(self.plan)
 
     def ready_pool(self) -> SPool[Any, Any]:
-        """The pool, if a worker can take a task now; else NoWorkersError (503)."""
+        """The pool, if a worker can take a task now; else NotReadyError (503)."""
         if self.pool is None or not self.worker_counts()[0]:
-            raise NoWorkersError(self.not_ready_reason())
+            raise NotReadyError(self.not_ready_reason())
         return self.pool
 
     def not_ready_reason(self) -> str:
