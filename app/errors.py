@@ -9,6 +9,7 @@ No traceback ever reaches the client; the log line carries it with the request i
 from __future__ import annotations
 
 import logging
+import signal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -69,11 +70,23 @@ async def _timeout(request: Request, exc: Exception) -> JSONResponse:
     return error(504, f"the model did not answer within REQUEST_TIMEOUT_S={timeout:g} s")
 
 
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
 async def _crashed(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, WorkerCrashedError)
-    logger.error("worker %d (pid %s) crashed under this request: %s",
-                 exc.worker_id, exc.pid, exc.reason)
-    return error(500, f"the model worker crashed while handling this request ({exc.reason}); "
+    how = describe_exit(exc.exitcode)
+    logger.error("worker %d (pid %s) crashed under this request: %s, %s",
+                 exc.worker_id, exc.pid, how, exc.reason)
+    return error(500, f"the model worker crashed while handling this request ({how}); "
                       "it is being restarted, retry the request")
 
 

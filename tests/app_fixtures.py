@@ -53,10 +53,15 @@ def running_app(app_settings: Settings, *, wait_ready: bool = True,
                 ready_timeout: float = 90) -> Iterator[TestClient]:
     """The app with its real lifespan and worker processes; workers are stopped on exit."""
     with TestClient(create_app(app_settings), raise_server_exceptions=False) as client:
-        if wait_ready:
-            assert wait_until(lambda: client.get("/readyz").status_code == 200,
-                              ready_timeout), client.get("/readyz").json()
+        if wait_ready:  # every worker, not just the first: tests count on all of them
+            assert wait_until(lambda: all_workers_ready(client), ready_timeout), (
+                client.get("/readyz").json())
         yield client
+
+
+def all_workers_ready(client: TestClient) -> bool:
+    body = client.get("/readyz").json()
+    return bool(body.get("workers_ready")) and body["workers_ready"] == body["workers"]
 
 
 # ---- images -------------------------------------------------------------------------------
