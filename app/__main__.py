@@ -7,6 +7,7 @@ no worker could start, 2 when the settings are invalid.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import uvicorn
@@ -39,6 +40,10 @@ def main() -> int:
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s), lifespan="on"))
+    # uvicorn re-raises the signal it caught once its shutdown is complete, which would turn
+    # a clean drain into exit status -15; by then there is nothing left to interrupt.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     server.run()
     return 1 if fatal or not server.started else 0
 
