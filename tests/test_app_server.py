@@ -91,11 +91,19 @@ def test_make_serve_offline_starts_with_random_weights_and_serves(tmp_path):
         assert "pretrained weights unavailable" in worker["weights_source"]
         text = log.read_text()
         assert "WARNING" in text and "RANDOM weights" in text
+        assert healthcheck(url) == 0  # the Docker HEALTHCHECK
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
         assert wait_until(lambda: not pid_alive(worker["pid"]), timeout=5)
         assert "workers stopped" in log.read_text()
+        assert healthcheck(url) == 1
+
+
+def healthcheck(url: str) -> int:
+    env = {**os.environ, "PORT": url.rsplit(":", 1)[1]}
+    return subprocess.run([sys.executable, "-m", "app.healthcheck"], cwd=ROOT, env=env,
+                          capture_output=True, timeout=30).returncode
 
 
 def test_sigterm_drains_accepted_requests_then_exits_0(tmp_path):
@@ -104,17 +112,19 @@ def test_sigterm_drains_accepted_requests_then_exits_0(tmp_path):
                MAX_BATCH_SIZE="1") as (process, url, log), client(url) as http:
         wait_ready(http, process, log)
         image = ("a.png", image_bytes("PNG", (16, 16)), "image/png")
+        def one_request() -> httpx.Response:
+            with client(url) as own:
+                return own.post("/predict", files={"files": image})
+
         with ThreadPoolExecutor(4) as clients:
-            pending = [clients.submit(lambda: client(url).post("/predict",
-                                                               files={"files": image}))
-                       for _ in range(4)]
+            pending = [clients.submit(one_request) for _ in range(4)]
             assert wait_until(lambda: "pool_in_flight 4.0" in http.get("/metrics").text,
                               timeout=10)
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)
             time.sleep(0.3)
-            with pytest.raises(httpx.TransportError):  # no new connections while draining
-                client(url).get("/healthz")
+            with pytest.raises(httpx.TransportError), client(url) as late:
+                late.get("/healthz")  # no new connections while draining
             responses = [f.result(timeout=30) for f in pending]
         assert [r.status_code for r in responses] == [200] * 4
         assert process.wait(timeout=30) == 0, log.read_text()
