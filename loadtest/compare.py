@@ -1,0 +1,290 @@
+"""``python -m loadtest.compare``: the seed's benchmark, rerun on this machine.
+
+For each server: start it on a free 127.0.0.1 port, wait until every worker is ready, warm
+it up, run locust headless once per (images per request, repeat), stop it. Then write, in
+one folder::
+
+    raw/                 locust's JSON, CSV and log of every run; each server's log
+    summary.json         configuration, machine, code size, every run, mean/std per setting
+    summary.csv          mean/std per (server, images per request)
+    runs.csv             one row per locust run
+    results.md           the Markdown table, with the issue's target checked
+    chart.png            throughput, p50 and p99 per server, error bars = std over repeats
+
+Presets: ``--preset cpu`` (default; a few minutes on 2 cores) and ``--preset gpu`` (the
+seed's setting: ViT-L/16, a worker per GPU, 100 users, 1-32 images per request, 5 repeats).
+Every knob of a preset can be overridden. Exit code 0 when every server ran and no request
+failed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .images import folder_images, generated_images, request_bodies
+from .servers import ROOT, ServerError, ServerProcess, server_specs
+
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+DEFAULT_SERVERS = ("simple", "mp", "spool", "spool-batch")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # About 7 minutes on 2 cores: 4 servers x 2 settings x 3 repeats x (15 s + locust start)
+    # plus 4 server starts.
+    "cpu": dict(model="vit_tiny_patch16_224", weights="random", device="cpu", workers=2,
+                precision="fp32", users=32, duration=15, repeats=3, images_per_request=[1, 4],
+                max_batch_size=16, max_batch_wait_ms=0.0, ready_timeout=180),
+    # The seed's benchmark: ViT-L/16, one worker per GPU, 100 users, 5 repeats. Random
+    # weights: throughput does not depend on them, and no download is needed.
+    "gpu": dict(model="vit_large_patch16_224", weights="random", device="cuda", workers=0,
+                precision="fp32", users=100, duration=60, repeats=5,
+                images_per_request=[1, 4, 8, 16, 32], max_batch_size=32,
+                max_batch_wait_ms=0.0, ready_timeout=600),
+}
+
+
+def int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4,8, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.compare", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                        help="comma-separated, from: simple, mp, spool, spool-batch, spool-min")
+    knobs = parser.add_argument_group("overrides of the preset (default: the preset's value)")
+    knobs.add_argument("--model", help="timm model name")
+    knobs.add_argument("--weights", help="random | auto | pretrained | checkpoint path")
+    knobs.add_argument("--device", choices=("cpu", "cuda", "auto"))
+    knobs.add_argument("--workers", type=int, help="model workers (0: one per GPU)")
+    knobs.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    knobs.add_argument("--users", type=int, help="concurrent closed-loop clients")
+    knobs.add_argument("--duration", type=float, help="seconds per locust run")
+    knobs.add_argument("--repeats", type=int, help="runs per (server, images per request)")
+    knobs.add_argument("--images-per-request", type=int_list, help="e.g. 1,4,8")
+    knobs.add_argument("--max-batch-size", type=int, help="spool-batch's MAX_BATCH_SIZE")
+    knobs.add_argument("--max-batch-wait-ms", type=float, help="spool-batch's MAX_BATCH_WAIT_MS")
+    knobs.add_argument("--ready-timeout", type=float, help="seconds to wait for every worker")
+    parser.add_argument("--image-dir", default="", help="post these images, not generated ones")
+    parser.add_argument("--image-size", default="320x240", help="WxH of generated images")
+    parser.add_argument("--output", type=Path,
+                        help="results folder (default: results/loadtest/<preset>-<time>)")
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    known = server_specs(args.max_batch_size, args.max_batch_wait_ms)
+    unknown = [s for s in args.servers if s not in known]
+    if unknown or not args.servers:
+        parser.error(f"unknown server(s) {unknown}; choose from {', '.join(known)}")
+    for name in ("users", "repeats", "max_batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.duration <= 0:
+        parser.error("--duration must be > 0")
+    if args.output is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        args.output = ROOT / "results" / "loadtest" / f"{args.preset}-{stamp}"
+    return args
+
+
+def server_env(args: argparse.Namespace, largest_upload: int) -> dict[str, str]:
+    """The settings every server reads (app.settings.Settings), sized for this load."""
+    most = max(args.images_per_request)
+    env = {
+        "MODEL_NAME": args.model, "MODEL_WEIGHTS": args.weights, "DEVICE": args.device,
+        "PRECISION": args.precision, "LOG_LEVEL": "warning", "API_KEY": "",
+        # app/ answers 503 when its queue is full and 413 above MAX_FILES; the load must
+        # never hit those limits, or the comparison would measure refusals.
+        "QUEUE_SIZE": str(max(256, args.users * most)),
+        "MAX_FILES": str(max(16, most)),
+        "MAX_UPLOAD_MB": str(max(20, math.ceil(2 * most * largest_upload / 2**20))),
+    }
+    if args.workers:
+        env["NUM_WORKERS"] = str(args.workers)
+    return env
+
+
+def run_locust(url: str, ipr: int, args: argparse.Namespace, prefix: Path) -> list[Any]:
+    """One headless locust run in its own process group; returns its JSON stats."""
+    # A bound on requests too, for a server that fails fast: 100 requests/s per user is far
+    # above what any model server here answers.
+    max_requests = int(args.users * args.duration * 100)
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        "-u", str(args.users), "-r", str(args.users), "-t", f"{args.duration:g}s",
+        "--host", url, "--reset-stats", "--only-summary", "--loglevel", "WARNING",
+        "--json-file", str(prefix), "--csv", str(prefix),
+        "--images-per-request", str(ipr), "--image-size", args.image_size,
+        "--max-requests", str(max_requests),
+    ]
+    if args.image_dir:
+        command += ["--image-dir", str(args.image_dir)]
+    with prefix.with_suffix(".log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=args.duration + 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+            raise ServerError(f"locust did not finish within {args.duration + 60:g} s") from None
+        except BaseException:  # Ctrl-C: take locust down with us
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+            raise
+    # 1 means "some request failed", which the stats report; anything else is locust's own.
+    json_path = prefix.parent / f"{prefix.name}.json"
+    if returncode not in (0, 1) or not json_path.exists():
+        tail = prefix.with_suffix(".log").read_text(errors="replace")[-1500:]
+        raise ServerError(f"locust exited with {returncode}:\n{tail}")
+    return json.loads(json_path.read_text())  # type: ignore[no-any-return]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def accelerator(device: str) -> str:
+    if device == "cpu":
+        return "no GPU used"
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+        return f"{count} x {torch.cuda.get_device_name(0)}" if count else "no GPU visible"
+    except ImportError:
+        return "torch not installed"
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raw = args.output / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    specs = server_specs(args.max_batch_size, args.max_batch_wait_ms)
+    uploads = (folder_images(args.image_dir) if args.image_dir else generated_images(
+        16, tuple(int(v) for v in args.image_size.split("x"))))  # type: ignore[arg-type]
+    env = server_env(args, max(len(u.data) for u in uploads))
+    total_runs = len(args.servers) * len(args.images_per_request) * args.repeats
+    print(f"loadtest: preset {args.preset}, servers {', '.join(args.servers)}, {args.users} "
+          f"users, {args.duration:g} s x {args.repeats} repeat(s) x images/request "
+          f"{args.images_per_request} = {total_runs} runs; results in {args.output}", flush=True)
+
+    summary: dict[str, Any] = {
+        "config": {
+            "preset": args.preset, "servers": args.servers, "model": args.model,
+            "weights": args.weights, "device": args.device, "workers": args.workers,
+            "precision": args.precision, "users": args.users, "duration_s": args.duration,
+            "repeats": args.repeats, "images_per_request": args.images_per_request,
+            "max_batch_size": args.max_batch_size, "max_batch_wait_ms": args.max_batch_wait_ms,
+            "image_source": args.image_dir or f"generated JPEG {args.image_size}",
+            "server_env": env,
+        },
+        "environment": {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpus": os.cpu_count(), "accelerator": accelerator(args.device),
+            "python": platform.python_version(), "git_commit": git_commit(),
+            "load_average_before": load_average(),
+        },
+        "servers": {name: {"description": specs[name].description,
+                           "command": f"python -m {specs[name].module}",
+                           "env": specs[name].env,
+                           "code_files": list(specs[name].code_files),
+                           "code_lines": sum(report.code_lines(ROOT / f)
+                                             for f in specs[name].code_files)}
+                    for name in args.servers},
+    }
+    runs: list[report.RunResult] = []
+    done = 0
+    started = time.monotonic()
+    for name in args.servers:
+        spec, info = specs[name], summary["servers"][name]
+        server = ServerProcess(spec, env, raw / f"{name}.server.log")
+        try:
+            began = time.monotonic()
+            server.start()
+            readiness = server.wait_ready(args.ready_timeout)
+            info["ready_after_s"] = round(time.monotonic() - began, 1)
+            info["workers"] = readiness.get("workers")
+            for ipr in args.images_per_request:
+                server.warm_up(request_bodies(uploads, ipr, variants=4 * info["workers"]),
+                               expected=ipr, concurrency=2 * info["workers"])
+            print(f"  {name}: ready with {info['workers']} worker(s) in "
+                  f"{info['ready_after_s']} s", flush=True)
+            for ipr in args.images_per_request:
+                for repeat in range(1, args.repeats + 1):
+                    prefix = raw / f"{name}_ipr{ipr}_r{repeat}"
+                    stats = run_locust(server.url, ipr, args, prefix)
+                    run = report.run_result(
+                        stats, server=name, images_per_request=ipr, repeat=repeat,
+                        planned_duration_s=args.duration, load_average_1m=os.getloadavg()[0])
+                    runs.append(run)
+                    done += 1
+                    print(f"[{done}/{total_runs}] {name} {ipr} img/req repeat {repeat}: "
+                          f"{run.images_per_s:.1f} img/s, {run.requests_per_s:.1f} req/s, "
+                          f"p50 {run.latency_p50_ms:.0f} ms, p99 {run.latency_p99_ms:.0f} ms, "
+                          f"{run.failures}/{run.requests} failed "
+                          f"({time.monotonic() - started:.0f} s elapsed)", flush=True)
+        except ServerError as exc:
+            info["error"] = str(exc).splitlines()[0]
+            print(f"  {name}: ERROR {exc}", flush=True)
+        finally:
+            returncode, leftovers = server.stop()
+            info["exit_code"] = returncode
+            if leftovers:
+                info["killed_leftover_pids"] = leftovers
+                print(f"  {name}: killed {len(leftovers)} process(es) left after its exit",
+                      flush=True)
+
+    summary["environment"]["load_average_after"] = load_average()
+    summary["environment"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    aggregates = report.aggregate(runs)
+    summary["runs"] = [asdict(r) for r in runs]
+    summary["aggregates"] = [asdict(a) for a in aggregates]
+    summary["verdicts"] = report.verdicts(aggregates)
+    report.write_json(args.output / "summary.json", summary)
+    report.write_csv(args.output / "summary.csv", aggregates, report.Aggregate)
+    report.write_csv(args.output / "runs.csv", runs, report.RunResult)
+    table = report.markdown(summary, aggregates)
+    (args.output / "results.md").write_text(table)
+    report.chart(args.output / "chart.png", aggregates,
+                 f"{args.model} on {args.device}, {args.workers or 'one per GPU'} worker(s), "
+                 f"{args.users} users ({summary['environment']['date']})")
+    print(table, flush=True)
+    failed = sum(r.failures for r in runs)
+    errors = [n for n in args.servers if summary["servers"][n].get("error")]
+    silent = [n for n in args.servers if not any(r.server == n and r.requests for r in runs)]
+    print(f"loadtest: {len(runs)} runs in {summary['environment']['elapsed_s']:.0f} s, "
+          f"{failed} failed request(s), servers in error: {errors or 'none'}; "
+          f"wrote {args.output}", flush=True)
+    return 1 if failed or errors or silent else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

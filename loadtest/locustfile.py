@@ -1,0 +1,110 @@
+"""A locust user that posts images to ``POST /predict`` and checks every answer.
+
+Runs against any server with the ``/predict`` contract (multipart field ``files``, answer
+``{"predictions": [one object per file]}``)::
+
+    locust -f loadtest/locustfile.py --headless -u 100 -r 100 -t 60s \\
+        --host http://127.0.0.1:8000 --images-per-request 8
+
+Options (each also read from the environment variable in brackets):
+
+* ``--images-per-request N`` (``LOADTEST_IMAGES_PER_REQUEST``, default 1)
+* ``--image-dir DIR`` (``LOADTEST_IMAGE_DIR``): post these files instead of generated JPEGs
+* ``--image-size WxH`` (``LOADTEST_IMAGE_SIZE``, default 320x240): size of generated images
+* ``--max-requests N`` (``LOADTEST_MAX_REQUESTS``, default 0 = no limit): stop the whole run
+  after N requests, a bound on top of ``-t``
+
+A request counts as a failure unless the status is 200 and the body holds exactly one
+prediction object per image sent. Users wait for nothing between requests (closed loop):
+``-u`` is the number of requests in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import sys
+from pathlib import Path
+
+import gevent
+from locust import FastHttpUser, constant, events, task
+
+# `locust -f loadtest/locustfile.py` puts loadtest/ on sys.path, not the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtest.images import folder_images, generated_images, request_bodies  # noqa: E402
+
+_bodies: list[tuple[bytes, str]] = []
+_sent = itertools.count(1)
+
+
+@events.init_command_line_parser.add_listener
+def add_options(parser) -> None:  # type: ignore[no-untyped-def]
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        env_var="LOADTEST_IMAGES_PER_REQUEST", help="images in each request")
+    parser.add_argument("--image-dir", default="", env_var="LOADTEST_IMAGE_DIR",
+                        help="post the images of this folder instead of generated ones")
+    parser.add_argument("--image-size", default="320x240", env_var="LOADTEST_IMAGE_SIZE",
+                        help="WxH of the generated images")
+    parser.add_argument("--max-requests", type=int, default=0, env_var="LOADTEST_MAX_REQUESTS",
+                        help="stop the run after this many requests (0: no limit)")
+
+
+@events.test_start.add_listener
+def build_bodies(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
+    """Encode the request bodies once, before any user starts."""
+    options = environment.parsed_options
+    if options.image_dir:
+        uploads = folder_images(options.image_dir)
+    else:
+        width, _, height = options.image_size.partition("x")
+        uploads = generated_images(16, (int(width), int(height)))
+    _bodies[:] = request_bodies(uploads, options.images_per_request)
+
+
+class ImageClient(FastHttpUser):
+    """One client: posts a request, waits for the answer, posts the next."""
+
+    wait_time = constant(0)
+    # The default 60 s would cut off queued requests of a saturated ViT-L/16 server with
+    # 32 images per request; a request still waiting after 5 minutes is a failure.
+    network_timeout = 300.0
+    connection_timeout = 10.0
+
+    def on_start(self) -> None:
+        self.expected = self.environment.parsed_options.images_per_request
+        self.max_requests = self.environment.parsed_options.max_requests
+        # Each user walks the bodies in its own order, so the images in flight differ.
+        self.next_body = itertools.cycle(random.sample(_bodies, len(_bodies)))
+
+    @task
+    def predict(self) -> None:
+        body, content_type = next(self.next_body)
+        with self.client.post("/predict", data=body, headers={"Content-Type": content_type},
+                              catch_response=True) as response:
+            problem = answer_problem(response.status_code, response.text, self.expected)
+            if problem:
+                response.failure(problem)
+            else:
+                response.success()
+        if self.max_requests and next(_sent) == self.max_requests:
+            # quit() kills every user greenlet, this one included: run it from another.
+            gevent.spawn(self.environment.runner.quit)
+
+
+def answer_problem(status: int, text: str | None, expected: int) -> str | None:
+    """Why an answer is wrong, or None if it holds one prediction object per image."""
+    import json
+
+    if status != 200:
+        return f"HTTP {status}: {(text or '')[:200]}"
+    try:
+        predictions = json.loads(text or "")["predictions"]
+    except (ValueError, KeyError, TypeError):
+        return f"not a predictions object: {(text or '')[:200]}"
+    if not isinstance(predictions, list) or len(predictions) != expected:
+        count = len(predictions) if isinstance(predictions, list) else "no"
+        return f"{count} predictions for {expected} images"
+    if not all(isinstance(p, dict) and p for p in predictions):
+        return "a prediction is empty or not an object"
+    return None

@@ -1,0 +1,286 @@
+"""From locust's JSON to the results: per-run figures, mean and spread over repeats, the
+Markdown table, the chart, and the code size of each server."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import math
+import statistics
+import tokenize
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+PERCENTILES = (0.50, 0.95, 0.99)
+BASELINES = ("simple", "mp")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One locust run against one server: throughput counts successful requests only."""
+
+    server: str
+    images_per_request: int
+    repeat: int
+    requests: int
+    failures: int
+    duration_s: float
+    requests_per_s: float
+    images_per_s: float
+    latency_mean_ms: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    load_average_1m: float
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """The repeats of one (server, images per request): mean and sample std of each figure."""
+
+    server: str
+    images_per_request: int
+    repeats: int
+    requests: int
+    failures: int
+    images_per_s: float
+    images_per_s_std: float
+    requests_per_s: float
+    requests_per_s_std: float
+    latency_p50_ms: float
+    latency_p50_ms_std: float
+    latency_p95_ms: float
+    latency_p95_ms_std: float
+    latency_p99_ms: float
+    latency_p99_ms_std: float
+
+
+def percentile(histogram: dict[Any, int], fraction: float) -> float:
+    """The smallest response time with at least ``fraction`` of the requests at or below it.
+
+    ``histogram`` is locust's ``response_times`` (time in ms, rounded by locust to 2
+    significant digits above 100 ms, -> count); JSON turns its keys into strings.
+    """
+    counts = sorted((float(t), n) for t, n in histogram.items())
+    total = sum(n for _, n in counts)
+    if not total:
+        return math.nan
+    needed = math.ceil(fraction * total)
+    seen = 0
+    for time_ms, count in counts:
+        seen += count
+        if seen >= needed:
+            return time_ms
+    return counts[-1][0]
+
+
+def run_result(stats: list[dict[str, Any]], *, server: str, images_per_request: int,
+               repeat: int, planned_duration_s: float, load_average_1m: float,
+               name: str = "/predict") -> RunResult:
+    """Summarise one run from locust's ``--json-file`` output (a list of stats entries)."""
+    entry = next((e for e in stats if e.get("name") == name), None)
+    if entry is None or not entry["num_requests"]:
+        return RunResult(server, images_per_request, repeat, 0, 0, planned_duration_s, 0.0, 0.0,
+                         math.nan, math.nan, math.nan, math.nan, load_average_1m)
+    requests, failures = entry["num_requests"], entry["num_failures"]
+    first, last = entry.get("start_time"), entry.get("last_request_timestamp")
+    # The measured window (from locust's stats reset, once every user is running, to the
+    # last answer) rather than -t: answers stop arriving when the time limit kills the users.
+    duration = last - first if first and last and last > first else planned_duration_s
+    ok_per_s = (requests - failures) / duration
+    p50, p95, p99 = (percentile(entry["response_times"], q) for q in PERCENTILES)
+    return RunResult(
+        server=server, images_per_request=images_per_request, repeat=repeat,
+        requests=requests, failures=failures, duration_s=round(duration, 3),
+        requests_per_s=ok_per_s, images_per_s=ok_per_s * images_per_request,
+        latency_mean_ms=entry["total_response_time"] / requests,
+        latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99,
+        load_average_1m=load_average_1m)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: Iterable[RunResult]) -> list[Aggregate]:
+    """Group runs by (server, images per request), keeping the servers' first-seen order."""
+    groups: dict[tuple[str, int], list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault((run.server, run.images_per_request), []).append(run)
+    result = []
+    for (server, ipr), group in groups.items():
+        figures: dict[str, float] = {}
+        for key in ("images_per_s", "requests_per_s", "latency_p50_ms", "latency_p95_ms",
+                    "latency_p99_ms"):
+            figures[key], figures[f"{key}_std"] = _mean_std([getattr(r, key) for r in group])
+        result.append(Aggregate(
+            server=server, images_per_request=ipr, repeats=len(group),
+            requests=sum(r.requests for r in group), failures=sum(r.failures for r in group),
+            **figures))
+    return sorted(result, key=lambda a: a.images_per_request)
+
+
+# ---- code size ----------------------------------------------------------------------------
+
+def code_lines(path: Path) -> int:
+    """Lines holding code: not blank, not only a comment, not part of a docstring."""
+    source = path.read_text()
+    docstring_lines: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if (body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                docstring_lines.update(range(body[0].lineno, (body[0].end_lineno or 0) + 1))
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+            tokenize.ENCODING, tokenize.ENDMARKER}
+    lines: set[int] = set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type not in skip:
+            lines.update(range(token.start[0], token.end[0] + 1))
+    return len(lines - docstring_lines)
+
+
+# ---- files --------------------------------------------------------------------------------
+
+def _clean(value: Any) -> Any:
+    """NaN is not JSON: a figure that could not be measured is written as null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(json.dumps(_clean(document), indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: Sequence[Any], row_type: type) -> None:
+    names = [f.name for f in fields(row_type)]
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=names)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                             for k, v in asdict(row).items()})
+
+
+def _pm(mean: float, std: float, digits: int = 1) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def best_baseline(aggregates: Sequence[Aggregate], ipr: int) -> Aggregate | None:
+    candidates = [a for a in aggregates if a.server in BASELINES and a.images_per_request == ipr
+                  and not math.isnan(a.images_per_s)]
+    return max(candidates, key=lambda a: a.images_per_s, default=None)
+
+
+def verdicts(aggregates: Sequence[Aggregate]) -> list[str]:
+    """The issue's CPU target, checked per setting: a spool server at least matches the
+    better baseline's throughput and has a lower p99."""
+    lines = []
+    for ipr in sorted({a.images_per_request for a in aggregates}):
+        best = best_baseline(aggregates, ipr)
+        if best is None:
+            continue
+        for spool in (a for a in aggregates
+                      if a.images_per_request == ipr and a.server.startswith("spool")):
+            ratio = spool.images_per_s / best.images_per_s if best.images_per_s else math.nan
+            p99_ratio = (spool.latency_p99_ms / best.latency_p99_ms
+                         if best.latency_p99_ms else math.nan)
+            met = ratio >= 1.0 and p99_ratio < 1.0
+            lines.append(
+                f"{ipr} image(s)/request: {spool.server} vs {best.server} (the better baseline): "
+                f"throughput x{ratio:.2f}, p99 x{p99_ratio:.2f} -> "
+                f"{'target met' if met else 'target NOT met'}")
+    return lines
+
+
+def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate]) -> str:
+    config, env = summary["config"], summary["environment"]
+    out = [
+        f"# Load test: `{config['preset']}` preset",
+        "",
+        f"{env['date']} · {env['cpus']} CPU(s), {env['accelerator']} · git {env['git_commit']} · "
+        f"load average {env['load_average_before']} before, {env['load_average_after']} after",
+        "",
+        f"Model `{config['model']}` ({config['weights']} weights, {config['precision']}) on "
+        f"{config['device']}, {config['workers'] or 'one per GPU'} worker(s); "
+        f"{config['users']} closed-loop users, {config['duration_s']} s per run, "
+        f"{config['repeats']} repeat(s); mean ± std over repeats.",
+        "",
+        "| server | img/req | images/s | requests/s | p50 ms | p95 ms | p99 ms | failed | "
+        "images/s vs best baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for a in aggregates:
+        best = best_baseline(aggregates, a.images_per_request)
+        ratio = (f"x{a.images_per_s / best.images_per_s:.2f}"
+                 if best and best.images_per_s else "n/a")
+        out.append(
+            f"| {a.server} | {a.images_per_request} | {_pm(a.images_per_s, a.images_per_s_std)} "
+            f"| {_pm(a.requests_per_s, a.requests_per_s_std)} "
+            f"| {_pm(a.latency_p50_ms, a.latency_p50_ms_std, 0)} "
+            f"| {_pm(a.latency_p95_ms, a.latency_p95_ms_std, 0)} "
+            f"| {_pm(a.latency_p99_ms, a.latency_p99_ms_std, 0)} "
+            f"| {a.failures}/{a.requests} | {ratio} |")
+    checks = verdicts(aggregates)
+    if checks:
+        out += ["", "Target (issue 4, cpu preset): spool >= the better baseline in images/s, "
+                "and a lower p99.", ""] + [f"- {line}" for line in checks]
+    out += ["", "| server | what it is | lines of code | files |", "|---|---|---:|---|"]
+    for name, info in summary["servers"].items():
+        out.append(f"| {name} | {info['description']} | {info['code_lines']} | "
+                   f"{', '.join(f'`{f}`' for f in info['code_files'])} |")
+    errors = {name: info["error"] for name, info in summary["servers"].items() if info.get("error")}
+    if errors:
+        out += ["", "Errors:", ""] + [f"- {name}: {text}" for name, text in errors.items()]
+    return "\n".join(out) + "\n"
+
+
+def chart(path: Path, aggregates: Sequence[Aggregate], title: str) -> None:
+    """Grouped bars per images-per-request setting: throughput, p50 and p99, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    servers = list(dict.fromkeys(a.server for a in aggregates))
+    settings = sorted({a.images_per_request for a in aggregates})
+    by_key = {(a.server, a.images_per_request): a for a in aggregates}
+    panels = (("images_per_s", "throughput (images/s, higher is better)"),
+              ("latency_p50_ms", "p50 latency (ms, lower is better)"),
+              ("latency_p99_ms", "p99 latency (ms, lower is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8))
+    width = 0.8 / max(1, len(servers))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for index, server in enumerate(servers):
+            xs, ys, errs = [], [], []
+            for position, ipr in enumerate(settings):
+                a = by_key.get((server, ipr))
+                if a is not None and not math.isnan(getattr(a, key)):
+                    xs.append(position + (index - (len(servers) - 1) / 2) * width)
+                    ys.append(getattr(a, key))
+                    errs.append(getattr(a, f"{key}_std"))
+            ax.bar(xs, ys, width, yerr=errs, capsize=3, label=server, color=f"C{index}")
+        ax.set_xticks(range(len(settings)), [str(s) for s in settings])
+        ax.set_xlabel("images per request")
+        ax.set_title(label, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
