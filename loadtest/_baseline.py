@@ -15,6 +15,7 @@ queue limits, metrics, auth. They answer ``/predict`` and ``/readyz`` with the s
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Protocol
@@ -104,5 +105,11 @@ def serve(make_dispatcher: type[Dispatcher]) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s %(message)s")
     dispatcher = make_dispatcher(load_worker_class(settings.worker_class),  # type: ignore[call-arg]
                                  settings)
-    uvicorn.run(create_app(dispatcher, settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(dispatcher, settings), host=settings.host, port=settings.port,
+        log_level=settings.log_level, access_log=False, lifespan="on"))
+    # uvicorn re-raises the signal it caught once shutdown is complete (exit status -15); a
+    # finished drain should exit 0 like `python -m app`, so a kill stays distinguishable.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()

@@ -123,8 +123,13 @@ def server_env(args: argparse.Namespace, largest_upload: int) -> dict[str, str]:
     return env
 
 
-def run_locust(url: str, ipr: int, args: argparse.Namespace, prefix: Path) -> list[Any]:
-    """One headless locust run in its own process group; returns its JSON stats."""
+def run_locust(url: str, ipr: int, args: argparse.Namespace,
+               prefix: Path) -> tuple[list[Any], dict[str, int]]:
+    """One headless locust run in its own process group.
+
+    Returns:
+        ``(stats, errors)``: locust's JSON stats entries, and ``{error: occurrences}``.
+    """
     # A bound on requests too, for a server that fails fast: 100 requests/s per user is far
     # above what any model server here answers.
     max_requests = int(args.users * args.duration * 100)
@@ -134,7 +139,7 @@ def run_locust(url: str, ipr: int, args: argparse.Namespace, prefix: Path) -> li
         "--host", url, "--reset-stats", "--only-summary", "--loglevel", "WARNING",
         "--json-file", str(prefix), "--csv", str(prefix),
         "--images-per-request", str(ipr), "--image-size", args.image_size,
-        "--max-requests", str(max_requests),
+        "--max-requests", str(max_requests), "--errors-file", f"{prefix}_errors.json",
     ]
     if args.image_dir:
         command += ["--image-dir", str(args.image_dir)]
@@ -156,7 +161,9 @@ def run_locust(url: str, ipr: int, args: argparse.Namespace, prefix: Path) -> li
     if returncode not in (0, 1) or not json_path.exists():
         tail = prefix.with_suffix(".log").read_text(errors="replace")[-1500:]
         raise ServerError(f"locust exited with {returncode}:\n{tail}")
-    return json.loads(json_path.read_text())  # type: ignore[no-any-return]
+    errors_path = prefix.parent / f"{prefix.name}_errors.json"
+    errors = json.loads(errors_path.read_text()) if errors_path.exists() else {}
+    return json.loads(json_path.read_text()), errors
 
 
 def git_commit() -> str:
@@ -240,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             for ipr in args.images_per_request:
                 for repeat in range(1, args.repeats + 1):
                     prefix = raw / f"{name}_ipr{ipr}_r{repeat}"
-                    stats = run_locust(server.url, ipr, args, prefix)
+                    stats, errors = run_locust(server.url, ipr, args, prefix)
                     run = report.run_result(
-                        stats, server=name, images_per_request=ipr, repeat=repeat,
+                        stats, errors, server=name, images_per_request=ipr, repeat=repeat,
                         planned_duration_s=args.duration, load_average_1m=os.getloadavg()[0])
                     runs.append(run)
                     done += 1
@@ -251,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"p50 {run.latency_p50_ms:.0f} ms, p99 {run.latency_p99_ms:.0f} ms, "
                           f"{run.failures}/{run.requests} failed "
                           f"({time.monotonic() - started:.0f} s elapsed)", flush=True)
+                    if run.top_error:
+                        print(f"    most frequent failure: {run.top_error}", flush=True)
         except ServerError as exc:
             info["error"] = str(exc).splitlines()[0]
             print(f"  {name}: ERROR {exc}", flush=True)
@@ -271,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(args.output / "summary.json", summary)
     report.write_csv(args.output / "summary.csv", aggregates, report.Aggregate)
     report.write_csv(args.output / "runs.csv", runs, report.RunResult)
-    table = report.markdown(summary, aggregates)
+    table = report.markdown(summary, aggregates, runs)
     (args.output / "results.md").write_text(table)
     report.chart(args.output / "chart.png", aggregates,
                  f"{args.model} on {args.device}, {args.workers or 'one per GPU'} worker(s), "

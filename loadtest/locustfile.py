@@ -13,6 +13,8 @@ Options (each also read from the environment variable in brackets):
 * ``--image-size WxH`` (``LOADTEST_IMAGE_SIZE``, default 320x240): size of generated images
 * ``--max-requests N`` (``LOADTEST_MAX_REQUESTS``, default 0 = no limit): stop the whole run
   after N requests, a bound on top of ``-t``
+* ``--errors-file PATH`` (``LOADTEST_ERRORS_FILE``): on exit, write ``{error: occurrences}``
+  as JSON (locust's own ``_failures.csv`` can be written before the last stats arrive)
 
 A request counts as a failure unless the status is 200 and the body holds exactly one
 prediction object per image sent. Users wait for nothing between requests (closed loop):
@@ -22,6 +24,7 @@ prediction object per image sent. Users wait for nothing between requests (close
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import sys
 from pathlib import Path
@@ -48,6 +51,8 @@ def add_options(parser) -> None:  # type: ignore[no-untyped-def]
                         help="WxH of the generated images")
     parser.add_argument("--max-requests", type=int, default=0, env_var="LOADTEST_MAX_REQUESTS",
                         help="stop the run after this many requests (0: no limit)")
+    parser.add_argument("--errors-file", default="", env_var="LOADTEST_ERRORS_FILE",
+                        help="write the failures seen, as JSON, to this file on exit")
 
 
 @events.test_start.add_listener
@@ -60,6 +65,14 @@ def build_bodies(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def
         width, _, height = options.image_size.partition("x")
         uploads = generated_images(16, (int(width), int(height)))
     _bodies[:] = request_bodies(uploads, options.images_per_request)
+
+
+@events.quitting.add_listener
+def write_errors(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
+    path = environment.parsed_options.errors_file
+    if path:
+        errors = {e.to_name(): e.occurrences for e in environment.stats.errors.values()}
+        Path(path).write_text(json.dumps(errors, indent=2))
 
 
 class ImageClient(FastHttpUser):
@@ -94,8 +107,6 @@ class ImageClient(FastHttpUser):
 
 def answer_problem(status: int, text: str | None, expected: int) -> str | None:
     """Why an answer is wrong, or None if it holds one prediction object per image."""
-    import json
-
     if status != 200:
         return f"HTTP {status}: {(text or '')[:200]}"
     try:

@@ -36,6 +36,7 @@ class RunResult:
     latency_p95_ms: float
     latency_p99_ms: float
     load_average_1m: float
+    top_error: str = ""  # the most frequent failure, for the table's error list
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,16 @@ def percentile(histogram: dict[Any, int], fraction: float) -> float:
     return counts[-1][0]
 
 
-def run_result(stats: list[dict[str, Any]], *, server: str, images_per_request: int,
-               repeat: int, planned_duration_s: float, load_average_1m: float,
-               name: str = "/predict") -> RunResult:
-    """Summarise one run from locust's ``--json-file`` output (a list of stats entries)."""
+def run_result(stats: list[dict[str, Any]], errors: dict[str, int], *, server: str,
+               images_per_request: int, repeat: int, planned_duration_s: float,
+               load_average_1m: float, name: str = "/predict") -> RunResult:
+    """Summarise one run from locust's ``--json-file`` output (a list of stats entries) and
+    the locustfile's ``{error: occurrences}``."""
+    top_error = max(errors, key=errors.__getitem__, default="")
     entry = next((e for e in stats if e.get("name") == name), None)
     if entry is None or not entry["num_requests"]:
         return RunResult(server, images_per_request, repeat, 0, 0, planned_duration_s, 0.0, 0.0,
-                         math.nan, math.nan, math.nan, math.nan, load_average_1m)
+                         math.nan, math.nan, math.nan, math.nan, load_average_1m, top_error)
     requests, failures = entry["num_requests"], entry["num_failures"]
     first, last = entry.get("start_time"), entry.get("last_request_timestamp")
     # The measured window (from locust's stats reset, once every user is running, to the
@@ -99,7 +102,7 @@ def run_result(stats: list[dict[str, Any]], *, server: str, images_per_request: 
         requests_per_s=ok_per_s, images_per_s=ok_per_s * images_per_request,
         latency_mean_ms=entry["total_response_time"] / requests,
         latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99,
-        load_average_1m=load_average_1m)
+        load_average_1m=load_average_1m, top_error=top_error)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -208,7 +211,8 @@ def verdicts(aggregates: Sequence[Aggregate]) -> list[str]:
     return lines
 
 
-def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate]) -> str:
+def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
+             runs: Sequence[RunResult] = ()) -> str:
     config, env = summary["config"], summary["environment"]
     out = [
         f"# Load test: `{config['preset']}` preset",
@@ -244,9 +248,12 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate]) -> str:
     for name, info in summary["servers"].items():
         out.append(f"| {name} | {info['description']} | {info['code_lines']} | "
                    f"{', '.join(f'`{f}`' for f in info['code_files'])} |")
-    errors = {name: info["error"] for name, info in summary["servers"].items() if info.get("error")}
+    errors = [f"{name}: {info['error']}" for name, info in summary["servers"].items()
+              if info.get("error")]
+    errors += [f"{r.server}, {r.images_per_request} img/req, repeat {r.repeat}: {r.failures} "
+               f"failed, most often `{r.top_error}`" for r in runs if r.failures]
     if errors:
-        out += ["", "Errors:", ""] + [f"- {name}: {text}" for name, text in errors.items()]
+        out += ["", "Errors:", ""] + [f"- {line}" for line in errors]
     return "\n".join(out) + "\n"
 
 

@@ -67,9 +67,9 @@ def tolerate_repeated_interop_setting() -> None:
         return  # a worker class without torch
     original = torch.set_num_interop_threads
 
-    def set_once(count: int) -> None:
+    def set_once(nthreads: int) -> None:
         try:
-            original(count)
+            original(nthreads)
         except RuntimeError:
             pass
 
@@ -94,7 +94,7 @@ class ThreadDispatcher:
         replica = random.choice([r for r in self.replicas if r.ready.is_set()])
         future: Future[Any] = Future()
         replica.inbox.put((items, future))
-        return await asyncio.wrap_future(future)  # type: ignore[no-any-return]
+        return await asyncio.wrap_future(future)
 
     def stop(self) -> None:
         for replica in self.replicas:
