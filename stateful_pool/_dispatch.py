@@ -41,7 +41,6 @@ from typing import Any
 
 from . import _messages as m
 from ._batching import BatchCounter, PendingQueue
-from ._worker import worker_main
 from .errors import (
     NoWorkersError,
     PoolClosedError,
@@ -100,9 +99,12 @@ class Task(Future[Any]):
 class WorkerSlot:
     """One worker of the pool; survives respawns (same id, same spawn arguments)."""
 
-    def __init__(self, worker_id: int, spawn_payload: bytes, future: Future[Any]) -> None:
+    def __init__(self, worker_id: int, spawn_payload: bytes, future: Future[Any],
+                 options: dict[str, Any] | None = None) -> None:
         self.id = worker_id
         self.spawn_payload = spawn_payload
+        self.options = options or {}
+        self.location: dict[str, Any] = {}
         self.spawn_future: Future[Any] | None = future
         self.state = STARTING
         self.process: Any = None
@@ -187,7 +189,7 @@ class Dispatcher:
         self,
         *,
         worker_cls: type,
-        mp_context: Any,
+        transport: Any,
         batching: bool,
         max_batch_size: int,
         max_batch_wait: float,
@@ -199,7 +201,7 @@ class Dispatcher:
         release_slot: Callable[[Task], None],
     ) -> None:
         self.worker_cls = worker_cls
-        self.ctx = mp_context
+        self.transport = transport
         self.batching = batching
         self.spawn_timeout = spawn_timeout
         self.hang_timeout = hang_timeout
@@ -430,6 +432,8 @@ class Dispatcher:
         future, slot.spawn_future = slot.spawn_future, None
         if ok:
             slot.state = IDLE
+            slot.pid = slot.process.pid  # a Ray actor's pid is known only now
+            slot.location = dict(getattr(slot.process, "location", None) or {})
             self.idle.append(slot)
             if future is not None:
                 settle(future, value)
@@ -450,17 +454,11 @@ class Dispatcher:
         slot.state = STARTING
         slot.kill_reason = ""
         try:
-            parent_conn, child_conn = self.ctx.Pipe(duplex=True)
-            process = self.ctx.Process(
-                target=worker_main, args=(child_conn, self.worker_cls, os.getpid()),
-                name=f"stateful_pool-worker-{slot.id}",
-            )
-            process.start()
+            parent_conn, process = self.transport.start(self.worker_cls, slot.id, slot.options)
         except Exception as exc:
             logger.exception("could not start worker %d", slot.id)
             self._lose_worker(slot, SpawnError(f"could not start worker {slot.id}: {exc!r}"))
             return
-        child_conn.close()
         slot.process, slot.conn, slot.pid = process, parent_conn, process.pid
         self._watch(slot)
         if self.spawn_timeout is not None:
@@ -496,7 +494,8 @@ class Dispatcher:
         slot.conn = None
         if slot in self.idle:
             self.idle.remove(slot)
-        pid, how = slot.pid, describe_exit(exitcode)
+        pid = slot.pid
+        how = getattr(slot.process, "death_cause", None) or describe_exit(exitcode)
         was, reason = slot.state, slot.kill_reason
 
         if was == STOPPING:

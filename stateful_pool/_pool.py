@@ -15,6 +15,7 @@ from typing import Any, Generic
 from . import _messages as m
 from ._dispatch import Dispatcher, Task, WorkerSlot
 from ._stats import PoolStats, WorkerStats
+from ._transport import ProcessTransport
 from ._worker import ExecR, SpawnR, SWorker, defines_execute_batch
 from .errors import NoWorkersError, PoolClosedError, QueueFullError
 
@@ -162,6 +163,14 @@ class SPool(Generic[SpawnR, ExecR]):
             pool parks no thread per task.
         mp_context: a ``multiprocessing`` context; default ``get_context("spawn")`` because
             CUDA cannot be initialised in a forked child.
+        backend: ``"process"`` (default): workers are local processes. ``"ray"``: each worker
+            is a Ray actor on the cluster at ``RAY_ADDRESS`` (a local Ray instance is started
+            when it is unset and Ray is not initialised); needs ``pip install
+            'stateful-pool[ray]'``.
+        worker_options: default per-worker options of the backend; for Ray, actor options
+            (``num_cpus``, ``num_gpus``, ``resources``, ``memory``, ``runtime_env``...) plus
+            ``node_id`` to pin a worker to a node. ``pool.options(...)`` overrides them for
+            one spawn.
         max_batch_size: with a worker that defines ``execute_batch``, hand up to this many
             queued tasks to one call. ``1`` (default) turns batching off.
         max_batch_wait: seconds a partial batch may wait for more tasks, measured from the
@@ -191,6 +200,8 @@ class SPool(Generic[SpawnR, ExecR]):
         thread_pool: ThreadPoolExecutor | None = None,
         *,
         mp_context: Any = None,
+        backend: str = "process",
+        worker_options: dict[str, Any] | None = None,
         max_batch_size: int = 1,
         max_batch_wait: float = 0.0,
         spawn_timeout: float | None = None,
@@ -218,6 +229,10 @@ class SPool(Generic[SpawnR, ExecR]):
             raise ValueError(f"restart_window must be > 0 seconds, got {restart_window}")
         if restart_backoff < 0:
             raise ValueError(f"restart_backoff must be >= 0 seconds, got {restart_backoff}")
+        self._transport = _make_transport(backend, mp_context)
+        self.backend = backend
+        self.worker_options = dict(worker_options or {})
+        self._transport.check_options(self.worker_options)
 
         self.worker_cls = worker_cls
         self.queue_size = queue_size or None
@@ -235,7 +250,7 @@ class SPool(Generic[SpawnR, ExecR]):
             weakref.WeakKeyDictionary())
         self._dispatcher = Dispatcher(
             worker_cls=worker_cls,
-            mp_context=mp_context or multiprocessing.get_context("spawn"),
+            transport=self._transport,
             batching=self.batching,
             max_batch_size=self.max_batch_size,
             max_batch_wait=self.max_batch_wait,
@@ -253,6 +268,16 @@ class SPool(Generic[SpawnR, ExecR]):
 
     # ---- spawning ---------------------------------------------------------------------------
 
+    def options(self, **worker_options: Any) -> _SpawnWithOptions[SpawnR]:
+        """Spawn with per-worker backend options, e.g. for Ray
+        ``pool.options(num_gpus=1, node_id=node).spawn(model="vit")``.
+
+        The options are merged over the pool's ``worker_options`` and kept for respawns.
+        """
+        merged = {**self.worker_options, **worker_options}
+        self._transport.check_options(merged)
+        return _SpawnWithOptions(self, merged)
+
     def submit_spawn(self, *args: Any, **kwargs: Any) -> Future[SpawnR]:
         """Start one more worker process and run its ``spawn(*args, **kwargs)``.
 
@@ -265,6 +290,10 @@ class SPool(Generic[SpawnR, ExecR]):
             PoolClosedError: after ``shutdown()``.
             Exception: the arguments cannot be pickled (raised here, in the caller).
         """
+        return self._submit_spawn(self.worker_options, args, kwargs)
+
+    def _submit_spawn(self, options: dict[str, Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Future[SpawnR]:
         payload = m.dumps((args, kwargs), m.PROTOCOL)
         future: Future[SpawnR] = Future()
         future.set_running_or_notify_cancel()  # a spawn cannot be cancelled once submitted
@@ -272,7 +301,7 @@ class SPool(Generic[SpawnR, ExecR]):
         with dispatcher.lock:
             if self._closed or not dispatcher.accepting:
                 raise PoolClosedError("cannot spawn: the pool is shut down")
-            slot = WorkerSlot(self._worker_ids(), payload, future)
+            slot = WorkerSlot(self._worker_ids(), payload, future, options)
             dispatcher.slots.append(slot)
             dispatcher.inbox.append(slot)
         dispatcher.wake()
@@ -423,7 +452,9 @@ class SPool(Generic[SpawnR, ExecR]):
         d = self._dispatcher
         workers = tuple(
             WorkerStats(worker_id=s.id, pid=s.pid, state=s.state, tasks_done=s.tasks_done,
-                        restarts=s.restarts, running=len(s.tasks), last_exitcode=s.last_exitcode)
+                        restarts=s.restarts, running=len(s.tasks), last_exitcode=s.last_exitcode,
+                        host=s.location.get("host"), node=s.location.get("node"),
+                        gpu_ids=tuple(s.location.get("gpu_ids", ())))
             for s in list(d.slots))
         # Cancelled tasks leave the queue at once for callers, even before the dispatcher
         # has drained the news.
@@ -445,6 +476,35 @@ class SPool(Generic[SpawnR, ExecR]):
         state = "closed" if self._closed else "open"
         return (f"<SPool {self.worker_cls.__qualname__} {state} workers={s.live_workers} "
                 f"busy={s.busy_workers} queued={s.queue_depth} in_flight={s.in_flight}>")
+
+
+class _SpawnWithOptions(Generic[SpawnR]):
+    """What ``pool.options(...)`` returns: the spawn methods, with backend options bound."""
+
+    def __init__(self, pool: SPool[SpawnR, Any], options: dict[str, Any]) -> None:
+        self._pool = pool
+        self._options = options
+
+    def submit_spawn(self, *args: Any, **kwargs: Any) -> Future[SpawnR]:
+        return self._pool._submit_spawn(self._options, args, kwargs)
+
+    def spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
+        return self.submit_spawn(*args, **kwargs).result()
+
+    async def async_spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
+        return await asyncio.wrap_future(self.submit_spawn(*args, **kwargs))
+
+
+def _make_transport(backend: str, mp_context: Any) -> Any:
+    if backend == "process":
+        return ProcessTransport(mp_context or multiprocessing.get_context("spawn"))
+    if backend == "ray":
+        if mp_context is not None:
+            raise ValueError("mp_context is for backend='process'; Ray starts its own workers")
+        from ._ray import RayTransport  # Ray is an optional extra: import it only here
+
+        return RayTransport()
+    raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
 
 
 SPool.__module__ = "stateful_pool"

@@ -12,7 +12,9 @@ class WorkerStats:
     ``state`` is one of ``"starting"``, ``"idle"``, ``"busy"``, ``"restarting"`` (waiting out
     its backoff after a crash), ``"stopping"``, ``"stopped"`` or ``"dead"`` (restart budget
     spent). ``restarts`` counts respawns after crashes; ``last_exitcode`` is the exit code of
-    its previous process (negative: killed by that signal), or ``None``.
+    its previous process (negative: killed by that signal), or ``None``. ``host`` and
+    ``node`` say where it runs (the machine's name or IP; the Ray node id, ``None`` for local
+    processes); ``gpu_ids`` are the GPUs Ray assigned to it.
     """
 
     worker_id: int
@@ -22,6 +24,9 @@ class WorkerStats:
     restarts: int
     running: int
     last_exitcode: int | None
+    host: str | None = None
+    node: str | None = None
+    gpu_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,35 @@ def _run_batch(
     return [(task_id, outcomes[task_id]) for task_id in task_ids]
 
 
+def spawn_worker(worker_cls: type[SWorker[Any, Any]], payload: bytes
+                 ) -> tuple[SWorker[Any, Any] | None, m.Outcome]:
+    """Create the worker and run its ``spawn``; ``None`` and an error outcome if that failed.
+
+    Runs in the worker process (or Ray actor).
+    """
+    try:
+        args, kwargs = m.loads(payload)
+        worker = worker_cls()
+        spawned = worker.spawn(*args, **kwargs)
+    except Exception as exc:
+        return None, m.error_outcome(exc)
+    outcome = m.ok_outcome(spawned)
+    return (worker if outcome[0] else None), outcome
+
+
+def run_message(worker: SWorker[Any, Any], kind: int, key: Any, blobs: Any
+                ) -> list[tuple[int, m.Outcome]] | None:
+    """Run one EXEC or BATCH message; ``None`` for STOP (or anything unknown).
+
+    Runs in the worker process (or Ray actor).
+    """
+    if kind == m.EXEC:
+        return [_run_one(worker, key, blobs[0])]
+    if kind == m.BATCH:
+        return _run_batch(worker, key, blobs)
+    return None
+
+
 def _exit_after_failed_spawn(send: Any, outcome: m.Outcome) -> NoReturn:
     """Report a failed spawn and leave at once: threads the failed spawn started must not
     keep the process alive."""
@@ -135,14 +164,8 @@ def worker_main(conn: Connection, worker_cls: type[SWorker[Any, Any]], parent_pi
         payload = blobs[0]
     except (EOFError, OSError):
         return  # the parent gave up on this worker before it started
-    try:
-        args, kwargs = m.loads(payload)
-        worker = worker_cls()
-        spawned = worker.spawn(*args, **kwargs)
-    except Exception as exc:
-        _exit_after_failed_spawn(send, m.error_outcome(exc))
-    outcome = m.ok_outcome(spawned)
-    if not outcome[0]:
+    worker, outcome = spawn_worker(worker_cls, payload)
+    if worker is None:
         _exit_after_failed_spawn(send, outcome)
     m.send_outcomes(send, m.SPAWNED, [(None, outcome)])
     recv = conn.recv_bytes
@@ -151,11 +174,8 @@ def worker_main(conn: Connection, worker_cls: type[SWorker[Any, Any]], parent_pi
             kind, key, blobs = m.recv_message(recv)
         except (EOFError, OSError):
             return  # the parent closed the pipe or died
-        if kind == m.EXEC:
-            reply = [_run_one(worker, key, blobs[0])]  # type: ignore[index]
-        elif kind == m.BATCH:
-            reply = _run_batch(worker, key, blobs)  # type: ignore[arg-type]
-        else:
+        reply = run_message(worker, kind, key, blobs)
+        if reply is None:
             return
         try:
             m.send_outcomes(send, m.RESULTS, reply)

@@ -1,0 +1,197 @@
+"""Workers as Ray actors: the second transport behind the dispatcher's seam.
+
+Each worker is one Ray actor that hosts the user's ``SWorker`` (spawn once, then ``execute``
+/ ``execute_batch``) with the very functions a local worker process runs
+(``_worker.spawn_worker`` and ``_worker.run_message``). On the parent side the dispatcher
+still talks to a local pipe and watches a local fd, exactly as for a process::
+
+    dispatcher <-- socketpair --> relay thread --actor.run.remote()--> Ray actor (anywhere)
+    dispatcher <-- sentinel fd <-- watch thread (ray.get(actor.watch.remote()) raises when
+                                   the actor dies, busy or idle)
+
+One relay and one watch thread per *worker*, never per task: the relay forwards the one
+message a worker holds at a time. A dead actor therefore looks like a dead process: its
+sentinel fires, its tasks fail with ``WorkerCrashedError`` and the pool respawns it (as a new
+actor) under the same restart budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import weakref
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from . import _messages as m
+from ._worker import run_message, spawn_worker
+
+logger = logging.getLogger("stateful_pool")
+
+
+# Ray's stubs do not know concurrency_groups (a documented actor option).
+@ray.remote(max_restarts=0, concurrency_groups={"work": 1, "watch": 1})  # type: ignore[call-overload]
+class StatefulPoolActor:
+    """Hosts one SWorker. Runs in a Ray worker process."""
+
+    def __init__(self, worker_cls: type) -> None:
+        self._cls = worker_cls
+        self._worker: Any = None
+
+    @ray.method(concurrency_group="work")
+    def spawn(self, payload: bytes) -> tuple[m.Outcome, int, dict[str, Any]]:
+        self._worker, outcome = spawn_worker(self._cls, payload)
+        ctx = ray.get_runtime_context()
+        location = {"host": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+                    "node": ctx.get_node_id(),
+                    "gpu_ids": [int(g) for g in ray.get_gpu_ids()]}
+        return outcome, os.getpid(), location
+
+    @ray.method(concurrency_group="work")
+    def run(self, kind: int, key: Any, blobs: Any) -> list[tuple[int, m.Outcome]] | None:
+        return run_message(self._worker, kind, key, blobs)
+
+    @ray.method(concurrency_group="watch")
+    def watch(self) -> None:
+        """Never returns: the caller's ``ray.get`` raises when this actor dies."""
+        threading.Event().wait()
+
+
+class RayWorkerHandle:
+    """Looks like ``multiprocessing.Process`` to the dispatcher; stands for one actor."""
+
+    def __init__(self, actor: Any, worker_id: int) -> None:
+        self.actor = actor
+        self.pid: int | None = None
+        self.location: dict[str, Any] = {}
+        self.exitcode: int | None = None
+        self.death_cause: str | None = None
+        self._killed = False
+        self._dead = threading.Event()
+        self._sentinel_r, self._sentinel_w = os.pipe()
+        self.sentinel = self._sentinel_r
+        weakref.finalize(self, _close_quietly, self._sentinel_r)
+        self.name = f"stateful_pool-ray-worker-{worker_id}"
+
+    def mark_dead(self, exitcode: int | None, cause: str | None) -> None:
+        """Record the actor's end once; the sentinel fd becomes readable (EOF)."""
+        if self._dead.is_set():
+            return
+        if self._killed:
+            exitcode, cause = -9, None  # we killed it: reads as SIGKILL, like a process
+        self.exitcode, self.death_cause = exitcode, cause
+        self._dead.set()
+        os.close(self._sentinel_w)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._dead.wait(timeout)
+
+    def kill(self) -> None:
+        self._killed = True
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # already gone
+            logger.debug("ray.kill failed for %s", self.name, exc_info=True)
+
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class RayTransport:
+    """Starts workers as Ray actors on the cluster at ``RAY_ADDRESS`` (or a local one)."""
+
+    name = "ray"
+    # Options that go to ``ActorClass.options()`` as they are.
+    ACTOR_OPTIONS = frozenset({"num_cpus", "num_gpus", "resources", "memory", "runtime_env",
+                               "accelerator_type", "name", "namespace", "lifetime",
+                               "scheduling_strategy", "label_selector"})
+
+    def __init__(self) -> None:
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS") or None
+            logger.info("connecting to Ray at %s", address or "a new local instance")
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        unknown = set(options) - self.ACTOR_OPTIONS - {"node_id"}
+        if unknown:
+            raise ValueError(f"unknown Ray worker options {sorted(unknown)}; valid: "
+                             f"{sorted(self.ACTOR_OPTIONS | {'node_id'})}")
+
+    def start(self, worker_cls: type, worker_id: int, options: dict[str, Any]
+              ) -> tuple[Any, RayWorkerHandle]:
+        actor_options = {k: v for k, v in options.items() if k != "node_id"}
+        if options.get("node_id"):
+            actor_options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                node_id=options["node_id"], soft=False)
+        actor = StatefulPoolActor.options(  # type: ignore[attr-defined]
+            **actor_options).remote(worker_cls)
+        handle = RayWorkerHandle(actor, worker_id)
+        from multiprocessing.connection import Connection
+
+        parent_sock, relay_sock = socket.socketpair()
+        parent_conn = Connection(parent_sock.detach())
+        relay_conn = Connection(relay_sock.detach())
+        threading.Thread(target=_relay, args=(relay_conn, handle), daemon=True,
+                         name=f"{handle.name}-relay").start()
+        threading.Thread(target=_watch, args=(handle,), daemon=True,
+                         name=f"{handle.name}-watch").start()
+        return parent_conn, handle
+
+
+def _watch(handle: RayWorkerHandle) -> None:
+    """Notice the actor's death even while it is idle."""
+    try:
+        ray.get(handle.actor.watch.remote())
+    except RayActorError as exc:
+        handle.mark_dead(1, _cause(exc))
+    except Exception as exc:  # Ray itself went away
+        handle.mark_dead(1, f"the Ray actor was lost: {exc!r}")
+
+
+def _relay(conn: Any, handle: RayWorkerHandle) -> None:
+    """Forward the dispatcher's messages to the actor and its answers back."""
+    actor = handle.actor
+    try:
+        _, _, blobs = m.recv_message(conn.recv_bytes)
+        assert blobs is not None
+        outcome, handle.pid, handle.location = ray.get(actor.spawn.remote(blobs[0]))
+        m.send_outcomes(conn.send_bytes, m.SPAWNED, [(None, outcome)])
+        if not outcome[0]:  # spawn() raised: the actor goes, as a worker process would
+            handle.kill()
+            handle.mark_dead(1, "spawn failed")
+            return
+        while True:
+            kind, key, blobs = m.recv_message(conn.recv_bytes)
+            if kind == m.STOP:
+                ray.kill(actor, no_restart=True)
+                handle.mark_dead(0, None)
+                return
+            reply = ray.get(actor.run.remote(kind, key, blobs))
+            m.send_outcomes(conn.send_bytes, m.RESULTS, reply)
+    except (EOFError, OSError):
+        handle.kill()  # the dispatcher closed the pipe: this worker is done with
+        handle.mark_dead(-9, None)
+    except RayActorError as exc:
+        handle.mark_dead(1, _cause(exc))
+    except Exception as exc:
+        logger.exception("relay of %s failed", handle.name)
+        handle.kill()
+        handle.mark_dead(1, f"the relay to the Ray actor failed: {exc!r}")
+    finally:
+        conn.close()
+
+
+def _cause(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"the Ray actor died ({type(exc).__name__}: {first[:200]})"

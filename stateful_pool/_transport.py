@@ -1,0 +1,69 @@
+"""The seam between the dispatcher and wherever workers run.
+
+A transport starts one worker and hands the dispatcher two things:
+
+* a *connection*: a duplex byte pipe with ``send_bytes``, ``recv_bytes``, ``poll``,
+  ``fileno`` and ``close`` (a ``multiprocessing`` connection) that carries the messages of
+  ``_messages.py``;
+* a *handle* shaped like ``multiprocessing.Process``: ``pid``, ``sentinel`` (an fd that becomes
+  readable when the worker is gone), ``exitcode``, ``join(timeout)``, ``kill()``, and
+  optionally ``death_cause`` (a sentence for the crash error) and ``location`` (where it runs).
+
+Dispatch, batching, timeouts and the crash rules live above this seam and do not know which
+transport they talk to. ``ProcessTransport`` (local processes and pipes) is the default;
+``_ray.RayTransport`` runs each worker as a Ray actor.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from ._worker import worker_main
+
+
+class Transport(Protocol):
+    name: str
+
+    def start(self, worker_cls: type, worker_id: int, options: dict[str, Any]
+              ) -> tuple[Connection, Any]:
+        """Start one worker process or actor; it waits for its SPAWN message."""
+        ...
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for per-worker options this transport does not understand."""
+        ...
+
+
+class ProcessTransport:
+    """Workers as local processes of a ``multiprocessing`` context, talking over a pipe."""
+
+    name = "process"
+
+    def __init__(self, mp_context: Any) -> None:
+        self.ctx = mp_context
+        self.location = {"host": socket.gethostname(), "node": None}
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        if options:
+            raise ValueError(
+                f"the process backend takes no per-worker options, got {sorted(options)}; "
+                "they are for backend='ray'")
+
+    def start(self, worker_cls: type, worker_id: int, options: dict[str, Any]
+              ) -> tuple[Connection, Any]:
+        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        try:
+            process = self.ctx.Process(
+                target=worker_main, args=(child_conn, worker_cls, os.getpid()),
+                name=f"stateful_pool-worker-{worker_id}")
+            process.start()
+        except BaseException:
+            parent_conn.close()
+            raise
+        finally:
+            child_conn.close()
+        process.location = self.location
+        return parent_conn, process
