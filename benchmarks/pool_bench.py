@@ -120,10 +120,13 @@ def _rate(n: int, run) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_pool(counts: dict, include_batching: bool) -> dict:
+def bench_pool(counts: dict, include_batching: bool, **pool_kwargs) -> dict:
     """Run every workload on an SPool (ours or 0.3.2, whichever is importable)."""
+    import functools
+
     from stateful_pool import SPool
 
+    SPool = functools.partial(SPool, **pool_kwargs)  # noqa: N806 (backend="ray" for that side)
     classes = _install_worker_classes("__main__")
     out: dict[str, float] = {}
 
@@ -241,6 +244,9 @@ def bench_ppe(counts: dict) -> dict:
 COUNTS = {
     "full": {"latency": 2000, "submit": 20_000, "async": 5000, "util_per_caller": 20,
              "mib": 400, "batch_tasks": 2048, "lone": 100},
+    # Ray's hop costs about 1 ms per call: fewer tasks keep that side to a minute.
+    "ray": {"latency": 300, "submit": 2000, "async": 1000, "util_per_caller": 5,
+            "mib": 100, "batch_tasks": 0, "lone": 0},
     "quick": {"latency": 50, "submit": 500, "async": 200, "util_per_caller": 2,
               "mib": 10, "batch_tasks": 128, "lone": 5},
 }
@@ -269,7 +275,7 @@ def ensure_seed() -> bool:
 
 
 def run_side(impl: str, mode: str) -> dict:
-    path = {"spool": str(ROOT), "seed": str(SEED_DIR), "ppe": str(ROOT)}[impl]
+    path = {"spool": str(ROOT), "seed": str(SEED_DIR), "ppe": str(ROOT), "ray": str(ROOT)}[impl]
     env = dict(os.environ, PYTHONPATH=path)
     result = subprocess.run([sys.executable, __file__, "--side", impl, "--mode", mode],
                             env=env, capture_output=True, text=True, timeout=1800)
@@ -289,6 +295,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny counts (smoke run)")
     parser.add_argument("--no-seed", action="store_true", help="skip stateful-pool 0.3.2")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--ray", action="store_true",
+                        help="add a side with backend='ray' (needs stateful-pool[ray]; starts "
+                             "a local Ray instance unless RAY_ADDRESS is set)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds; the sides alternate within each, medians are reported")
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -297,15 +306,21 @@ def main() -> None:
     mode = "quick" if args.quick else args.mode
 
     if args.side:  # one implementation, in its own interpreter
-        counts = COUNTS[mode]
-        result = bench_ppe(counts) if args.side == "ppe" else bench_pool(
-            counts, include_batching=args.side == "spool")
+        if args.side == "ppe":
+            result = bench_ppe(COUNTS[mode])
+        elif args.side == "ray":
+            result = bench_pool(COUNTS["quick" if mode == "quick" else "ray"],
+                                include_batching=False, backend="ray")
+        else:
+            result = bench_pool(COUNTS[mode], include_batching=args.side == "spool")
         print(json.dumps(result))
         return
 
     sides = ["spool", "ppe"]
     if not args.no_seed and ensure_seed():
         sides.insert(1, "seed")
+    if args.ray:
+        sides.append("ray")
     # The sides alternate round after round and each figure is the median over rounds, so a
     # burst of load from elsewhere on this 2-core machine cannot favour one side.
     rounds: dict[str, list[dict]] = {side: [] for side in sides}
@@ -330,6 +345,16 @@ def main() -> None:
             ratio_s = "-"
         print(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {fmt(ppe.get(key))} | {ratio_s} "
               f"| {target} |")
+
+    if "ray" in results:
+        ray_side = results["ray"]
+        print("\nThe Ray hop: the same workloads with backend='ray' (local Ray instance; fewer "
+              "tasks)\n")
+        print("| workload | process backend | ray backend | ray / process |")
+        print("|---|---:|---:|---:|")
+        for key, label, _, _ in ROWS:
+            print(f"| {label} | {fmt(spool[key])} | {fmt(ray_side[key])} "
+                  f"| {ray_side[key] / spool[key]:.2f}x |")
 
     base = spool["batch1_per_s"]
     print("\nDynamic batching: execute_batch costs 10 ms + 1 ms/item, 2 workers, "
