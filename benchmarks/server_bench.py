@@ -1,0 +1,368 @@
+"""Benchmark of the inference server against its two ceilings (issue 6), in one run.
+
+1. ViT (vit_tiny_patch16_224, CPU, 2 workers, 32 concurrent single-image clients):
+   ``POST /predict`` of ``python -m app`` against the *raw ceiling*: the same worker
+   processes (same worker class, configs, batching) fed by 32 concurrent submitters through
+   ``SPool.async_execute``, no HTTP. Both decode, preprocess and run the model in the workers.
+   Goal: server >= 0.9x raw.
+2. Echo (``WORKER_CLASS=app.examples.echo_worker:EchoWorker``): ``POST /predict`` of the
+   server against a plain FastAPI endpoint that runs the same checks and the same echo
+   in-process, without a pool. Goal: server >= 0.7x plain.
+
+Each server runs in its own process (started like ``make serve``); the load comes from this
+process: asyncio keep-alive connections sending one prebuilt multipart request each, so the
+client costs little of the 2 shared cores. Only 127.0.0.1 is used. Phases alternate
+(baseline, server, baseline, server...) and the table shows medians.
+
+    python benchmarks/server_bench.py                  # both targets, about 3 minutes
+    python benchmarks/server_bench.py --quick          # seconds, to check that it runs
+    python benchmarks/server_bench.py --only vit --model vit_large_patch16_224 --workers 1
+    python benchmarks/server_bench.py --json results/server_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, UploadFile
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ECHO = "app.examples.echo_worker:EchoWorker"
+BOUNDARY = "server-bench-boundary"
+
+
+@dataclass
+class Phase:
+    name: str
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+# ---- the image and the request ------------------------------------------------------------
+
+def sample_jpeg() -> bytes:
+    """A 500x375 photo-like JPEG (smooth gradients, some texture), about ImageNet's size."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:375, 0:500].astype(np.float32)
+    rng = np.random.default_rng(0)
+    channels = [128 + 100 * np.sin(x / 40 + k) * np.cos(y / 55 - k) + rng.normal(0, 12, x.shape)
+                for k in range(3)]
+    pixels = np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def multipart_request(port: int, image: bytes) -> bytes:
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; "
+            f"filename=\"bench.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
+    body += image + f"\r\n--{BOUNDARY}--\r\n".encode()
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+# ---- load: N concurrent loops, counted inside a measurement window ------------------------
+
+async def run_load(name: str, make_call: Callable[[], Awaitable[Callable[[], Awaitable[bool]]]],
+                   clients: int, warmup: float, duration: float) -> Phase:
+    """Each client loops ``call()``; completions inside [warmup, warmup+duration] count."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + warmup
+    end = start + duration
+    latencies: list[float] = []
+    errors = 0
+
+    async def client() -> None:
+        nonlocal errors
+        call = await make_call()
+        while loop.time() < end:
+            t0 = loop.time()
+            ok = await call()
+            t1 = loop.time()
+            if start <= t1 <= end:
+                if ok:
+                    latencies.append(t1 - t0)
+                else:
+                    errors += 1
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    latencies.sort()
+
+    def pick(q: float) -> float:
+        return (latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+                if latencies else float("nan"))
+
+    return Phase(name, len(latencies), duration, errors, pick(0.50), pick(0.99))
+
+
+def http_caller(port: int, image: bytes) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:
+    request = multipart_request(port, image)
+
+    async def connect() -> Callable[[], Awaitable[bool]]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def call() -> bool:
+            writer.write(request)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            return status == 200
+
+        return call
+
+    return connect
+
+
+def pool_caller(pool: Any, item: Any) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:
+    async def connect() -> Callable[[], Awaitable[bool]]:
+        async def call() -> bool:
+            await pool.async_execute(item)
+            return True
+
+        return call
+
+    return connect
+
+
+# ---- servers ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str) -> tuple[int, Any]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+    except OSError:
+        return 0, None
+
+
+class Server:
+    """A server subprocess on a free 127.0.0.1 port; always stopped by ``close``."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.port = free_port()
+        full_env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port)}
+        self.process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_ready(self, path: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()}")
+            status, body = get(self.port, path)
+            if status == 200 and (body is None or body.get("workers_ready", 1) ==
+                                  body.get("workers", 1)):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready within {timeout} s")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def app_server(model: str, workers: int, worker_class: str = "app.worker:ViTWorker") -> Server:
+    return Server(["-m", "app"], {
+        "MODEL_NAME": model, "MODEL_WEIGHTS": "random", "DEVICE": "cpu",
+        "NUM_WORKERS": str(workers), "WORKER_CLASS": worker_class,
+        # No per-request access log line, on both sides of each comparison.
+        "LOG_LEVEL": "warning"})
+
+
+def plain_app() -> Any:
+    """The echo baseline: same upload handling and checks, the echo run in-process."""
+    from app.contract import ImageInput
+    from app.examples.echo_worker import EchoWorker
+    from app.images import inspect_image
+
+    app = FastAPI()
+    worker = EchoWorker()
+
+    @app.post("/predict")
+    async def predict(files: Annotated[list[UploadFile], File()]) -> dict[str, Any]:
+        predictions = []
+        for upload in files:
+            data = await upload.read()
+            header = inspect_image(data, max_pixels=40_000_000, name=upload.filename or "")
+            item = ImageInput(data, header.format, header.width, header.height, 5)
+            predictions.append({"filename": upload.filename, **worker.execute(item)})
+        return {"predictions": predictions}
+
+    return app
+
+
+def serve_plain() -> None:
+    import uvicorn
+
+    uvicorn.run(plain_app(), host="127.0.0.1", port=int(os.environ["PORT"]),
+                log_level="warning", access_log=False)
+
+
+# ---- the two comparisons ------------------------------------------------------------------
+
+def compare_vit(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], list[Phase]]:
+    """Raw ceiling (pool, no HTTP) against /predict, alternating, same worker configs."""
+    from app.contract import ImageInput
+    from app.images import inspect_image
+    from app.main import load_worker_class, plan_workers
+    from app.settings import Settings
+    from stateful_pool import SPool
+
+    settings = Settings(model_name=args.model, model_weights="random", device="cpu",
+                        num_workers=args.workers)
+    header = inspect_image(image, max_pixels=settings.max_image_pixels)
+    item = ImageInput(image, header.format, header.width, header.height, 5)
+    raw_phases, server_phases = [], []
+    for round_ in range(args.rounds):
+        # Only one of the two holds the cores at a time: the pool is shut down before the
+        # server starts, and the other way round.
+        with SPool(load_worker_class(settings.worker_class),
+                   max_batch_size=settings.max_batch_size,
+                   max_batch_wait=settings.max_batch_wait_ms / 1000) as pool:
+            for config in plan_workers(settings):
+                pool.spawn(config)
+            raw_phases.append(asyncio.run(run_load(
+                f"raw pool, round {round_ + 1}", lambda: pool_caller(pool, item)(),
+                args.clients, args.warmup, args.duration)))
+        server = app_server(args.model, args.workers)
+        try:
+            server.wait_ready("/readyz")
+            server_phases.append(asyncio.run(run_load(
+                f"/predict, round {round_ + 1}", http_caller(server.port, image),
+                args.clients, args.warmup, args.duration)))
+        finally:
+            server.close()
+        report_round(raw_phases[-1], server_phases[-1])
+    return raw_phases, server_phases
+
+
+def compare_echo(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], list[Phase]]:
+    plain_phases, server_phases = [], []
+    for round_ in range(args.rounds):
+        plain = Server([str(Path(__file__).resolve()), "--serve-plain"], {})
+        try:
+            plain.wait_ready("/openapi.json")
+            plain_phases.append(asyncio.run(run_load(
+                f"plain FastAPI, round {round_ + 1}", http_caller(plain.port, image),
+                args.clients, args.warmup, args.duration)))
+        finally:
+            plain.close()
+        server = app_server(args.model, args.echo_workers, ECHO)
+        try:
+            server.wait_ready("/readyz")
+            server_phases.append(asyncio.run(run_load(
+                f"/predict echo, round {round_ + 1}", http_caller(server.port, image),
+                args.clients, args.warmup, args.duration)))
+        finally:
+            server.close()
+        report_round(plain_phases[-1], server_phases[-1])
+    return plain_phases, server_phases
+
+
+def report_round(*phases: Phase) -> None:
+    for p in phases:
+        print(f"  {p.name:28s} {p.rate:8.1f}/s  p50 {p.p50_ms:7.1f} ms  p99 {p.p99_ms:7.1f} ms"
+              f"  errors {p.errors}", flush=True)
+
+
+def median_rate(phases: list[Phase]) -> float:
+    return statistics.median(p.rate for p in phases)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve-plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["vit", "echo"])
+    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser.add_argument("--workers", type=int, default=2, help="ViT workers (CPU)")
+    parser.add_argument("--echo-workers", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny phases, to check it runs")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.serve_plain:
+        serve_plain()
+        return
+    if args.quick:
+        args.duration, args.warmup, args.rounds, args.clients = 2.0, 0.5, 1, 8
+
+    image = sample_jpeg()
+    print(f"image: 500x375 JPEG, {len(image)} bytes; {args.clients} clients, "
+          f"{args.duration:g} s per phase after {args.warmup:g} s warm-up, {args.rounds} "
+          f"round(s); cpus: {len(os.sched_getaffinity(0))}", flush=True)
+    rows = []
+    if args.only in (None, "vit"):
+        print(f"ViT: {args.model}, {args.workers} CPU worker(s)", flush=True)
+        raw, served = compare_vit(args, image)
+        rows.append((f"{args.model}, {args.workers} CPU workers, {args.clients} clients",
+                     "raw pool (no HTTP) img/s", median_rate(raw), median_rate(served), 0.9,
+                     raw + served))
+    if args.only in (None, "echo"):
+        print(f"echo: {args.echo_workers} worker(s)", flush=True)
+        plain, served = compare_echo(args, image)
+        rows.append((f"echo worker, {args.clients} clients", "plain FastAPI req/s",
+                     median_rate(plain), median_rate(served), 0.7, plain + served))
+
+    print("\n| target | baseline | baseline /s | /predict /s | ratio | goal |")
+    print("|---|---|---:|---:|---:|---:|")
+    for target, baseline, base_rate, server_rate, goal, _ in rows:
+        print(f"| {target} | {baseline} | {base_rate:.1f} | {server_rate:.1f} | "
+              f"{server_rate / base_rate:.2f} | >= {goal} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([
+            {"target": target, "baseline": baseline, "baseline_rate": base_rate,
+             "server_rate": server_rate, "ratio": server_rate / base_rate, "goal": goal,
+             "phases": [{**asdict(p), "rate": p.rate} for p in phases]}
+            for target, baseline, base_rate, server_rate, goal, phases in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()
