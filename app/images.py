@@ -19,8 +19,9 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 # Magic bytes of the allowed formats: bytes that start like one but that Pillow cannot open
 # are a corrupt image (400), not a foreign format (415).
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-# Above this Pillow raises DecompressionBombError itself; MAX_IMAGE_PIXELS may not exceed it.
-PILLOW_PIXEL_CEILING = 2 * Image.MAX_IMAGE_PIXELS
+# Pillow warns above this and raises at twice it; inspect_image refuses both, so this is the
+# highest MAX_IMAGE_PIXELS that can take effect (about 89.5 M pixels).
+PILLOW_PIXEL_CEILING = Image.MAX_IMAGE_PIXELS
 
 
 class ImageRejected(Exception):
@@ -82,10 +83,19 @@ def looks_like_allowed_format(data: bytes) -> bool:
     return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
+def configure_decoder() -> None:
+    """Make Pillow's DecompressionBombWarning an error in this process.
+
+    Runs in the worker process, once: a process-wide filter, because ``catch_warnings``
+    around each decode would not be thread-safe and workers decode in threads.
+    """
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
 def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode an image fully to RGB (the first frame of an animation).
 
-    Runs in the worker process.
+    Runs in the worker process (after ``configure_decoder``).
 
     Raises:
         InvalidImageError: the image is truncated, corrupt or over the pixel limit.
@@ -93,12 +103,10 @@ def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
     from .contract import InvalidImageError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-                if image.width * image.height > max_pixels:
-                    raise InvalidImageError(f"image over the pixel limit of {max_pixels}")
-                return image.convert("RGB")
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+            if image.width * image.height > max_pixels:
+                raise InvalidImageError(f"image over the pixel limit of {max_pixels}")
+            return image.convert("RGB")
     except InvalidImageError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error...

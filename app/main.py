@@ -157,8 +157,11 @@ class ServerState:
         finally:
             spawning.cancel()
             logger.info("stopping the workers")
-            await asyncio.get_running_loop().run_in_executor(
-                None, partial(self.pool.shutdown, wait=True, timeout=s.shutdown_timeout_s))
+            # uvicorn has drained the HTTP requests by now: a task still queued belongs to a
+            # request that is gone, so it is dropped; running ones may finish, bounded.
+            await asyncio.get_running_loop().run_in_executor(None, partial(
+                self.pool.shutdown, wait=True, cancel_futures=True,
+                timeout=s.shutdown_timeout_s))
             logger.info("workers stopped")
 
     async def _spawn_all(self, pool: SPool[Any, Any]) -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -28,7 +29,7 @@ from pydantic import BaseModel, Field
 from stateful_pool import SWorker
 
 from .contract import ImageInput, InvalidImageError, WorkerConfig
-from .images import decode_rgb
+from .images import configure_decoder, decode_rgb
 from .logs import configure_worker_logging
 
 if TYPE_CHECKING:
@@ -76,6 +77,11 @@ class ViTWorker(SWorker[dict[str, Any], dict[str, Any]]):
             logger.warning("PRECISION=%s is for GPUs; using fp32 on CPU", config.precision)
             self.dtype = torch.float32
 
+        configure_decoder()
+        # Pillow and torchvision release the GIL while decoding and resizing: a batch's
+        # images are prepared in parallel threads, which keeps a GPU fed (one process per GPU).
+        self.prepare_pool = (ThreadPoolExecutor(config.num_threads, "prepare")
+                             if config.num_threads > 1 else None)
         model, weights, weights_source = load_model(config.model_name, config.weights)
         self.model = model.to(self.device, self.dtype).eval()
 
@@ -120,16 +126,17 @@ class ViTWorker(SWorker[dict[str, Any], dict[str, Any]]):
         import torch
 
         results: list[dict[str, Any] | Exception | None] = [None] * len(items)
+        prepared = (list(self.prepare_pool.map(self.prepare, items))
+                    if self.prepare_pool is not None and len(items) > 1
+                    else [self.prepare(item) for item in items])
         tensors: list[torch.Tensor] = []
         decoded: list[int] = []
-        for index, item in enumerate(items):
-            try:
-                image = decode_rgb(item.data, max_pixels=self.config.max_image_pixels)
-            except InvalidImageError as exc:
-                results[index] = exc  # fails this item only, never its batch neighbours
-                continue
-            tensors.append(self.transform(image))
-            decoded.append(index)
+        for index, tensor in enumerate(prepared):
+            if isinstance(tensor, InvalidImageError):
+                results[index] = tensor  # fails this item only, never its batch neighbours
+            else:
+                tensors.append(tensor)
+                decoded.append(index)
         if tensors:
             k = min(self.num_classes, max(items[i].top_k for i in decoded))
             with torch.inference_mode():
@@ -142,6 +149,14 @@ class ViTWorker(SWorker[dict[str, Any], dict[str, Any]]):
                     {"class_id": c, "label": self.labels[c], "probability": p}
                     for c, p in zip(top_i[row][:n], top_p[row][:n], strict=True)]}
         return results  # type: ignore[return-value]  # every slot is filled above
+
+    def prepare(self, item: ImageInput) -> torch.Tensor | InvalidImageError:
+        """Decode and transform one image. Runs in the worker process (maybe in a thread)."""
+        try:
+            image = decode_rgb(item.data, max_pixels=self.config.max_image_pixels)
+        except InvalidImageError as exc:
+            return exc
+        return self.transform(image)  # type: ignore[no-any-return]
 
 
 def load_model(model_name: str, weights: str) -> tuple[torch.nn.Module, str, str]:
