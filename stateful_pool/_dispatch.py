@@ -79,7 +79,7 @@ class Task(Future[Any]):
     place in ``queue_size`` without a done-callback on every task.
     """
 
-    def __init__(self, task_id: int, payload: bytes, deadline: float | None,
+    def __init__(self, task_id: int, payload: m.Payload, deadline: float | None,
                  holds_slot: bool, on_cancel: Callable[[Task], None]) -> None:
         super().__init__()
         self.id = task_id
@@ -134,7 +134,7 @@ class FrameWriter:
         self.idle.set()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def send(self, conn: Connection, kind: int, key: Any, blobs: list[bytes]) -> None:
+    def send(self, conn: Connection, kind: int, key: Any, blobs: list[m.Payload]) -> None:
         self.idle.clear()
         self._jobs.put((conn, kind, key, blobs))
 
@@ -366,7 +366,7 @@ class Dispatcher:
             kind, key = m.BATCH, [t.id for t in tasks]
         else:
             kind, key = m.EXEC, tasks[0].id
-        if any(len(p) > m.INLINE_MAX for p in payloads):
+        if any(m.is_large(p) for p in payloads):
             # A large message takes the pipe's speed to cross (0.5 ms per MiB here): written
             # from this thread, it would hold every other worker's dispatch up meanwhile.
             if slot.writer is None:

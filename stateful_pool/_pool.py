@@ -317,7 +317,7 @@ class SPool(Generic[SpawnR, ExecR]):
 
     # ---- executing --------------------------------------------------------------------------
 
-    def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> m.Payload:
         if self._closed:
             raise PoolClosedError("cannot execute: the pool is shut down")
         if self.batching:
@@ -326,14 +326,14 @@ class SPool(Generic[SpawnR, ExecR]):
                     "with batching on (max_batch_size > 1), execute takes exactly one "
                     f"positional argument, got {len(args)} positional and "
                     f"{len(kwargs)} keyword arguments")
-            payload = m.dumps(args[0], m.PROTOCOL)
+            payload = m.dumps_payload(args[0])
         else:
-            payload = m.dumps((args, kwargs), m.PROTOCOL)
+            payload = m.dumps_payload((args, kwargs))
         if not self._dispatcher.has_live_worker():
             raise NoWorkersError("cannot execute: the pool has no live worker; call spawn() first")
         return payload
 
-    def _enqueue(self, payload: bytes) -> Task:
+    def _enqueue(self, payload: m.Payload) -> Task:
         deadline = (None if self.execution_timeout is None
                     else time.monotonic() + self.execution_timeout)
         task = Task(self._ids(), payload, deadline, self.queue_size is not None,

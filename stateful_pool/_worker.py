@@ -65,7 +65,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 def _run_one(worker: SWorker[Any, Any], task_id: int, payload: bytes) -> tuple[int, m.Outcome]:
     try:
-        args, kwargs = m.loads(payload)
+        args, kwargs = m.loads_payload(payload)
         result = worker.execute(*args, **kwargs)
     except Exception as exc:
         return task_id, m.error_outcome(exc)
@@ -81,7 +81,7 @@ def _run_batch(
     item_ids: list[int] = []
     for task_id, payload in zip(task_ids, payloads, strict=True):
         try:
-            items.append(m.loads(payload))
+            items.append(m.loads_payload(payload))
             item_ids.append(task_id)
         except Exception as exc:
             outcomes[task_id] = m.error_outcome(exc)
@@ -108,14 +108,14 @@ def _run_batch(
     return [(task_id, outcomes[task_id]) for task_id in task_ids]
 
 
-def spawn_worker(worker_cls: type[SWorker[Any, Any]], payload: bytes
+def spawn_worker(worker_cls: type[SWorker[Any, Any]], payload: m.Payload
                  ) -> tuple[SWorker[Any, Any] | None, m.Outcome]:
     """Create the worker and run its ``spawn``; ``None`` and an error outcome if that failed.
 
     Runs in the worker process (or Ray actor).
     """
     try:
-        args, kwargs = m.loads(payload)
+        args, kwargs = m.loads_payload(payload)
         worker = worker_cls()
         spawned = worker.spawn(*args, **kwargs)
     except Exception as exc:

@@ -187,3 +187,21 @@ def test_large_items_in_a_batch_cross_intact(make_pool):
     items = [("echo", bytes([i]) * (100_000 * (i % 2) + 10)) for i in range(6)]
     futures = [pool.submit_execute(item) for item in items]
     assert [f.result(timeout=30)[0] for f in futures] == [value for _, value in items]
+
+
+def test_large_bytes_nested_in_arguments_arrive_intact(make_pool):
+    # Large bytes travel out of band (see _messages.dumps_payload); structure and types of
+    # everything around them must come through unchanged.
+    from workers import Pair
+
+    pool = make_pool(Echo)
+    pool.spawn()
+    big = [bytes([i]) * 200_000 for i in range(3)]
+    arg = {"images": [big[0], big[1]], "meta": ("x", big[2]), "pair": Pair(big[0], 1),
+           "mutable": bytearray(big[1])}
+    out, kwargs = pool.execute(arg, extra=big[2])
+    assert out["images"] == [big[0], big[1]] and type(out["images"]) is list
+    assert out["meta"] == ("x", big[2]) and type(out["meta"]) is tuple
+    assert out["pair"] == Pair(big[0], 1) and type(out["pair"]).__name__ == "Pair"
+    assert out["mutable"] == bytearray(big[1]) and type(out["mutable"]) is bytearray
+    assert kwargs == {"extra": big[2]}

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections import namedtuple
 import signal
 import threading
 import time
 
 from stateful_pool import SWorker
+
+Pair = namedtuple("Pair", "a b")
 
 
 class Echo(SWorker):
