@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections import namedtuple
 import signal
 import threading
 import time
+from collections import namedtuple
 
 from stateful_pool import SWorker
 
