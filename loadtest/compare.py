@@ -1,8 +1,10 @@
 """``python -m loadtest.compare``: the seed's benchmark, rerun on this machine.
 
-For each server: start it on a free 127.0.0.1 port, wait until every worker is ready, warm
-it up, run locust headless once per (images per request, repeat), stop it. Then write, in
-one folder::
+Start every server on a free 127.0.0.1 port, wait until all its workers are ready, warm it
+up; then run locust headless once per (repeat, images per request, server), the servers
+taking turns so that load from elsewhere on the machine spreads over all of them
+(``--sequential``: one server at a time, for GPUs that cannot hold every server's model).
+Stop every server (SIGTERM, then SIGKILL past a deadline). Then write, in one folder::
 
     raw/                 locust's JSON, CSV and log of every run; each server's log
     summary.json         configuration, machine, code size, every run, mean/std per setting
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .images import folder_images, generated_images, request_bodies
+from .images import Upload, folder_images, generated_images, request_bodies
 from .servers import ROOT, ServerError, ServerProcess, server_specs
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -82,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     knobs.add_argument("--max-batch-size", type=int, help="spool-batch's MAX_BATCH_SIZE")
     knobs.add_argument("--max-batch-wait-ms", type=float, help="spool-batch's MAX_BATCH_WAIT_MS")
     knobs.add_argument("--ready-timeout", type=float, help="seconds to wait for every worker")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run one server at a time (all of one server's runs, then the "
+                        "next) instead of keeping every server up and interleaving the runs; "
+                        "for GPUs without memory for every server's model at once")
     parser.add_argument("--image-dir", default="", help="post these images, not generated ones")
     parser.add_argument("--image-size", default="320x240", help="WxH of generated images")
     parser.add_argument("--output", type=Path,
@@ -190,12 +196,84 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+class Session:
+    """The servers of one comparison, the runs made so far, and what is known of each server
+    (``info``: the summary's ``servers`` entries, filled in as they start, run and stop)."""
+
+    def __init__(self, args: argparse.Namespace, env: dict[str, str], uploads: list[Upload],
+                 info: dict[str, dict[str, Any]], raw: Path) -> None:
+        self.args, self.env, self.uploads, self.info, self.raw = args, env, uploads, info, raw
+        self.specs = server_specs(args.max_batch_size, args.max_batch_wait_ms)
+        self.up: dict[str, ServerProcess] = {}
+        self.runs: list[report.RunResult] = []
+        self.total = len(args.servers) * len(args.images_per_request) * args.repeats
+        self.started = time.monotonic()
+
+    def bring_up(self, name: str) -> bool:
+        """Start a server, wait for all its workers, warm it up; False (and noted) on error."""
+        info = self.info[name]
+        server = ServerProcess(self.specs[name], self.env, self.raw / f"{name}.server.log")
+        self.up[name] = server
+        try:
+            began = time.monotonic()
+            server.start()
+            readiness = server.wait_ready(self.args.ready_timeout)
+            info["ready_after_s"] = round(time.monotonic() - began, 1)
+            info["workers"] = workers = int(readiness.get("workers") or 1)
+            for ipr in self.args.images_per_request:
+                server.warm_up(request_bodies(self.uploads, ipr, variants=4 * workers),
+                               expected=ipr, concurrency=2 * workers)
+        except ServerError as exc:
+            self.fail(name, exc)
+            return False
+        print(f"  {name}: ready with {workers} worker(s) in {info['ready_after_s']} s",
+              flush=True)
+        return True
+
+    def measure(self, name: str, ipr: int, repeat: int) -> None:
+        """One locust run against a running server, with its progress line."""
+        prefix = self.raw / f"{name}_ipr{ipr}_r{repeat}"
+        try:
+            stats, errors = run_locust(self.up[name].url, ipr, self.args, prefix)
+        except ServerError as exc:
+            self.fail(name, exc)
+            return
+        run = report.run_result(
+            stats, errors, server=name, images_per_request=ipr, repeat=repeat,
+            planned_duration_s=self.args.duration, load_average_1m=os.getloadavg()[0])
+        self.runs.append(run)
+        print(f"[{len(self.runs)}/{self.total}] {name} {ipr} img/req repeat {repeat}: "
+              f"{run.images_per_s:.1f} img/s, {run.requests_per_s:.1f} req/s, "
+              f"p50 {run.latency_p50_ms:.0f} ms, p99 {run.latency_p99_ms:.0f} ms, "
+              f"{run.failures}/{run.requests} failed "
+              f"({time.monotonic() - self.started:.0f} s elapsed)", flush=True)
+        if run.top_error:
+            print(f"    most frequent failure: {run.top_error}", flush=True)
+
+    def fail(self, name: str, exc: ServerError) -> None:
+        """Note the error and stop the server: its remaining runs are skipped."""
+        self.info[name].setdefault("error", str(exc).splitlines()[0])
+        print(f"  {name}: ERROR {exc}", flush=True)
+        self.shut_down(name)
+
+    def shut_down(self, name: str) -> None:
+        server = self.up.pop(name, None)
+        if server is None:
+            return
+        returncode, leftovers = server.stop()
+        self.info[name]["exit_code"] = returncode
+        if leftovers:
+            self.info[name]["killed_leftover_pids"] = leftovers
+            print(f"  {name}: killed {len(leftovers)} process(es) left after its exit",
+                  flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raw = args.output / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     specs = server_specs(args.max_batch_size, args.max_batch_wait_ms)
-    uploads = (folder_images(args.image_dir) if args.image_dir else generated_images(
+    uploads: list[Upload] = (folder_images(args.image_dir) if args.image_dir else generated_images(
         16, tuple(int(v) for v in args.image_size.split("x"))))  # type: ignore[arg-type]
     env = server_env(args, max(len(u.data) for u in uploads))
     total_runs = len(args.servers) * len(args.images_per_request) * args.repeats
@@ -210,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": args.precision, "users": args.users, "duration_s": args.duration,
             "repeats": args.repeats, "images_per_request": args.images_per_request,
             "max_batch_size": args.max_batch_size, "max_batch_wait_ms": args.max_batch_wait_ms,
+            "schedule": "sequential" if args.sequential else "interleaved",
             "image_source": args.image_dir or f"generated JPEG {args.image_size}",
             "server_env": env,
         },
@@ -227,52 +306,34 @@ def main(argv: list[str] | None = None) -> int:
                                              for f in specs[name].code_files)}
                     for name in args.servers},
     }
-    runs: list[report.RunResult] = []
-    done = 0
-    started = time.monotonic()
-    for name in args.servers:
-        spec, info = specs[name], summary["servers"][name]
-        server = ServerProcess(spec, env, raw / f"{name}.server.log")
-        try:
-            began = time.monotonic()
-            server.start()
-            readiness = server.wait_ready(args.ready_timeout)
-            info["ready_after_s"] = round(time.monotonic() - began, 1)
-            info["workers"] = readiness.get("workers")
-            for ipr in args.images_per_request:
-                server.warm_up(request_bodies(uploads, ipr, variants=4 * info["workers"]),
-                               expected=ipr, concurrency=2 * info["workers"])
-            print(f"  {name}: ready with {info['workers']} worker(s) in "
-                  f"{info['ready_after_s']} s", flush=True)
-            for ipr in args.images_per_request:
-                for repeat in range(1, args.repeats + 1):
-                    prefix = raw / f"{name}_ipr{ipr}_r{repeat}"
-                    stats, errors = run_locust(server.url, ipr, args, prefix)
-                    run = report.run_result(
-                        stats, errors, server=name, images_per_request=ipr, repeat=repeat,
-                        planned_duration_s=args.duration, load_average_1m=os.getloadavg()[0])
-                    runs.append(run)
-                    done += 1
-                    print(f"[{done}/{total_runs}] {name} {ipr} img/req repeat {repeat}: "
-                          f"{run.images_per_s:.1f} img/s, {run.requests_per_s:.1f} req/s, "
-                          f"p50 {run.latency_p50_ms:.0f} ms, p99 {run.latency_p99_ms:.0f} ms, "
-                          f"{run.failures}/{run.requests} failed "
-                          f"({time.monotonic() - started:.0f} s elapsed)", flush=True)
-                    if run.top_error:
-                        print(f"    most frequent failure: {run.top_error}", flush=True)
-        except ServerError as exc:
-            info["error"] = str(exc).splitlines()[0]
-            print(f"  {name}: ERROR {exc}", flush=True)
-        finally:
-            returncode, leftovers = server.stop()
-            info["exit_code"] = returncode
-            if leftovers:
-                info["killed_leftover_pids"] = leftovers
-                print(f"  {name}: killed {len(leftovers)} process(es) left after its exit",
-                      flush=True)
+    session = Session(args, env, uploads, summary["servers"], raw)
+    try:
+        if args.sequential:
+            for name in args.servers:
+                if session.bring_up(name):
+                    for ipr in args.images_per_request:
+                        for repeat in range(1, args.repeats + 1):
+                            session.measure(name, ipr, repeat)
+                session.shut_down(name)
+        else:
+            for name in args.servers:
+                session.bring_up(name)
+            for repeat in range(1, args.repeats + 1):
+                # Each repeat is one round over every server, in a rotated order: a burst of
+                # load from elsewhere on the machine then hits every server about equally.
+                shift = (repeat - 1) % len(args.servers)
+                order = args.servers[shift:] + args.servers[:shift]
+                for ipr in args.images_per_request:
+                    for name in order:
+                        if name in session.up:
+                            session.measure(name, ipr, repeat)
+    finally:
+        for name in list(session.up):
+            session.shut_down(name)
+    runs = session.runs
 
     summary["environment"]["load_average_after"] = load_average()
-    summary["environment"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    summary["environment"]["elapsed_s"] = round(time.monotonic() - session.started, 1)
     aggregates = report.aggregate(runs)
     summary["runs"] = [asdict(r) for r in runs]
     summary["aggregates"] = [asdict(a) for a in aggregates]
@@ -287,12 +348,12 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.users} users ({summary['environment']['date']})")
     print(table, flush=True)
     failed = sum(r.failures for r in runs)
-    errors = [n for n in args.servers if summary["servers"][n].get("error")]
+    broken = [n for n in args.servers if summary["servers"][n].get("error")]
     silent = [n for n in args.servers if not any(r.server == n and r.requests for r in runs)]
     print(f"loadtest: {len(runs)} runs in {summary['environment']['elapsed_s']:.0f} s, "
-          f"{failed} failed request(s), servers in error: {errors or 'none'}; "
+          f"{failed} failed request(s), servers in error: {broken or 'none'}; "
           f"wrote {args.output}", flush=True)
-    return 1 if failed or errors or silent else 0
+    return 1 if failed or broken or silent else 0
 
 
 if __name__ == "__main__":
