@@ -221,7 +221,7 @@ def ok_outcome(result: object) -> Outcome:
     Runs in the worker process.
     """
     try:
-        return (True, type_name(result), dumps(result, PROTOCOL))
+        return (True, type_name(result), dumps_payload(result))
     except Exception as exc:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return (False, (type_name(result), f"result could not be pickled: {_safe_str(exc)}",
@@ -258,7 +258,7 @@ def rebuild_outcome(outcome: Outcome) -> tuple[bool, Any]:
     if outcome[0]:
         _, name, data = outcome
         try:
-            return True, loads(data)
+            return True, loads_payload(data)
         except Exception as exc:
             message = f"result could not be rebuilt in the parent: {exc!r}"
             return False, RemoteError(f"{name}: {message}", type_name=name,

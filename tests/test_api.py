@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import threading
 from concurrent.futures import Future
 
@@ -205,3 +206,9 @@ def test_large_bytes_nested_in_arguments_arrive_intact(make_pool):
     assert out["pair"] == Pair(big[0], 1) and type(out["pair"]).__name__ == "Pair"
     assert out["mutable"] == bytearray(big[1]) and type(out["mutable"]) is bytearray
     assert kwargs == {"extra": big[2]}
+
+
+def test_large_bytes_results_arrive_intact(pool):
+    blob = os.urandom(300_000)
+    assert pool.execute("echo", {"a": blob, "b": [blob, b"small"]}) == {"a": blob,
+                                                                       "b": [blob, b"small"]}
