@@ -47,13 +47,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # plus 4 server starts.
     "cpu": dict(model="vit_tiny_patch16_224", weights="random", device="cpu", workers=2,
                 precision="fp32", users=32, duration=15, repeats=3, images_per_request=[1, 4],
-                max_batch_size=16, max_batch_wait_ms=0.0, ready_timeout=180),
+                max_batch_size=16, max_batch_wait_ms=0.0, ready_timeout=180,
+                raw_batch_sizes=[1, 8, 16]),
     # The seed's benchmark: ViT-L/16, one worker per GPU, 100 users, 5 repeats. Random
     # weights: throughput does not depend on them, and no download is needed.
     "gpu": dict(model="vit_large_patch16_224", weights="random", device="cuda", workers=0,
                 precision="fp32", users=100, duration=60, repeats=5,
                 images_per_request=[1, 4, 8, 16, 32], max_batch_size=32,
-                max_batch_wait_ms=0.0, ready_timeout=600),
+                max_batch_wait_ms=0.0, ready_timeout=600, raw_batch_sizes=[1, 8, 32, 64, 128]),
 }
 
 
@@ -84,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     knobs.add_argument("--max-batch-size", type=int, help="spool-batch's MAX_BATCH_SIZE")
     knobs.add_argument("--max-batch-wait-ms", type=float, help="spool-batch's MAX_BATCH_WAIT_MS")
     knobs.add_argument("--ready-timeout", type=float, help="seconds to wait for every worker")
+    knobs.add_argument("--raw-batch-sizes", type=int_list,
+                       help="batch sizes at which to time the bare model (the ceiling row)")
+    parser.add_argument("--raw-model", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the bare model's forward pass first (no HTTP, no decoding)")
+    parser.add_argument("--raw-seconds", type=float, default=3.0,
+                        help="seconds of forward passes per raw batch size")
     parser.add_argument("--sequential", action="store_true",
                         help="run one server at a time (all of one server's runs, then the "
                         "next) instead of keeping every server up and interleaving the runs; "
@@ -170,6 +177,30 @@ def run_locust(url: str, ipr: int, args: argparse.Namespace,
     errors_path = prefix.parent / f"{prefix.name}_errors.json"
     errors = json.loads(errors_path.read_text()) if errors_path.exists() else {}
     return json.loads(json_path.read_text()), errors
+
+
+def measure_raw_model(args: argparse.Namespace, output: Path) -> dict[str, Any]:
+    """The bare model's best throughput, in a subprocess (torch and CUDA die with it)."""
+    command = [sys.executable, "-m", "loadtest.raw_model", "--model", args.model,
+               "--device", args.device, "--precision", args.precision,
+               "--batch-sizes", ",".join(map(str, args.raw_batch_sizes)),
+               "--seconds", str(args.raw_seconds), "--output", str(output)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    with output.with_suffix(".log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            returncode = process.wait(timeout=args.ready_timeout + 10 * len(args.raw_batch_sizes))
+        except BaseException:  # a time-out or Ctrl-C: take it down with us
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+            raise
+    if returncode != 0:
+        tail = output.with_suffix(".log").read_text(errors="replace")[-500:]
+        return {"error": f"exited with {returncode}: {tail}"}
+    return json.loads(output.read_text())  # type: ignore[no-any-return]
 
 
 def git_commit() -> str:
@@ -289,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats, "images_per_request": args.images_per_request,
             "max_batch_size": args.max_batch_size, "max_batch_wait_ms": args.max_batch_wait_ms,
             "schedule": "sequential" if args.sequential else "interleaved",
+            "raw_batch_sizes": args.raw_batch_sizes if args.raw_model else None,
             "image_source": args.image_dir or f"generated JPEG {args.image_size}",
             "server_env": env,
         },
@@ -306,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
                                              for f in specs[name].code_files)}
                     for name in args.servers},
     }
+    if args.raw_model:
+        try:
+            summary["raw_model"] = measure_raw_model(args, raw / "raw_model.json")
+        except subprocess.TimeoutExpired:
+            summary["raw_model"] = {"error": "timed out"}
+        rm = summary["raw_model"]
+        print(f"  raw model: {rm.get('best_images_per_s')} img/s at batch "
+              f"{rm.get('best_batch_size')} ({rm.get('scope') or rm.get('error')})", flush=True)
     session = Session(args, env, uploads, summary["servers"], raw)
     try:
         if args.sequential:
@@ -337,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     aggregates = report.aggregate(runs)
     summary["runs"] = [asdict(r) for r in runs]
     summary["aggregates"] = [asdict(a) for a in aggregates]
-    summary["verdicts"] = report.verdicts(aggregates)
+    summary["verdicts"] = report.verdicts(aggregates, summary.get("raw_model"),
+                                          gpu=args.device != "cpu")
     report.write_json(args.output / "summary.json", summary)
     report.write_csv(args.output / "summary.csv", aggregates, report.Aggregate)
     report.write_csv(args.output / "runs.csv", runs, report.RunResult)

@@ -75,11 +75,16 @@ def test_verdict_needs_both_more_throughput_and_a_lower_p99():
         return report.Aggregate(server, 1, 3, 100, 0, images_per_s, 0, 0, 0, 0, 0, 0, 0,
                                 p99, 0)
 
-    lines = report.verdicts([agg("simple", 40, 900), agg("mp", 50, 800),
-                             agg("spool", 55, 850), agg("spool-batch", 70, 500)])
-    assert lines[0].startswith("1 image(s)/request: spool vs mp")  # mp: the better baseline
-    assert lines[0].endswith("target NOT met")  # faster, but its p99 is higher
-    assert lines[1].endswith("target met")
+    aggregates = [agg("simple", 40, 900), agg("mp", 50, 800), agg("spool", 55, 850),
+                  agg("spool-batch", 160, 500)]
+    lines = report.verdicts(aggregates)
+    assert lines[0].startswith("1 image(s)/request, spool: vs mp")  # the better baseline
+    assert lines[0].endswith("cpu target NOT met")  # faster, but its p99 is higher
+    assert lines[1].endswith("cpu target met")
+    gpu = report.verdicts(aggregates, {"best_images_per_s": 250}, gpu=True)
+    assert gpu[1] == ("1 image(s)/request, spool-batch: vs mp (the better baseline): images/s "
+                      "x3.20, p99 x0.62; gpu target (>= x3) met; x0.64 of the bare model; "
+                      "gpu target (>= x0.8) NOT met")
 
 
 def test_code_lines_skip_docstrings_comments_and_blank_lines(tmp_path):
@@ -186,7 +191,8 @@ def test_compare_runs_every_server_without_a_failed_request(tmp_path, capsys):
     code = compare.main([
         "--servers", ",".join(ALL_SERVERS), "--users", "4", "--duration", "3",
         "--repeats", "1", "--images-per-request", "2", "--image-size", "96x64",
-        "--ready-timeout", "60", "--output", str(out)])
+        "--ready-timeout", "60", "--raw-batch-sizes", "1,2", "--raw-seconds", "0.5",
+        "--output", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
 
@@ -204,8 +210,10 @@ def test_compare_runs_every_server_without_a_failed_request(tmp_path, capsys):
         assert (out / "raw" / f"{name}.server.log").is_file()
         assert f"[{ALL_SERVERS.index(name) + 1}/5] {name} 2 img/req" in printed
     assert len(summary["aggregates"]) == len(ALL_SERVERS)
+    assert summary["raw_model"]["best_images_per_s"] > 0, summary["raw_model"]
     for name in ("summary.csv", "runs.csv"):
         assert len((out / name).read_text().splitlines()) == 1 + len(ALL_SERVERS)
     table = (out / "results.md").read_text()
     assert all(f"| {name} | 2 |" in table for name in ALL_SERVERS)
+    assert "Bare model (forward pass only" in table
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

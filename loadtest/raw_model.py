@@ -1,0 +1,91 @@
+"""The model's own throughput: forward passes on ready-made tensors, nothing else.
+
+No HTTP, no decoding, no resizing, no pool: the ceiling the servers are measured against
+(issue 4's GPU target is "spool with batching at >= 0.8x the raw model throughput at the
+same precision"). The model is built by ``app.worker.ViTWorker.spawn``, so weights, device,
+precision and thread count are set up exactly as in a server worker.
+
+Run as a subprocess, so torch's threads and CUDA context die with it::
+
+    python -m loadtest.raw_model --model vit_tiny_patch16_224 --device cpu \\
+        --batch-sizes 1,8,16 --seconds 3 --output raw_model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from app.contract import WorkerConfig
+from app.settings import available_cpus
+from app.worker import ViTWorker
+
+
+def images_per_second(worker: ViTWorker, batch_size: int, seconds: float) -> float:
+    """Forward passes of one batch shape for about ``seconds``, after two warm-up passes."""
+    import torch
+
+    size = worker.model.pretrained_cfg.get("input_size", (3, 224, 224))
+    batch = torch.randn(batch_size, *size).to(worker.device, worker.dtype)
+    sync = (torch.cuda.synchronize if worker.device.type == "cuda" else lambda: None)
+    with torch.inference_mode():
+        for _ in range(2):
+            worker.model(batch)
+        sync()
+        began, done = time.perf_counter(), 0
+        while time.perf_counter() - began < seconds:
+            worker.model(batch)
+            done += batch_size
+            if worker.device.type == "cuda" and done % (batch_size * 8) == 0:
+                sync()  # keep the queue of launched kernels short so the clock stays honest
+        sync()
+        return done / (time.perf_counter() - began)
+
+
+def measure(model: str, device: str, precision: str, batch_sizes: list[int],
+            seconds: float) -> dict[str, Any]:
+    import torch
+
+    if device in ("cuda", "auto") and torch.cuda.is_available():
+        device, replicas, threads = "cuda:0", torch.cuda.device_count(), 1
+        scope = f"one GPU, times {replicas} GPU(s)"
+    else:
+        device, replicas, threads = "cpu", 1, available_cpus()
+        scope = f"one process using all {threads} CPU thread(s)"
+    worker = ViTWorker()
+    info = worker.spawn(WorkerConfig(worker_index=0, model_name=model, weights="random",
+                                     device=device, precision=precision, num_threads=threads,
+                                     max_image_pixels=1, log_level="warning"))
+    rates = {size: images_per_second(worker, size, seconds) for size in batch_sizes}
+    best = max(rates, key=rates.__getitem__)
+    return {
+        "model": model, "device_name": info["device_name"], "precision": info["precision"],
+        "scope": scope, "images_per_s_by_batch": {str(k): round(v, 2) for k, v in rates.items()},
+        "best_batch_size": best, "best_images_per_s": round(rates[best] * replicas, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.raw_model", description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: never look for a download
+    result = measure(args.model, args.device, args.precision,
+                     [int(v) for v in args.batch_sizes.split(",")], args.seconds)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
