@@ -184,7 +184,8 @@ def measure_raw_model(args: argparse.Namespace, output: Path) -> dict[str, Any]:
     command = [sys.executable, "-m", "loadtest.raw_model", "--model", args.model,
                "--device", args.device, "--precision", args.precision,
                "--batch-sizes", ",".join(map(str, args.raw_batch_sizes)),
-               "--seconds", str(args.raw_seconds), "--output", str(output)]
+               "--seconds", str(args.raw_seconds), "--workers", str(args.workers or 0),
+               "--output", str(output)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     with output.with_suffix(".log").open("wb") as log:

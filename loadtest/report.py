@@ -260,7 +260,7 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
                           for k, v in raw_model["images_per_s_by_batch"].items())
         out += ["", f"Bare model (forward pass only, no HTTP or decoding; {raw_model['scope']}, "
                 f"{raw_model['precision']}): **{raw_model['best_images_per_s']:g} images/s** at "
-                f"batch {raw_model['best_batch_size']} ({rates} images/s)."]
+                f"batch {raw_model['best_batch_size']} (one worker: {rates} images/s)."]
     elif raw_model.get("error"):
         out += ["", f"Bare model timing failed: {raw_model['error'][:300]}"]
     checks = verdicts(aggregates, raw_model, gpu=config["device"] != "cpu")
