@@ -81,8 +81,8 @@ def available_cpus() -> int:
 def cpu_workers(cpus: int) -> int:
     """Default number of CPU workers.
 
-    One worker using every core: on the 2-core reference machine one 2-thread worker and two
-    1-thread workers served ViT-L/16 at the same rate (docs/SERVER.md, "CPU worker count"),
-    and one worker holds one copy of the model instead of two.
+    One worker using every core. Measured on the 2-core reference machine (ViT-L/16, fp32,
+    batch 8): one 2-thread process 1.01 img/s, two 1-thread processes 0.86 img/s together
+    (docs/SERVER.md, "CPU worker count"); and one worker holds one copy of the model.
     """
     return 1
