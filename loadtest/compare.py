@@ -137,11 +137,12 @@ def server_env(args: argparse.Namespace, largest_upload: int) -> dict[str, str]:
 
 
 def run_locust(url: str, ipr: int, args: argparse.Namespace,
-               prefix: Path) -> tuple[list[Any], dict[str, int]]:
+               prefix: Path) -> tuple[list[Any], dict[str, Any]]:
     """One headless locust run in its own process group.
 
     Returns:
-        ``(stats, errors)``: locust's JSON stats entries, and ``{error: occurrences}``.
+        ``(stats, run_info)``: locust's JSON stats entries, and the locustfile's
+        ``{"stopped_at": ..., "errors": {error: occurrences}}``.
     """
     # A bound on requests too, for a server that fails fast: 100 requests/s per user is far
     # above what any model server here answers.
@@ -152,7 +153,7 @@ def run_locust(url: str, ipr: int, args: argparse.Namespace,
         "--host", url, "--reset-stats", "--only-summary", "--loglevel", "WARNING",
         "--json-file", str(prefix), "--csv", str(prefix),
         "--images-per-request", str(ipr), "--image-size", args.image_size,
-        "--max-requests", str(max_requests), "--errors-file", f"{prefix}_errors.json",
+        "--max-requests", str(max_requests), "--run-info", f"{prefix}_info.json",
     ]
     if args.image_dir:
         command += ["--image-dir", str(args.image_dir)]
@@ -174,9 +175,9 @@ def run_locust(url: str, ipr: int, args: argparse.Namespace,
     if returncode not in (0, 1) or not json_path.exists():
         tail = prefix.with_suffix(".log").read_text(errors="replace")[-1500:]
         raise ServerError(f"locust exited with {returncode}:\n{tail}")
-    errors_path = prefix.parent / f"{prefix.name}_errors.json"
-    errors = json.loads(errors_path.read_text()) if errors_path.exists() else {}
-    return json.loads(json_path.read_text()), errors
+    info_path = prefix.parent / f"{prefix.name}_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    return json.loads(json_path.read_text()), info
 
 
 def measure_raw_model(args: argparse.Namespace, output: Path) -> dict[str, Any]:
@@ -266,12 +267,12 @@ class Session:
         """One locust run against a running server, with its progress line."""
         prefix = self.raw / f"{name}_ipr{ipr}_r{repeat}"
         try:
-            stats, errors = run_locust(self.up[name].url, ipr, self.args, prefix)
+            stats, run_info = run_locust(self.up[name].url, ipr, self.args, prefix)
         except ServerError as exc:
             self.fail(name, exc)
             return
         run = report.run_result(
-            stats, errors, server=name, images_per_request=ipr, repeat=repeat,
+            stats, run_info, server=name, images_per_request=ipr, repeat=repeat,
             planned_duration_s=self.args.duration, load_average_1m=os.getloadavg()[0])
         self.runs.append(run)
         print(f"[{len(self.runs)}/{self.total}] {name} {ipr} img/req repeat {repeat}: "
@@ -385,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     report.write_csv(args.output / "runs.csv", runs, report.RunResult)
     table = report.markdown(summary, aggregates, runs)
     (args.output / "results.md").write_text(table)
-    report.chart(args.output / "chart.png", aggregates,
-                 f"{args.model} on {args.device}, {args.workers or 'one per GPU'} worker(s), "
-                 f"{args.users} users ({summary['environment']['date']})")
+    if not report.chart(args.output / "chart.png", aggregates, report.chart_title(summary)):
+        print("  chart.png skipped: matplotlib is not installed (draw it later with "
+              f"`python -m loadtest.report {args.output}`)", flush=True)
     print(table, flush=True)
     failed = sum(r.failures for r in runs)
     broken = [n for n in args.servers if summary["servers"][n].get("error")]

@@ -13,8 +13,9 @@ Options (each also read from the environment variable in brackets):
 * ``--image-size WxH`` (``LOADTEST_IMAGE_SIZE``, default 320x240): size of generated images
 * ``--max-requests N`` (``LOADTEST_MAX_REQUESTS``, default 0 = no limit): stop the whole run
   after N requests, a bound on top of ``-t``
-* ``--errors-file PATH`` (``LOADTEST_ERRORS_FILE``): on exit, write ``{error: occurrences}``
-  as JSON (locust's own ``_failures.csv`` can be written before the last stats arrive)
+* ``--run-info PATH`` (``LOADTEST_RUN_INFO``): on exit, write JSON ``{"stopped_at": unix
+  time the load stopped, "errors": {error: occurrences}}`` (locust's JSON has neither, and
+  its ``_failures.csv`` can be written before the last stats arrive)
 
 A request counts as a failure unless the status is 200 and the body holds exactly one
 prediction object per image sent. Users wait for nothing between requests (closed loop):
@@ -27,6 +28,7 @@ import itertools
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import gevent
@@ -39,6 +41,7 @@ from loadtest.images import folder_images, generated_images, request_bodies  # n
 
 _bodies: list[tuple[bytes, str]] = []
 _sent = itertools.count(1)
+_stopped_at: list[float] = []
 
 
 @events.init_command_line_parser.add_listener
@@ -51,8 +54,8 @@ def add_options(parser) -> None:  # type: ignore[no-untyped-def]
                         help="WxH of the generated images")
     parser.add_argument("--max-requests", type=int, default=0, env_var="LOADTEST_MAX_REQUESTS",
                         help="stop the run after this many requests (0: no limit)")
-    parser.add_argument("--errors-file", default="", env_var="LOADTEST_ERRORS_FILE",
-                        help="write the failures seen, as JSON, to this file on exit")
+    parser.add_argument("--run-info", default="", env_var="LOADTEST_RUN_INFO",
+                        help="write the stop time and the failures seen, as JSON, on exit")
 
 
 @events.test_start.add_listener
@@ -67,12 +70,18 @@ def build_bodies(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def
     _bodies[:] = request_bodies(uploads, options.images_per_request)
 
 
+@events.test_stop.add_listener
+def note_stop_time(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
+    _stopped_at.append(time.time())
+
+
 @events.quitting.add_listener
-def write_errors(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
-    path = environment.parsed_options.errors_file
+def write_run_info(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def]
+    path = environment.parsed_options.run_info
     if path:
         errors = {e.to_name(): e.occurrences for e in environment.stats.errors.values()}
-        Path(path).write_text(json.dumps(errors, indent=2))
+        stopped_at = _stopped_at[0] if _stopped_at else time.time()
+        Path(path).write_text(json.dumps({"stopped_at": stopped_at, "errors": errors}, indent=2))
 
 
 class ImageClient(FastHttpUser):

@@ -1,5 +1,10 @@
 """From locust's JSON to the results: per-run figures, mean and spread over repeats, the
-Markdown table, the chart, and the code size of each server."""
+Markdown table, the chart, and the code size of each server.
+
+``python -m loadtest.report RESULTS_DIR`` redraws ``results.md`` and ``chart.png`` from that
+folder's ``summary.json``: for results made on a machine without matplotlib (the GPU
+machines here have none).
+"""
 
 from __future__ import annotations
 
@@ -79,21 +84,23 @@ def percentile(histogram: dict[Any, int], fraction: float) -> float:
     return counts[-1][0]
 
 
-def run_result(stats: list[dict[str, Any]], errors: dict[str, int], *, server: str,
+def run_result(stats: list[dict[str, Any]], run_info: dict[str, Any], *, server: str,
                images_per_request: int, repeat: int, planned_duration_s: float,
                load_average_1m: float, name: str = "/predict") -> RunResult:
     """Summarise one run from locust's ``--json-file`` output (a list of stats entries) and
-    the locustfile's ``{error: occurrences}``."""
+    the locustfile's ``--run-info`` (``stopped_at``, ``errors``)."""
+    errors: dict[str, int] = run_info.get("errors") or {}
     top_error = max(errors, key=errors.__getitem__, default="")
     entry = next((e for e in stats if e.get("name") == name), None)
     if entry is None or not entry["num_requests"]:
         return RunResult(server, images_per_request, repeat, 0, 0, planned_duration_s, 0.0, 0.0,
                          math.nan, math.nan, math.nan, math.nan, load_average_1m, top_error)
     requests, failures = entry["num_requests"], entry["num_failures"]
-    first, last = entry.get("start_time"), entry.get("last_request_timestamp")
-    # The measured window (from locust's stats reset, once every user is running, to the
-    # last answer) rather than -t: answers stop arriving when the time limit kills the users.
-    duration = last - first if first and last and last > first else planned_duration_s
+    # The measured window runs from locust's stats reset (once every user is running) to the
+    # moment the load stopped. Not to the last answer: with few, slow answers that can come
+    # long before the end (one answer just after the reset read as 400,000 images/s).
+    first, stopped = entry.get("start_time"), run_info.get("stopped_at")
+    duration = stopped - first if first and stopped and stopped > first else planned_duration_s
     ok_per_s = (requests - failures) / duration
     p50, p95, p99 = (percentile(entry["response_times"], q) for q in PERCENTILES)
     return RunResult(
@@ -281,9 +288,16 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
     return "\n".join(out) + "\n"
 
 
-def chart(path: Path, aggregates: Sequence[Aggregate], title: str) -> None:
-    """Grouped bars per images-per-request setting: throughput, p50 and p99, std as error bars."""
-    import matplotlib
+def chart(path: Path, aggregates: Sequence[Aggregate], title: str) -> bool:
+    """Grouped bars per images-per-request setting: throughput, p50 and p99, std as error bars.
+
+    Returns:
+        False, drawing nothing, when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")  # no display; must precede pyplot's import
     import matplotlib.pyplot as plt
@@ -315,3 +329,32 @@ def chart(path: Path, aggregates: Sequence[Aggregate], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
+
+
+def chart_title(summary: dict[str, Any]) -> str:
+    config = summary["config"]
+    return (f"{config['model']} on {config['device']}, {config['workers'] or 'one per GPU'} "
+            f"worker(s), {config['users']} users ({summary['environment']['date']})")
+
+
+def _from_json(row_type: type, row: dict[str, Any]) -> Any:
+    return row_type(**{k: math.nan if v is None else v for k, v in row.items()})
+
+
+def redraw(folder: Path) -> None:
+    """Rewrite ``results.md`` and ``chart.png`` of a results folder from its summary.json."""
+    summary = json.loads((folder / "summary.json").read_text())
+    runs = [_from_json(RunResult, r) for r in summary["runs"]]
+    aggregates = [_from_json(Aggregate, a) for a in summary["aggregates"]]
+    (folder / "results.md").write_text(markdown(summary, aggregates, runs))
+    if not chart(folder / "chart.png", aggregates, chart_title(summary)):
+        raise SystemExit("matplotlib is not installed: pip install matplotlib")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m loadtest.report RESULTS_DIR")
+    redraw(Path(sys.argv[1]))

@@ -42,10 +42,13 @@ def stats_entry(**overrides):
 
 
 def test_run_result_counts_only_successful_requests_over_the_measured_window():
-    run = report.run_result([stats_entry()], {"HTTP 503": 7, "HTTP 500": 3}, server="simple",
+    info = {"stopped_at": 1010.0, "errors": {"HTTP 503": 7, "HTTP 500": 3}}
+    run = report.run_result([stats_entry(last_request_timestamp=1004.0)], info, server="simple",
                             images_per_request=4, repeat=1, planned_duration_s=15,
                             load_average_1m=0.5)
-    assert run.requests_per_s == pytest.approx(9.0)  # 90 answered in 10 s, not 15
+    # 90 answered between the stats reset and the stop: 10 s, not -t (15 s), nor the 4 s to
+    # the last answer.
+    assert run.requests_per_s == pytest.approx(9.0)
     assert run.images_per_s == pytest.approx(36.0)
     assert run.latency_mean_ms == 250
     assert (run.latency_p50_ms, run.latency_p99_ms) == (200, 500)
@@ -60,7 +63,8 @@ def test_run_without_answers_reports_zero_throughput_not_a_crash():
 
 
 def test_aggregate_mean_and_sample_std_over_repeats():
-    runs = [report.run_result([stats_entry(num_failures=f)], {}, server="spool",
+    runs = [report.run_result([stats_entry(num_failures=f)], {"stopped_at": 1010.0},
+                              server="spool",
                               images_per_request=1, repeat=i, planned_duration_s=10,
                               load_average_1m=0.0)
             for i, f in enumerate((0, 20), 1)]
@@ -172,9 +176,11 @@ def locust_args(**overrides):
 def test_locust_user_fails_requests_without_one_prediction_per_image(
         stub_server, tmp_path, missing, all_fail):
     url = stub_server(missing)
-    stats, errors = compare.run_locust(url, 3, locust_args(), tmp_path / "run")
+    stats, info = compare.run_locust(url, 3, locust_args(), tmp_path / "run")
     (entry,) = stats
+    errors = info["errors"]
     assert entry["num_requests"] > 0
+    assert entry["start_time"] < info["stopped_at"]
     if all_fail:
         assert entry["num_failures"] == entry["num_requests"]
         assert list(errors) == ["POST /predict: 2 predictions for 3 images"]
@@ -217,3 +223,10 @@ def test_compare_runs_every_server_without_a_failed_request(tmp_path, capsys):
     assert all(f"| {name} | 2 |" in table for name in ALL_SERVERS)
     assert "Bare model (forward pass only" in table
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # `python -m loadtest.report DIR` redraws both from summary.json alone.
+    (out / "chart.png").unlink()
+    (out / "results.md").unlink()
+    report.redraw(out)
+    assert (out / "results.md").read_text() == table
+    assert (out / "chart.png").is_file()
