@@ -177,7 +177,10 @@ class ServerState:
             else:
                 self.spawn_info[config.worker_index] = outcome if isinstance(
                     outcome, dict) else {"spawn_result": repr(outcome)}
-                logger.info("worker %d ready: %s", config.worker_index, outcome)
+                info = self.spawn_info[config.worker_index]
+                logger.info("worker %d ready: pid %s on %s, weights %s (%s)",
+                            config.worker_index, info.get("pid"), info.get("device"),
+                            info.get("weights"), info.get("weights_source"))
         self.spawning = False
         if len(failures) == len(self.plan):
             self.startup_error = "no model worker could start: " + "; ".join(failures)

@@ -20,10 +20,11 @@ class ErrorBody(BaseModel):
 def predict_response_model(output_model: type[BaseModel] | None) -> type[BaseModel]:
     """``{"predictions": [{"filename": ..., **output}, ...]}`` for the given worker output."""
     base = output_model or AnyOutput
-    item = create_model(
-        f"{base.__name__}Prediction", __base__=base,
-        filename=(str | None, Field(description="the upload's filename, if it had one")),
-    )
+    # The filename first, then the worker's fields (inheriting would put it last).
+    fields: dict[str, Any] = {
+        "filename": (str | None, Field(description="the upload's filename, if it had one"))}
+    fields.update({name: (info.annotation, info) for name, info in base.model_fields.items()})
+    item = create_model(f"{base.__name__}Prediction", __config__=base.model_config, **fields)
     return create_model(
         "PredictResponse",
         predictions=(list[item], Field(description="one entry per uploaded file, in order")),
