@@ -149,7 +149,9 @@ def run_locust(url: str, ipr: int, args: argparse.Namespace,
     max_requests = int(args.users * args.duration * 100)
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-        "-u", str(args.users), "-r", str(args.users), "-t", f"{args.duration:g}s",
+        # -r is users started per second: at -r = -u the last user starts a second late, and
+        # --reset-stats (which drops the ramp) would cut that second off a short run.
+        "-u", str(args.users), "-r", str(10 * args.users), "-t", f"{args.duration:g}s",
         "--host", url, "--reset-stats", "--only-summary", "--loglevel", "WARNING",
         "--json-file", str(prefix), "--csv", str(prefix),
         "--images-per-request", str(ipr), "--image-size", args.image_size,
