@@ -336,11 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         "servers": {name: {"description": specs[name].description,
                            "command": f"python -m {specs[name].module}",
-                           "env": specs[name].env,
-                           "code_files": list(specs[name].code_files),
-                           "code_lines": sum(report.code_lines(ROOT / f)
-                                             for f in specs[name].code_files)}
+                           "env": specs[name].env}
                     for name in args.servers},
+        # Every known server, run or not: the seed reported code size beside the benchmark.
+        "code_size": {name: {"description": spec.description,
+                             "code_files": list(spec.code_files),
+                             "code_lines": sum(report.code_lines(ROOT / f)
+                                               for f in spec.code_files)}
+                      for name, spec in specs.items()},
     }
     if args.raw_model:
         try:
