@@ -305,6 +305,20 @@ class Session:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+
+    def stop_on_sigterm(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    # The servers run in sessions of their own, out of reach of a signal to this process's
+    # group: a SIGTERM must unwind through the `finally` that stops them, not just end us.
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        return compare(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def compare(args: argparse.Namespace) -> int:
     raw = args.output / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     specs = server_specs(args.max_batch_size, args.max_batch_wait_ms)
