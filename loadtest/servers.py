@@ -66,6 +66,15 @@ def server_specs(max_batch_size: int, max_batch_wait_ms: float) -> dict[str, Ser
     )}
 
 
+def inherited_environment() -> dict[str, str]:
+    """This process's environment minus the server settings (NUM_WORKERS, MAX_BATCH_SIZE...):
+    a value left in the shell must not change one server and not the others."""
+    from app.settings import Settings
+
+    settings = {name.upper() for name in Settings.model_fields}
+    return {k: v for k, v in os.environ.items() if k.upper() not in settings}
+
+
 class ServerError(RuntimeError):
     """A server did not start, did not become ready in time, or answered a warm-up badly."""
 
@@ -100,7 +109,8 @@ class ServerProcess:
         self.spec = spec
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.env = {**os.environ, **env, **spec.env, "HOST": HOST, "PORT": str(self.port),
+        self.env = {**inherited_environment(), **env, **spec.env, "HOST": HOST,
+                    "PORT": str(self.port),
                     "PYTHONPATH": os.pathsep.join(
                         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         self.log_path = log_path

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from loadtest import compare, report
+from loadtest import compare, report, servers
 from loadtest.images import generated_images, multipart_body, request_bodies
 
 ALL_SERVERS = ("simple", "mp", "spool", "spool-batch", "spool-min")
@@ -125,6 +125,18 @@ def test_server_limits_leave_room_for_the_whole_load():
     assert int(env["QUEUE_SIZE"]) >= args.users * 32  # one task per image in flight
     assert int(env["MAX_FILES"]) >= 32
     assert float(env["MAX_UPLOAD_MB"]) >= 32
+
+
+def test_server_settings_left_in_the_shell_do_not_reach_the_servers(monkeypatch, tmp_path):
+    monkeypatch.setenv("NUM_WORKERS", "7")
+    monkeypatch.setenv("max_batch_size", "3")  # Settings reads names in any case
+    specs = servers.server_specs(max_batch_size=16, max_batch_wait_ms=0)
+    args = compare.parse_args(["--preset", "gpu"])  # workers 0: one per GPU
+    env = compare.server_env(args, largest_upload=1000)
+    simple = servers.ServerProcess(specs["simple"], env, tmp_path / "log").env
+    batch = servers.ServerProcess(specs["spool-batch"], env, tmp_path / "log").env
+    assert "NUM_WORKERS" not in simple and "max_batch_size" not in simple
+    assert batch["MAX_BATCH_SIZE"] == "16" and batch["HOST"] == "127.0.0.1"
 
 
 # ---- the locust user, against a stub server -----------------------------------------------
