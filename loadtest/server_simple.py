@@ -3,6 +3,8 @@
 One model replica per device (NUM_WORKERS on CPU), all in the server process; each replica
 is owned by one thread that runs its requests in arrival order. A request goes to a replica
 drawn at random, whether it is idle or has ten requests waiting: nothing balances the load.
+Rebuilt from the seed README's description ("a simple threaded server that randomly
+dispatches requests to worker threads"); the seed's code is not available.
 ``python -m loadtest.server_simple`` (settings from the environment, as ``python -m app``).
 """
 
