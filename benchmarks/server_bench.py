@@ -11,10 +11,11 @@
 
 Each server runs in its own process (started like ``make serve``); the load comes from this
 process: asyncio keep-alive connections sending one prebuilt multipart request each, so the
-client costs little of the 2 shared cores. Only 127.0.0.1 is used. Phases alternate
-(baseline, server, baseline, server...) and the table shows medians.
+client costs little of the 2 shared cores. Only 127.0.0.1 is used. Baseline and server stay
+up side by side and their phases alternate (baseline, server, baseline...); the table
+shows the medians.
 
-    python benchmarks/server_bench.py                  # both targets, about 3 minutes
+    python benchmarks/server_bench.py                  # both targets, about 4 minutes
     python benchmarks/server_bench.py --quick          # seconds, to check that it runs
     python benchmarks/server_bench.py --only vit --model vit_large_patch16_224 --workers 1
     python benchmarks/server_bench.py --json results/server_bench.json
@@ -245,7 +246,12 @@ def serve_plain() -> None:
 # ---- the two comparisons ------------------------------------------------------------------
 
 def compare_vit(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], list[Phase]]:
-    """Raw ceiling (pool, no HTTP) against /predict, alternating, same worker configs."""
+    """Raw ceiling (pool, no HTTP) against /predict, same worker configs, phases alternating.
+
+    Both sets of workers stay up for the whole comparison; only one is loaded at a time (an
+    idle worker waits on its pipe and costs no CPU), so background load that drifts during
+    the run hits both sides alike.
+    """
     from app.contract import ImageInput
     from app.images import inspect_image
     from app.main import load_worker_class, plan_workers
@@ -257,49 +263,46 @@ def compare_vit(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], li
     header = inspect_image(image, max_pixels=settings.max_image_pixels)
     item = ImageInput(image, header.format, header.width, header.height, 5)
     raw_phases, server_phases = [], []
-    for round_ in range(args.rounds):
-        # Only one of the two holds the cores at a time: the pool is shut down before the
-        # server starts, and the other way round.
+    server = app_server(args.model, args.workers)
+    try:
         with SPool(load_worker_class(settings.worker_class),
                    max_batch_size=settings.max_batch_size,
                    max_batch_wait=settings.max_batch_wait_ms / 1000) as pool:
             for config in plan_workers(settings):
                 pool.spawn(config)
-            raw_phases.append(asyncio.run(run_load(
-                f"raw pool, round {round_ + 1}", lambda: pool_caller(pool, item)(),
-                args.clients, args.warmup, args.duration)))
-        server = app_server(args.model, args.workers)
-        try:
             server.wait_ready("/readyz")
-            server_phases.append(asyncio.run(run_load(
-                f"/predict, round {round_ + 1}", http_caller(server.port, image),
-                args.clients, args.warmup, args.duration)))
-        finally:
-            server.close()
-        report_round(raw_phases[-1], server_phases[-1])
+            for round_ in range(args.rounds):
+                raw_phases.append(asyncio.run(run_load(
+                    f"raw pool, round {round_ + 1}", pool_caller(pool, item),
+                    args.clients, args.warmup, args.duration)))
+                server_phases.append(asyncio.run(run_load(
+                    f"/predict, round {round_ + 1}", http_caller(server.port, image),
+                    args.clients, args.warmup, args.duration)))
+                report_round(raw_phases[-1], server_phases[-1])
+    finally:
+        server.close()
     return raw_phases, server_phases
 
 
 def compare_echo(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], list[Phase]]:
+    """Plain in-process endpoint against /predict with the echo worker, phases alternating."""
     plain_phases, server_phases = [], []
-    for round_ in range(args.rounds):
-        plain = Server([str(Path(__file__).resolve()), "--serve-plain"], {})
-        try:
-            plain.wait_ready("/openapi.json")
+    plain = Server([str(Path(__file__).resolve()), "--serve-plain"], {})
+    server = app_server(args.model, args.echo_workers, ECHO)
+    try:
+        plain.wait_ready("/openapi.json")
+        server.wait_ready("/readyz")
+        for round_ in range(args.rounds):
             plain_phases.append(asyncio.run(run_load(
                 f"plain FastAPI, round {round_ + 1}", http_caller(plain.port, image),
                 args.clients, args.warmup, args.duration)))
-        finally:
-            plain.close()
-        server = app_server(args.model, args.echo_workers, ECHO)
-        try:
-            server.wait_ready("/readyz")
             server_phases.append(asyncio.run(run_load(
                 f"/predict echo, round {round_ + 1}", http_caller(server.port, image),
                 args.clients, args.warmup, args.duration)))
-        finally:
-            server.close()
-        report_round(plain_phases[-1], server_phases[-1])
+            report_round(plain_phases[-1], server_phases[-1])
+    finally:
+        plain.close()
+        server.close()
     return plain_phases, server_phases
 
 
@@ -321,9 +324,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="ViT workers (CPU)")
     parser.add_argument("--echo-workers", type=int, default=1)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny phases, to check it runs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
