@@ -213,7 +213,8 @@ def create_app(settings: Settings | None = None, *,
     app.state.server = state
     app.state.settings = settings
     app.state.metrics = metrics
-    app.include_router(build_router(getattr(worker_cls, "output_model", None)))
+    app.include_router(build_router(getattr(worker_cls, "output_model", None),
+                                    auth=settings.api_key is not None))
     install_error_handlers(app)
     known_paths = {getattr(route, "path", "") for route in app.routes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)

@@ -80,13 +80,18 @@ async def execute_all(pool: SPool[Any, Any], items: Sequence[ImageInput],
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def build_router(output_model: type[BaseModel] | None) -> APIRouter:
-    """The routes, with ``/predict`` typed by the served worker's ``output_model``."""
+def build_router(output_model: type[BaseModel] | None, *, auth: bool) -> APIRouter:
+    """The routes, with ``/predict`` typed by the served worker's ``output_model``.
+
+    ``auth``: whether ``/predict`` and ``/v1/model`` check the API key. Without a key the
+    dependency is left out, not merely short-circuited: resolving it costs each request.
+    """
     router = APIRouter()
     predict_response = predict_response_model(output_model)
+    guarded = [Depends(require_api_key)] if auth else []
 
     @router.post("/predict", response_model=predict_response, responses=PREDICT_ERRORS,
-                 dependencies=[Depends(require_api_key)], tags=["inference"])
+                 dependencies=guarded, tags=["inference"])
     async def predict(
         request: Request,
         files: Annotated[list[UploadFile], File(description="one or more images")],
@@ -137,7 +142,7 @@ def build_router(output_model: type[BaseModel] | None) -> APIRouter:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/v1/model", response_model=ModelInfo, tags=["inference"],
-                dependencies=[Depends(require_api_key)])
+                dependencies=guarded)
     async def model_info(request: Request) -> Any:
         """What is served: model, weights and device of each worker, batching settings."""
         return server_state(request).model_info()
