@@ -405,7 +405,8 @@ def compare(args: argparse.Namespace) -> int:
     report.write_csv(args.output / "runs.csv", runs, report.RunResult)
     table = report.markdown(summary, aggregates, runs)
     (args.output / "results.md").write_text(table)
-    if not report.chart(args.output / "chart.png", aggregates, report.chart_title(summary)):
+    if not report.chart(args.output / "chart.png", aggregates, report.chart_title(summary),
+                        (summary.get("raw_model") or {}).get("best_images_per_s")):
         print("  chart.png skipped: matplotlib is not installed (draw it later with "
               f"`python -m loadtest.report {args.output}`)", flush=True)
     print(table, flush=True)

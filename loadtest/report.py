@@ -279,7 +279,7 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
             "the model and upload-checking modules every server shares (`app/worker.py`, "
             "`app/contract.py`, `app/images.py`, `app/settings.py`).", "",
             "| server | what it is | lines of code | files |", "|---|---|---:|---|"]
-    for name, info in summary["code_size"].items():
+    for name, info in summary.get("code_size", {}).items():
         out.append(f"| {name} | {info['description']} | {info['code_lines']} | "
                    f"{', '.join(f'`{f}`' for f in info['code_files'])} |")
     errors = [f"{name}: {info['error']}" for name, info in summary["servers"].items()
@@ -291,8 +291,10 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
     return "\n".join(out) + "\n"
 
 
-def chart(path: Path, aggregates: Sequence[Aggregate], title: str) -> bool:
-    """Grouped bars per images-per-request setting: throughput, p50 and p99, std as error bars.
+def chart(path: Path, aggregates: Sequence[Aggregate], title: str,
+          ceiling: float | None = None) -> bool:
+    """Grouped bars per images-per-request setting: throughput, p50 and p99, std as error bars;
+    ``ceiling`` (the bare model's images/s) as a dashed line on the throughput panel.
 
     Returns:
         False, drawing nothing, when matplotlib is not installed.
@@ -311,7 +313,7 @@ def chart(path: Path, aggregates: Sequence[Aggregate], title: str) -> bool:
     panels = (("images_per_s", "throughput (images/s, higher is better)"),
               ("latency_p50_ms", "p50 latency (ms, lower is better)"),
               ("latency_p99_ms", "p99 latency (ms, lower is better)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.1))
     width = 0.8 / max(1, len(servers))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for index, server in enumerate(servers):
@@ -327,9 +329,15 @@ def chart(path: Path, aggregates: Sequence[Aggregate], title: str) -> bool:
         ax.set_xlabel("images per request")
         ax.set_title(label, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if ceiling:
+        axes[0].axhline(ceiling, color="black", linestyle="--", linewidth=1,
+                        label="bare model")
+    # One legend under the panels: inside a panel it would hide the bars or the ceiling line.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9,
+               frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
@@ -351,7 +359,8 @@ def redraw(folder: Path) -> None:
     runs = [_from_json(RunResult, r) for r in summary["runs"]]
     aggregates = [_from_json(Aggregate, a) for a in summary["aggregates"]]
     (folder / "results.md").write_text(markdown(summary, aggregates, runs))
-    if not chart(folder / "chart.png", aggregates, chart_title(summary)):
+    if not chart(folder / "chart.png", aggregates, chart_title(summary),
+                 (summary.get("raw_model") or {}).get("best_images_per_s")):
         raise SystemExit("matplotlib is not installed: pip install matplotlib")
 
 
