@@ -40,7 +40,7 @@ async def send_json(send: Send, status: int, body: dict[str, object],
 def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            return str(value.decode("latin-1"))
     return None
 
 

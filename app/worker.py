@@ -187,7 +187,7 @@ def load_model(model_name: str, weights: str) -> tuple[torch.nn.Module, str, str
                 model_name, type(exc).__name__, str(exc).splitlines()[0][:200])
             return (timm.create_model(model_name, pretrained=False), "random",
                     f"pretrained weights unavailable ({type(exc).__name__})")
-        tag = model.pretrained_cfg.get("tag") or ""
+        tag = getattr(model, "pretrained_cfg", {}).get("tag") or ""
         return model, "pretrained", f"timm:{model_name}.{tag}".rstrip(".")
     if weights == "random":
         return timm.create_model(model_name, pretrained=False), "random", "random init"
