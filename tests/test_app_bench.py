@@ -1,0 +1,27 @@
+"""benchmarks/server_bench.py still runs end to end (tiny phases; the figures are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_server_bench_quick_echo_writes_its_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/server_bench.py", "--quick", "--only", "echo",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| echo worker, 8 clients | plain FastAPI req/s |" in result.stdout
+    [row] = json.loads(out.read_text())
+    assert row["goal"] == 0.7 and row["baseline_rate"] > 0 and row["server_rate"] > 0
+    assert all(phase["errors"] == 0 for phase in row["phases"])
