@@ -111,6 +111,7 @@ class WorkerSlot:
         self.conn: Connection | None = None
         self.pid: int | None = None
         self.tasks: dict[int, Task] = {}
+        self.messages = 0  # EXEC/BATCH messages sent and not answered yet
         self.busy_since = 0.0
         self.spawn_deadline: float | None = None
         self.kill_reason = ""
@@ -126,16 +127,20 @@ class WorkerSlot:
 
 class FrameWriter:
     """Sends large messages to one worker from a thread of its own (one per worker, not per
-    task). A worker holds one message at a time, so at most one job is ever queued."""
+    task). Jobs go out in order; ``idle`` is set when none is left."""
 
     def __init__(self, name: str) -> None:
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self.idle = threading.Event()
         self.idle.set()
+        self._lock = threading.Lock()
+        self._queued = 0
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def send(self, conn: Connection, kind: int, key: Any, blobs: list[m.Payload]) -> None:
-        self.idle.clear()
+        with self._lock:
+            self._queued += 1
+            self.idle.clear()
         self._jobs.put((conn, kind, key, blobs))
 
     def close(self) -> None:
@@ -153,7 +158,10 @@ class FrameWriter:
                 pass  # the worker died (its sentinel tells the dispatcher) or conn was closed
             finally:
                 del job, blobs
-                self.idle.set()
+                with self._lock:
+                    self._queued -= 1
+                    if not self._queued:
+                        self.idle.set()
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -196,6 +204,7 @@ class Dispatcher:
         spawn_timeout: float | None,
         hang_timeout: float | None,
         max_restarts: int | None,
+        prefetch: int,
         restart_window: float,
         restart_backoff: float,
         release_slot: Callable[[Task], None],
@@ -206,6 +215,7 @@ class Dispatcher:
         self.spawn_timeout = spawn_timeout
         self.hang_timeout = hang_timeout
         self.max_restarts = max_restarts
+        self.prefetch = prefetch
         self.restart_window = restart_window
         self.restart_backoff = restart_backoff
         self.release_slot = release_slot
@@ -253,6 +263,8 @@ class Dispatcher:
                 pass  # the pipe is full (dispatcher will wake anyway) or closed (it is gone)
 
     def has_live_worker(self) -> bool:
+        if self.idle:  # the common case, answered without a walk
+            return True
         return any(slot.state in LIVE_STATES for slot in self.slots)
 
     def running_count(self) -> int:
@@ -338,24 +350,44 @@ class Dispatcher:
             batch = pending.next_batch(now)
             if not batch:
                 return
-            started = []
-            for task in batch:
-                if task.set_running_or_notify_cancel():
-                    task.state = RUNNING
-                    started.append(task)
-                else:
-                    task.state = DONE
-                    self.counts["cancelled"] += 1
-                if task.holds_slot:
-                    self.release_slot(task)
+            started = [task for task in batch if self._start(task)]
             if started:
                 self._send(idle.popleft(), started, now)
+        if self.prefetch and pending:
+            self._prefetch(now)
+
+    def _prefetch(self, now: float) -> None:
+        """Opt-in: every worker is busy and tasks still wait, so hand busy workers more, up to
+        ``prefetch`` messages beyond the one each runs; it hides the round trip per task."""
+        pending = self.pending
+        for depth in range(1, self.prefetch + 1):
+            for slot in self.slots:
+                if not pending:
+                    return
+                if slot.state != BUSY or slot.messages != depth or slot.kill_reason:
+                    continue
+                started = [t for t in pending.next_batch(now) if self._start(t)]
+                if started:
+                    self._send(slot, started, now)
+
+    def _start(self, task: Task) -> bool:
+        """Move a task taken off the queue to running; False if it was cancelled."""
+        if task.holds_slot:
+            self.release_slot(task)
+        if task.set_running_or_notify_cancel():
+            task.state = RUNNING
+            return True
+        task.state = DONE
+        self.counts["cancelled"] += 1
+        return False
 
     def _send(self, slot: WorkerSlot, tasks: list[Task], now: float) -> None:
         for task in tasks:
             slot.tasks[task.id] = task
-        slot.state = BUSY
-        slot.busy_since = now
+        if slot.state != BUSY:
+            slot.state = BUSY
+            slot.busy_since = now
+        slot.messages += 1
         payloads = [t.payload for t in tasks]
         for task in tasks:
             task.payload = b""  # the worker gets it now; free the memory with the message
@@ -366,7 +398,10 @@ class Dispatcher:
             kind, key = m.BATCH, [t.id for t in tasks]
         else:
             kind, key = m.EXEC, tasks[0].id
-        if any(m.is_large(p) for p in payloads):
+        writer_busy = slot.writer is not None and not slot.writer.idle.is_set()
+        # Messages to one worker must not interleave: once one goes through the writer, the
+        # ones queued behind it (prefetch) follow the same path.
+        if writer_busy or any(type(p) is tuple or len(p) > m.INLINE_MAX for p in payloads):
             # A large message takes the pipe's speed to cross (0.5 ms per MiB here): written
             # from this thread, it would hold every other worker's dispatch up meanwhile.
             if slot.writer is None:
@@ -374,7 +409,7 @@ class Dispatcher:
             slot.writer.send(slot.conn, kind, key, payloads)
             return
         try:
-            m.send_message(slot.conn.send_bytes, kind, key, payloads)
+            slot.conn.send_bytes(m.dumps((kind, key, payloads), m.PROTOCOL))
         except OSError:
             pass  # the worker died; its sentinel fires next and fails these tasks
 
@@ -420,9 +455,13 @@ class Dispatcher:
                 else:
                     self._finish(task, exc=value)
             slot.tasks_done += len(outcomes)
+            slot.messages -= 1
             if not slot.tasks and slot.state == BUSY:
                 slot.state = IDLE
+                slot.messages = 0
                 self.idle.append(slot)
+            elif slot.messages:
+                slot.busy_since = time.monotonic()  # its next (prefetched) message starts now
         elif kind == m.SPAWNED:
             self._on_spawned(slot, outcomes[0][1])
 
@@ -528,6 +567,7 @@ class Dispatcher:
             why = f"it died with {how}"
         tasks = list(slot.tasks.values())
         slot.tasks.clear()
+        slot.messages = 0
         if tasks:
             logger.warning("worker %d (pid %s) lost %d task(s): %s", slot.id, pid, len(tasks), why)
         else:

@@ -80,6 +80,19 @@ def _swap_large_bytes(obj: Any, depth: int) -> Any:
     return items if t is list else tuple(items)
 
 
+_CONTAINERS = frozenset({bytes, tuple, list, dict})
+
+
+def _may_hold_large_bytes(obj: Any) -> bool:
+    """Cheap screen for the usual call ``(args, kwargs)`` of scalars: no walk, no recursion
+    (this runs on every submit; the walk costs several microseconds)."""
+    if type(obj) is tuple and len(obj) == 2 and type(obj[0]) is tuple and type(obj[1]) is dict:
+        args, kwargs = obj
+        return (any(type(a) in _CONTAINERS for a in args)
+                or any(type(v) in _CONTAINERS for v in kwargs.values()))
+    return type(obj) in _CONTAINERS
+
+
 def dumps_payload(obj: Any) -> Payload:
     """Pickle a task's arguments in the caller.
 
@@ -89,6 +102,8 @@ def dumps_payload(obj: Any) -> Payload:
     ``bytes`` are immutable, so sending them later is the same as copying them now. Pickling
     a 1 MiB ``bytes`` costs 0.44 ms here; this costs nothing.
     """
+    if not _may_hold_large_bytes(obj):
+        return dumps(obj, PROTOCOL)
     swapped = _swap_large_bytes(obj, _SWAP_DEPTH)
     if swapped is obj:
         return dumps(obj, PROTOCOL)
@@ -119,6 +134,10 @@ def send_message(send: Any, kind: int, key: Any, blobs: list[Payload] | None) ->
     if blobs is None or not any(is_large(b) for b in blobs):
         send(dumps((kind, key, blobs), PROTOCOL))
         return
+    send_large_message(send, kind, key, blobs)
+
+
+def send_large_message(send: Any, kind: int, key: Any, blobs: list[Payload]) -> None:
     header: list[Any] = []
     frames: list[Any] = []
     for b in blobs:

@@ -183,6 +183,12 @@ class SPool(Generic[SpawnR, ExecR]):
         max_restarts: respawns allowed per worker within ``restart_window`` seconds after
             crashes; ``0`` turns respawning off, ``None`` means no limit. Default 5.
         restart_window: the window, in seconds, over which restarts are counted. Default 60.
+        prefetch: opt-in, for micro-tasks: when every worker is busy and tasks still wait, a
+            busy worker may be sent up to this many more tasks (or batches) to run next, which
+            hides the round trip between tasks. It gives up strict work conservation: a task
+            sent ahead waits behind its worker's current task even if another worker frees up
+            first, and counts as running (it cannot be cancelled; its timeout says "while
+            running"). Default 0: a worker holds only what it runs.
         restart_backoff: delay before the first respawn; it doubles with each further restart
             within the window, up to 10 s. Default 0.1 s.
 
@@ -207,6 +213,7 @@ class SPool(Generic[SpawnR, ExecR]):
         spawn_timeout: float | None = None,
         hang_timeout: float | None = None,
         max_restarts: int | None = 5,
+        prefetch: int = 0,
         restart_window: float = 60.0,
         restart_backoff: float = 0.1,
     ) -> None:
@@ -223,6 +230,8 @@ class SPool(Generic[SpawnR, ExecR]):
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_batch_wait < 0:
             raise ValueError(f"max_batch_wait must be >= 0 seconds, got {max_batch_wait}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if max_restarts is not None and max_restarts < 0:
             raise ValueError(f"max_restarts must be None or >= 0, got {max_restarts}")
         if restart_window <= 0:
@@ -257,6 +266,7 @@ class SPool(Generic[SpawnR, ExecR]):
             spawn_timeout=spawn_timeout,
             hang_timeout=hang_timeout,
             max_restarts=max_restarts,
+            prefetch=prefetch,
             restart_window=restart_window,
             restart_backoff=restart_backoff,
             release_slot=self._capacity.release,

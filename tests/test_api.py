@@ -212,3 +212,15 @@ def test_large_bytes_results_arrive_intact(pool):
     blob = os.urandom(300_000)
     assert pool.execute("echo", {"a": blob, "b": [blob, b"small"]}) == {"a": blob,
                                                                        "b": [blob, b"small"]}
+
+
+def test_prefetch_keeps_order_and_results(make_pool):
+    pool = make_pool(Tasks, prefetch=2)
+    pool.spawn()
+    pool.spawn()
+    futures = [pool.submit_execute("echo", i) for i in range(500)]
+    assert [f.result(timeout=30) for f in futures] == list(range(500))
+    big = b"z" * 200_000  # large messages and small ones queued behind them stay in order
+    futures = [pool.submit_execute("echo", big if i % 3 == 0 else i) for i in range(30)]
+    assert [f.result(timeout=30) for f in futures] == [big if i % 3 == 0 else i
+                                                         for i in range(30)]

@@ -167,3 +167,17 @@ def test_crash_with_a_large_argument_in_flight(make_pool):
         with pytest.raises(WorkerCrashedError):
             f.result(timeout=10)
     assert all(f.result(timeout=10) == big[:100_000] for f in fine)
+
+
+def test_prefetched_tasks_are_held_by_their_worker_and_fail_with_it(make_pool):
+    pool = make_pool(Tasks, prefetch=1, restart_backoff=0.01)
+    pool.spawn()
+    crash = pool.submit_execute("sleep_then_exit", 0.3)
+    behind = pool.submit_execute("echo", "sent ahead")  # prefetched onto the same worker
+    time.sleep(0.1)
+    assert pool.stats().workers[0].running == 2
+    assert not behind.cancel()  # sent ahead: it counts as running
+    for f in (crash, behind):
+        with pytest.raises(WorkerCrashedError):
+            f.result(timeout=5)
+    assert pool.execute("echo", "after") == "after"

@@ -83,6 +83,10 @@ class Tasks(SWorker):
     def do_segfault(self):
         ctypes.string_at(0)
 
+    def do_sleep_then_exit(self, seconds):
+        time.sleep(seconds)
+        os._exit(6)
+
     def do_mark_then_exit(self, name):
         self.do_mark(name)
         os._exit(3)
