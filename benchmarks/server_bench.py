@@ -19,6 +19,7 @@ shows the medians.
     python benchmarks/server_bench.py --quick          # seconds, to check that it runs
     python benchmarks/server_bench.py --only vit --model vit_large_patch16_224 --workers 1
     python benchmarks/server_bench.py --json results/server_bench.json
+    python benchmarks/server_bench.py --cpu-workers vit_large_patch16_224   # NUM_WORKERS study
 """
 
 from __future__ import annotations
@@ -306,6 +307,43 @@ def compare_echo(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], l
     return plain_phases, server_phases
 
 
+# ---- the CPU worker-count study (what NUM_WORKERS defaults to without a GPU) --------------
+
+def forward_rate(model: str, threads: int, batch: int, seconds: float) -> float:
+    """img/s of a bare fp32 forward pass with ``threads`` torch threads (no decode)."""
+    import timm
+    import torch
+
+    torch.set_num_threads(threads)
+    net = timm.create_model(model).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        net(x[:1])
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            net(x)
+            done += batch
+    return done / (time.perf_counter() - start)
+
+
+def cpu_worker_study(model: str, batch: int = 8, seconds: float = 40.0) -> None:
+    """One process with every core against one 1-thread process per core, run at once."""
+    cpus = len(os.sched_getaffinity(0))
+
+    def run(threads: int, copies: int) -> float:
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                f"import server_bench as b; "
+                f"print(b.forward_rate({model!r}, {threads}, {batch}, {seconds}))")
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(copies)]
+        return sum(float(p.communicate(timeout=seconds * 10)[0]) for p in procs)
+
+    one = run(cpus, 1)
+    many = run(1, cpus)
+    print(f"{model}, batch {batch}, {cpus} cpus: 1 worker x {cpus} threads {one:.2f} img/s; "
+          f"{cpus} workers x 1 thread {many:.2f} img/s together")
+
+
 def report_round(*phases: Phase) -> None:
     for p in phases:
         print(f"  {p.name:28s} {p.rate:8.1f}/s  p50 {p.p50_ms:7.1f} ms  p99 {p.p99_ms:7.1f} ms"
@@ -329,9 +367,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny phases, to check it runs")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cpu-workers", metavar="MODEL",
+                        help="only compare 1 CPU worker with all threads against N 1-thread ones")
     args = parser.parse_args()
     if args.serve_plain:
         serve_plain()
+        return
+    if args.cpu_workers:
+        cpu_worker_study(args.cpu_workers)
         return
     if args.quick:
         args.duration, args.warmup, args.rounds, args.clients = 2.0, 0.5, 1, 8
