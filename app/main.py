@@ -51,7 +51,7 @@ def plan_workers(settings: Settings) -> list[WorkerConfig]:
     GPU, CPU workers that split the cores between them."""
     gpus = 0
     if settings.device in ("auto", "cuda"):
-        import torch  # only here: a CPU-only worker class never needs torch in this process
+        import torch  # only to count GPUs: DEVICE=cpu serves without importing it here
 
         gpus = torch.cuda.device_count()
         if settings.device == "cuda" and gpus == 0:

