@@ -48,7 +48,10 @@ def load_worker_class(spec: str) -> type[SWorker[Any, Any]]:
 
 def plan_workers(settings: Settings) -> list[WorkerConfig]:
     """One worker per visible GPU (or NUM_WORKERS, round-robin over the GPUs); without a
-    GPU, CPU workers that split the cores between them."""
+    GPU, CPU workers that split the cores between them. With POOL_BACKEND=ray, one worker per
+    GPU of the whole Ray cluster (see app/cluster.py)."""
+    if settings.pool_backend == "ray":
+        return _plan_ray(settings)[0]
     gpus = 0
     if settings.device in ("auto", "cuda"):
         import torch  # only to count GPUs: DEVICE=cpu serves without importing it here
@@ -71,6 +74,35 @@ def plan_workers(settings: Settings) -> list[WorkerConfig]:
         )
         for index in range(count)
     ]
+
+
+def _plan_ray(settings: Settings) -> tuple[list[WorkerConfig], dict[str, Any]]:
+    from . import cluster
+
+    resources = cluster.connect(settings.ray_address)
+    count, on_gpu, options = cluster.plan(resources, device=settings.device,
+                                          num_workers=settings.num_workers)
+    configs = [
+        WorkerConfig(
+            worker_index=index,
+            model_name=settings.model_name,
+            weights=settings.model_weights,
+            device="cuda:0" if on_gpu else "cpu",  # Ray narrows CUDA_VISIBLE_DEVICES per actor
+            precision=settings.precision,
+            num_threads=int(options.get("num_cpus", 1)),
+            max_image_pixels=settings.max_image_pixels,
+            log_level=settings.log_level,
+        )
+        for index in range(count)
+    ]
+    return configs, options
+
+
+def pool_backend_options(settings: Settings) -> dict[str, Any]:
+    """The SPool keywords that choose where workers run."""
+    if settings.pool_backend == "ray":
+        return {"backend": "ray", "worker_options": _plan_ray(settings)[1]}
+    return {}
 
 
 class ServerState:
@@ -123,12 +155,14 @@ class ServerState:
         stats = self.pool_stats()
         workers = [] if stats is None else [
             {**self.spawn_info.get(w.worker_id, {}), "worker_id": w.worker_id, "pid": w.pid,
-             "state": w.state, "restarts": w.restarts, "tasks_done": w.tasks_done}
+             "state": w.state, "restarts": w.restarts, "tasks_done": w.tasks_done,
+             "host": w.host, "node": w.node, "gpu_ids": list(w.gpu_ids)}
             for w in stats.workers]
         return {
             "model": s.model_name,
             "weights": s.model_weights,
             "worker_class": s.worker_class,
+            "backend": s.pool_backend,
             "device": ", ".join(sorted({c.device for c in self.plan})),
             "precision": s.precision,
             "batching": {"max_batch_size": s.max_batch_size,
@@ -148,6 +182,7 @@ class ServerState:
             execution_timeout=s.request_timeout_s,
             max_batch_size=s.max_batch_size,
             max_batch_wait=s.max_batch_wait_ms / 1000,
+            **pool_backend_options(s),
         )
         logger.info("starting %d %s worker(s) for %s on %s", len(self.plan),
                     s.worker_class, s.model_name, ", ".join(c.device for c in self.plan))

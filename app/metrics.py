@@ -42,6 +42,13 @@ class PoolCollector(Collector):
         for state in WORKER_STATES:
             states.add_metric([state], sum(w.state == state for w in s.workers))
         yield states
+        info = GaugeMetricFamily(
+            "pool_worker_info", "One series per worker: where it runs and its state",
+            labels=["worker_id", "state", "host", "node", "gpu_ids"])
+        for w in s.workers:
+            info.add_metric([str(w.worker_id), w.state, w.host or "", w.node or "",
+                             ",".join(map(str, w.gpu_ids))], 1)
+        yield info
         yield CounterMetricFamily("pool_worker_restarts", "Worker respawns after a crash",
                                   s.restarts)
         tasks = CounterMetricFamily("pool_tasks", "Tasks by outcome", labels=["outcome"])

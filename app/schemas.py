@@ -50,6 +50,9 @@ class WorkerInfo(BaseModel):
     state: str
     restarts: int
     tasks_done: int
+    host: str | None = Field(None, description="machine name or IP the worker runs on")
+    node: str | None = Field(None, description="Ray node id (POOL_BACKEND=ray), else null")
+    gpu_ids: list[int] = Field(default_factory=list, description="GPUs Ray gave the worker")
 
 
 class Batching(BaseModel):
@@ -61,6 +64,7 @@ class ModelInfo(BaseModel):
     model: str
     weights: str = Field(description="MODEL_WEIGHTS as configured; per worker: what loaded")
     worker_class: str
+    backend: str = Field(description="POOL_BACKEND: process or ray")
     device: str
     precision: str
     batching: Batching

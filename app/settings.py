@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     shutdown_timeout_s: float = Field(30.0, gt=0)
+    pool_backend: Literal["process", "ray"] = Field(
+        "process", description="process: local worker processes; ray: Ray actors (app/cluster.py)")
+    ray_address: str | None = Field(
+        None, description="the Ray cluster to join with POOL_BACKEND=ray (default: a local one)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("model_weights")
