@@ -20,7 +20,7 @@ WEIGHTS_MODES = ("auto", "pretrained", "random")
 
 
 class Settings(BaseSettings):
-    """The server's configuration; see docs/SERVER.md for the table."""
+    """The server's configuration; see README.md, "The server", for the table."""
 
     model_config = SettingsConfigDict(
         case_sensitive=False, extra="ignore", protected_namespaces=())
