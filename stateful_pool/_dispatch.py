@@ -68,8 +68,10 @@ RUNNING = 1
 DONE = 2
 
 MAX_RESTART_DELAY = 10.0
-# After shutdown asks a worker to stop, how long it may take before it is killed.
-STOP_GRACE = 5.0
+# After shutdown asks a worker to stop, how long it may take before it is killed. An idle
+# worker with torch loaded took over 5 s to exit on a loaded 2-core machine (interpreter
+# teardown), hence 10.
+STOP_GRACE = 10.0
 
 
 class Task(Future[Any]):
