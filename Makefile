@@ -36,7 +36,7 @@ bench-server: $(VENV)/.installed
 	$(BIN)/python benchmarks/server_bench.py
 
 loadtest: $(VENV)/.installed
-	$(BIN)/python -m loadtest.compare
+	$(BIN)/python -m loadtest.compare $(ARGS)
 
 clean:
 	rm -rf $(VENV) .bench .pytest_cache .mypy_cache .ruff_cache

@@ -66,7 +66,10 @@ class ViTWorker(SWorker[dict[str, Any], dict[str, Any]]):
         # Workers share the machine's cores (preprocessing runs on CPU on GPU workers too):
         # each gets its slice, or they thrash.
         torch.set_num_threads(config.num_threads)
-        torch.set_num_interop_threads(1)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass  # torch allows it once per process (loadtest's simple server has replicas)
         if config.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(config.device))
         self.config = config

@@ -56,35 +56,12 @@ class Replica:
                 future.set_exception(exc)
 
 
-def tolerate_repeated_interop_setting() -> None:
-    """Make ``torch.set_num_interop_threads`` a no-op after its first call.
-
-    ``ViTWorker.spawn`` calls it for its replica, and torch refuses a second call in one
-    process; here every replica lives in the same process, so the second replica would fail
-    to load. The value is the same for every replica (1), so skipping repeats changes nothing.
-    """
-    try:
-        import torch
-    except ImportError:
-        return  # a worker class without torch
-    original = torch.set_num_interop_threads
-
-    def set_once(nthreads: int) -> None:
-        try:
-            original(nthreads)
-        except RuntimeError:
-            pass
-
-    torch.set_num_interop_threads = set_once
-
-
 class ThreadDispatcher:
     def __init__(self, worker_cls: type[SWorker[Any, Any]], settings: Settings) -> None:
         self.worker_cls = worker_cls
         self.replicas: list[Replica] = []
 
     def start(self, plan: list[WorkerConfig]) -> None:
-        tolerate_repeated_interop_setting()
         self.replicas = [Replica(self.worker_cls, config) for config in plan]
         for replica in self.replicas:
             replica.thread.start()

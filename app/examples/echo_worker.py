@@ -1,8 +1,8 @@
 """The smallest useful worker: answers what the server learnt about each upload.
 
-The worked example of ``WORKER_CLASS`` (README.md, "Serving another model") and the trivial worker of
-``benchmarks/server_bench.py``, where it measures what the pool and HTTP layers cost when
-the model costs nothing. Serve it with::
+The worked example of ``WORKER_CLASS`` (README.md, "Serving another model") and the
+trivial worker of ``benchmarks/server_bench.py``, where it measures what the pool and HTTP
+layers cost when the model costs nothing. Serve it with::
 
     WORKER_CLASS=app.examples.echo_worker:EchoWorker make serve
 """
