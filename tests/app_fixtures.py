@@ -10,11 +10,12 @@ import io
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from conftest import wait_until  # one helper for every test module
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -24,15 +25,6 @@ from app.main import create_app
 from app.settings import Settings
 
 TINY = "vit_tiny_patch16_224"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def settings(**overrides: Any) -> Settings:
