@@ -269,9 +269,6 @@ class Dispatcher:
             return True
         return any(slot.state in LIVE_STATES for slot in self.slots)
 
-    def running_count(self) -> int:
-        return sum(len(slot.tasks) for slot in self.slots)
-
     # ---- dispatcher thread ------------------------------------------------------------------
 
     def _run(self) -> None:
