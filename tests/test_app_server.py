@@ -85,7 +85,9 @@ def test_make_serve_offline_starts_with_random_weights_and_serves(tmp_path):
                              files={"files": ("cat.jpg", image_bytes(), "image/jpeg")})
         assert response.status_code == 200, response.text
         assert len(response.json()["predictions"][0]["top_k"]) == 3
-        assert response.headers["x-request-id"] in log.read_text()
+        # The access line is written once the response has gone out: give it a moment.
+        request_id = response.headers["x-request-id"]
+        assert wait_until(lambda: request_id in log.read_text(), 10), log.read_text()
         [worker] = http.get("/v1/model").json()["workers"]
         assert worker["weights"] == "random"
         assert "pretrained weights unavailable" in worker["weights_source"]
