@@ -263,7 +263,6 @@ def compare_vit(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], li
                         num_workers=args.workers)
     header = inspect_image(image, max_pixels=settings.max_image_pixels)
     item = ImageInput(image, header.format, header.width, header.height, 5)
-    raw_phases, server_phases = [], []
     server = app_server(args.model, args.workers)
     try:
         with SPool(load_worker_class(settings.worker_class),
@@ -272,35 +271,39 @@ def compare_vit(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], li
             for config in plan_workers(settings):
                 pool.spawn(config)
             server.wait_ready("/readyz")
-            for round_ in range(args.rounds):
-                raw_phases.append(asyncio.run(run_load(
-                    f"raw pool, round {round_ + 1}", pool_caller(pool, item),
-                    args.clients, args.warmup, args.duration)))
-                server_phases.append(asyncio.run(run_load(
-                    f"/predict, round {round_ + 1}", http_caller(server.port, image),
-                    args.clients, args.warmup, args.duration)))
-                report_round(raw_phases[-1], server_phases[-1])
+            raw_phases, server_phases = alternate_rounds(
+                args, ("raw pool", pool_caller(pool, item)),
+                ("/predict", http_caller(server.port, image)))
     finally:
         server.close()
     return raw_phases, server_phases
 
 
+def alternate_rounds(args: argparse.Namespace, baseline: tuple[str, Any],
+                     candidate: tuple[str, Any]) -> tuple[list[Phase], list[Phase]]:
+    """Run the baseline and the candidate in turn, round after round, so drifting load on
+    the machine falls on both alike."""
+    base_phases: list[Phase] = []
+    cand_phases: list[Phase] = []
+    for round_ in range(args.rounds):
+        for (name, caller), phases in ((baseline, base_phases), (candidate, cand_phases)):
+            phases.append(asyncio.run(run_load(
+                f"{name}, round {round_ + 1}", caller, args.clients, args.warmup,
+                args.duration)))
+        report_round(base_phases[-1], cand_phases[-1])
+    return base_phases, cand_phases
+
+
 def compare_echo(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], list[Phase]]:
     """Plain in-process endpoint against /predict with the echo worker, phases alternating."""
-    plain_phases, server_phases = [], []
     plain = Server([str(Path(__file__).resolve()), "--serve-plain"], {})
     server = app_server(args.model, args.echo_workers, ECHO)
     try:
         plain.wait_ready("/openapi.json")
         server.wait_ready("/readyz")
-        for round_ in range(args.rounds):
-            plain_phases.append(asyncio.run(run_load(
-                f"plain FastAPI, round {round_ + 1}", http_caller(plain.port, image),
-                args.clients, args.warmup, args.duration)))
-            server_phases.append(asyncio.run(run_load(
-                f"/predict echo, round {round_ + 1}", http_caller(server.port, image),
-                args.clients, args.warmup, args.duration)))
-            report_round(plain_phases[-1], server_phases[-1])
+        plain_phases, server_phases = alternate_rounds(
+            args, ("plain FastAPI", http_caller(plain.port, image)),
+            ("/predict echo", http_caller(server.port, image)))
     finally:
         plain.close()
         server.close()
