@@ -11,7 +11,7 @@ PORT   ?= 8000
 # wheels takes about 2 minutes; the Dockerfile runs the same pip command.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[serve,dev,loadtest,ray]'
+	$(BIN)/python -m pip install -q -e '.[serve,dev,loadtest,ray,interactive]'
 	touch $@
 
 install: $(VENV)/.installed

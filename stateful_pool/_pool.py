@@ -34,55 +34,125 @@ def _shutdown_forgotten_pools() -> None:
 atexit.register(_shutdown_forgotten_pools)
 
 
+class _Waiter:
+    """One caller waiting for room in the queue: a thread (``lock``) or a coroutine
+    (``loop`` + ``future``). ``state`` changes only under the capacity's lock."""
+
+    __slots__ = ("lock", "loop", "future", "state")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.state = _WAITING
+        self.loop = loop
+        if loop is None:
+            self.lock: threading.Lock | None = threading.Lock()
+            self.lock.acquire()
+            self.future: asyncio.Future[None] | None = None
+        else:
+            self.lock = None
+            self.future = loop.create_future()
+
+    def wake(self) -> None:
+        """Tell the waiter it holds a place now (called with the capacity's lock released)."""
+        if self.lock is not None:
+            self.lock.release()
+            return
+        assert self.loop is not None and self.future is not None
+        try:
+            self.loop.call_soon_threadsafe(_resolve_waiter, self.future)
+        except RuntimeError:  # that loop is closed: nobody will take the place; pass it on
+            self.state = _ABANDONED
+            raise
+
+
+_WAITING, _GRANTED, _ABANDONED = 0, 1, 2
+
+
 class _Capacity:
-    """Bounds the number of queued tasks (``queue_size``); callers may wait for room."""
+    """Bounds the number of queued tasks (``queue_size``).
+
+    Callers that find the queue full wait in one FIFO line, threads and coroutines alike. A
+    freed place is handed to the first caller still waiting (never to a newcomer, never to
+    one that gave up), and only that caller is woken: O(1) per task, however many wait.
+    """
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.used = 0
-        self._cond = threading.Condition()
-        self._async_waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = (
-            deque())
+        self._lock = threading.Lock()
+        self._waiters: deque[_Waiter] = deque()
+
+    def _try_take(self) -> bool:
+        if not self._waiters and self.used < self.limit:  # type: ignore[operator]
+            self.used += 1
+            return True
+        return False
 
     def acquire(self, timeout: float | None) -> bool:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: self.used < self.limit, timeout)  # type: ignore
-            if ok:
-                self.used += 1
-            return ok
+        with self._lock:
+            if self._try_take():
+                return True
+            if timeout is not None and timeout <= 0:
+                return False
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+        assert waiter.lock is not None
+        if waiter.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return True
+        return self._give_up(waiter)
 
     async def acquire_async(self, timeout: float | None) -> bool:
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            with self._cond:
-                if self.used < self.limit:  # type: ignore[operator]
-                    self.used += 1
-                    return True
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._async_waiters.append((loop, waiter))
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
+        with self._lock:
+            if self._try_take():
+                return True
+            if timeout is not None and timeout <= 0:
                 return False
+            waiter = _Waiter(loop)
+            self._waiters.append(waiter)
+        assert waiter.future is not None
+        try:
+            await asyncio.wait_for(waiter.future, timeout)
+            return True
+        except TimeoutError:
+            return self._give_up(waiter)
+        except asyncio.CancelledError:
+            if self._give_up(waiter):
+                self._release_one()  # granted as we were cancelled: pass the place on
+            raise
+
+    def _give_up(self, waiter: _Waiter) -> bool:
+        """A waiter stops waiting; True if a place was granted to it meanwhile (it keeps it)."""
+        with self._lock:
+            if waiter.state == _GRANTED:
+                return True
+            waiter.state = _ABANDONED
             try:
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                return False
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+            return False
 
     def release(self, task: Task) -> None:
-        with self._cond:
+        with self._lock:
             if not task.holds_slot:
                 return
             task.holds_slot = False
-            self.used -= 1
-            self._cond.notify()
-            # Wake every async waiter: one that already gave up must not swallow the wakeup.
-            waiters, self._async_waiters = self._async_waiters, deque()
-        for loop, waiter in waiters:
+        self._release_one()
+
+    def _release_one(self) -> None:
+        """Free one place: hand it to the first live waiter, or return it to the pool."""
+        while True:
+            with self._lock:
+                if not self._waiters:
+                    self.used -= 1
+                    return
+                waiter = self._waiters.popleft()
+                waiter.state = _GRANTED  # the place moves to it; `used` is unchanged
             try:
-                loop.call_soon_threadsafe(_resolve_waiter, waiter)
+                waiter.wake()
+                return
             except RuntimeError:
-                pass  # that loop is closed
+                continue  # its event loop is closed; next in line
 
 
 class _LoopBridge:
@@ -242,6 +312,7 @@ class SPool(Generic[SpawnR, ExecR]):
         self.backend = backend
         self.worker_options = dict(worker_options or {})
         self._transport.check_options(self.worker_options)
+        self._transport.check_class(worker_cls)
 
         self.worker_cls = worker_cls
         self.queue_size = queue_size or None

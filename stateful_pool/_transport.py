@@ -21,6 +21,7 @@ import socket
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+from ._classref import ClassRef, class_ref, main_unreachable_hidden
 from ._worker import worker_main
 
 
@@ -36,6 +37,10 @@ class Transport(Protocol):
         """Raise ``ValueError`` for per-worker options this transport does not understand."""
         ...
 
+    def check_class(self, worker_cls: type) -> None:
+        """Raise ``TypeError`` if the workers could not rebuild ``worker_cls``."""
+        ...
+
 
 class ProcessTransport:
     """Workers as local processes of a ``multiprocessing`` context, talking over a pipe."""
@@ -45,6 +50,10 @@ class ProcessTransport:
     def __init__(self, mp_context: Any) -> None:
         self.ctx = mp_context
         self.location = {"host": socket.gethostname(), "node": None}
+        self._class_refs: dict[type, ClassRef] = {}
+
+    def check_class(self, worker_cls: type) -> None:
+        self._class_refs[worker_cls] = class_ref(worker_cls)
 
     def check_options(self, options: dict[str, Any]) -> None:
         if options:
@@ -54,12 +63,16 @@ class ProcessTransport:
 
     def start(self, worker_cls: type, worker_id: int, options: dict[str, Any]
               ) -> tuple[Connection, Any]:
+        ref = self._class_refs.get(worker_cls)
+        if ref is None:
+            ref = self._class_refs[worker_cls] = class_ref(worker_cls)
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         try:
             process = self.ctx.Process(
-                target=worker_main, args=(child_conn, worker_cls, os.getpid()),
+                target=worker_main, args=(child_conn, ref, os.getpid()),
                 name=f"stateful_pool-worker-{worker_id}")
-            process.start()
+            with main_unreachable_hidden():
+                process.start()
         except BaseException:
             parent_conn.close()
             raise

@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Generic, NoReturn, TypeVar
 
 from . import _messages as m
+from ._classref import ClassRef, load_class
 
 SpawnR = TypeVar("SpawnR")
 ExecR = TypeVar("ExecR")
@@ -108,15 +109,16 @@ def _run_batch(
     return [(task_id, outcomes[task_id]) for task_id in task_ids]
 
 
-def spawn_worker(worker_cls: type[SWorker[Any, Any]], payload: m.Payload
+def spawn_worker(worker_cls: type[SWorker[Any, Any]] | ClassRef, payload: m.Payload
                  ) -> tuple[SWorker[Any, Any] | None, m.Outcome]:
     """Create the worker and run its ``spawn``; ``None`` and an error outcome if that failed.
 
     Runs in the worker process (or Ray actor).
     """
     try:
+        cls = worker_cls if isinstance(worker_cls, type) else load_class(worker_cls)
         args, kwargs = m.loads_payload(payload)
-        worker = worker_cls()
+        worker = cls()
         spawned = worker.spawn(*args, **kwargs)
     except Exception as exc:
         return None, m.error_outcome(exc)
@@ -148,7 +150,7 @@ def _exit_after_failed_spawn(send: Any, outcome: m.Outcome) -> NoReturn:
         os._exit(1)
 
 
-def worker_main(conn: Connection, worker_cls: type[SWorker[Any, Any]], parent_pid: int) -> None:
+def worker_main(conn: Connection, worker_cls: ClassRef, parent_pid: int) -> None:
     """Entry point of a worker process: spawn once, then answer tasks until told to stop.
 
     Runs in the worker process.
