@@ -68,10 +68,13 @@ RUNNING = 1
 DONE = 2
 
 MAX_RESTART_DELAY = 10.0
-# After shutdown asks a worker to stop, how long it may take before it is killed. An idle
-# worker with torch loaded took over 5 s to exit on a loaded 2-core machine (interpreter
-# teardown), hence 10.
+# After shutdown asks an idle worker to stop, how long it may take before it is killed. It
+# runs its close() hook and leaves with os._exit (no interpreter teardown), so milliseconds
+# is the norm; a slow close() gets this long.
 STOP_GRACE = 10.0
+# A busy worker whose tasks nobody waits for any more is sent SIGTERM at shutdown, and
+# SIGKILL if it is still there after this long.
+TERM_GRACE = 1.0
 
 
 class Task(Future[Any]):
@@ -89,7 +92,13 @@ class Task(Future[Any]):
         self.deadline = deadline
         self.state = QUEUED
         self.holds_slot = holds_slot
+        self.abandoned = False  # its caller stopped waiting while it ran (asyncio cancel)
         self._on_cancel = on_cancel
+
+    @property
+    def wanted(self) -> bool:
+        """Whether a caller still waits for this task (not timed out, cancelled, abandoned)."""
+        return not (self.abandoned or self.done())
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
@@ -238,6 +247,7 @@ class Dispatcher:
         self.closing = False
         self._timers_armed = False
         self.cancel_on_close = False
+        self.kill_on_close = False
         self.close_deadline: float | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -324,6 +334,7 @@ class Dispatcher:
             elif item[0] == "close":
                 self.closing = True
                 self.cancel_on_close = self.cancel_on_close or item[1]
+                self.kill_on_close = self.kill_on_close or item[3]
                 if item[2] is not None:
                     deadline = time.monotonic() + item[2]
                     if self.close_deadline is None or deadline < self.close_deadline:
@@ -684,9 +695,12 @@ class Dispatcher:
         if settle(task, result, exc):
             self.counts["completed" if exc is None else "failed"] += 1
 
-    def request_close(self, cancel_futures: bool, timeout: float | None) -> None:
+    def request_close(self, cancel_futures: bool, timeout: float | None,
+                      kill: bool = False) -> None:
+        """Stop accepting; finish (or cancel) the queue; wait at most ``timeout`` for running
+        tasks; ``kill``: stop every worker at once with SIGKILL (a second Ctrl-C)."""
         with self.lock:
-            self.inbox.append(("close", cancel_futures, timeout))
+            self.inbox.append(("close", cancel_futures, timeout, kill))
         self.wake()
 
     # ---- shutdown ---------------------------------------------------------------------------
@@ -696,33 +710,32 @@ class Dispatcher:
             return True
         if self.pending:
             return False
-        return not any(slot.tasks or slot.state == STARTING for slot in self.slots)
+        # Running tasks whose callers have all gone (timed out, cancelled) are not waited for.
+        return not any(slot.state == STARTING
+                       or any(task.wanted for task in slot.tasks.values())
+                       for slot in self.slots)
 
     def _stop_workers(self) -> None:
         """Ask every worker to stop, kill the ones that do not, and fail whatever is left."""
         for task in self.pending.pop_all():
             if not task.cancel():
                 self._finish(task, exc=PoolClosedError("the pool shut down before this task ran"))
+        now = time.monotonic()
+        deadlines: dict[int, float] = {}
         for slot in self.slots:
             if slot.conn is not None:
-                if slot.state == BUSY or slot.state == STARTING:
-                    slot.process.kill()  # past the drain deadline
-                else:
-                    try:
-                        m.send_message(slot.conn.send_bytes, m.STOP, None, None)
-                    except OSError:
-                        pass
+                deadlines[slot.id] = now + self._stop_one(slot)
             if slot.state in LIVE_STATES:
                 slot.state = STOPPING
-        deadline = time.monotonic() + STOP_GRACE
         for slot in self.slots:
             if slot.process is None or slot.conn is None:
                 slot.state = STOPPED if slot.state != DEAD else DEAD
                 continue
-            slot.process.join(max(0.0, deadline - time.monotonic()))
+            self._join_unless_killed(slot, deadlines[slot.id])
             if slot.process.exitcode is None:
-                logger.warning("worker %d did not stop within %.0f s; killing it",
-                               slot.id, STOP_GRACE)
+                if not self.kill_on_close:
+                    logger.warning("worker %d did not stop within %.0f s; killing it",
+                                   slot.id, deadlines[slot.id] - now)
                 slot.process.kill()
                 slot.process.join()
             for task in slot.tasks.values():
@@ -743,6 +756,34 @@ class Dispatcher:
             if slot.writer is not None:
                 slot.writer.close()
         self._drain_inbox_after_close()
+
+    def _join_unless_killed(self, slot: WorkerSlot, deadline: float) -> None:
+        """Wait for a worker to exit until ``deadline``, or until a kill is requested."""
+        while not self.kill_on_close:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            slot.process.join(min(left, 0.05))
+            if slot.process.exitcode is not None:
+                return
+
+    def _stop_one(self, slot: WorkerSlot) -> float:
+        """Tell one worker to stop; return how long it may take before it is killed."""
+        if self.kill_on_close:
+            slot.process.kill()
+            return 0.0
+        if slot.state == STARTING or any(task.wanted for task in slot.tasks.values()):
+            slot.process.kill()  # still working for a caller, past the drain deadline
+            return 0.0
+        if slot.state == BUSY:  # only tasks nobody waits for: no need to be gentle
+            terminate = getattr(slot.process, "terminate", slot.process.kill)
+            terminate()
+            return TERM_GRACE
+        try:
+            m.send_message(slot.conn.send_bytes, m.STOP, None, None)  # type: ignore[union-attr]
+        except OSError:
+            pass
+        return STOP_GRACE
 
     def _drain_inbox_after_close(self) -> None:
         while self.inbox:

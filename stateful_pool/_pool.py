@@ -22,6 +22,8 @@ from .errors import NoWorkersError, PoolClosedError, QueueFullError
 _live_pools: weakref.WeakSet[SPool[Any, Any]] = weakref.WeakSet()
 # Bound on how long interpreter exit waits for a pool its owner forgot to shut down.
 _ATEXIT_TIMEOUT = 10.0
+# How long a second Ctrl-C waits for the killed workers to be reaped.
+_KILL_JOIN_TIMEOUT = 5.0
 
 
 def _shutdown_forgotten_pools() -> None:
@@ -261,6 +263,11 @@ class SPool(Generic[SpawnR, ExecR]):
             running"). Default 0: a worker holds only what it runs.
         restart_backoff: delay before the first respawn; it doubles with each further restart
             within the window, up to 10 s. Default 0.1 s.
+        abort_grace: when a ``with`` / ``async with`` block is left by an exception
+            (Ctrl-C's ``KeyboardInterrupt``, ``SystemExit``, any error), queued tasks are
+            cancelled and running tasks get this many seconds before their workers are
+            killed; the exception then propagates unchanged. Leaving normally waits for all
+            accepted work. Default 1 s.
 
     Raises:
         ValueError: an option is out of its range (nothing is spawned).
@@ -286,6 +293,7 @@ class SPool(Generic[SpawnR, ExecR]):
         prefetch: int = 0,
         restart_window: float = 60.0,
         restart_backoff: float = 0.1,
+        abort_grace: float = 1.0,
     ) -> None:
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, SWorker)):
             raise TypeError(f"worker_cls must be a subclass of SWorker, got {worker_cls!r}")
@@ -308,6 +316,9 @@ class SPool(Generic[SpawnR, ExecR]):
             raise ValueError(f"restart_window must be > 0 seconds, got {restart_window}")
         if restart_backoff < 0:
             raise ValueError(f"restart_backoff must be >= 0 seconds, got {restart_backoff}")
+        if abort_grace < 0:
+            raise ValueError(f"abort_grace must be >= 0 seconds, got {abort_grace}")
+        self.abort_grace = abort_grace
         self._transport = _make_transport(backend, mp_context)
         self.backend = backend
         self.worker_options = dict(worker_options or {})
@@ -488,7 +499,9 @@ class SPool(Generic[SpawnR, ExecR]):
         try:
             return await bridge.watch(task)  # type: ignore[no-any-return]
         except asyncio.CancelledError:
-            task.cancel()  # still queued: it leaves the queue and never runs
+            if not task.cancel():  # queued: it leaves the queue and never runs
+                task.abandoned = True  # running: nobody waits for it; shutdown won't either
+                self._dispatcher.wake()
             raise
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -497,34 +510,64 @@ class SPool(Generic[SpawnR, ExecR]):
                  timeout: float | None = None) -> None:
         """Stop accepting tasks, finish the accepted ones, stop every worker. Idempotent.
 
+        It waits for queued tasks (unless ``cancel_futures``) and for running tasks that a
+        caller still waits for. A running task whose caller has gone (its
+        ``execution_timeout`` passed, or its asyncio caller was cancelled) is not waited for:
+        its worker is terminated. Idle workers run their ``close()`` and exit at once.
+
         Args:
             wait: block until every worker process has exited.
             cancel_futures: cancel the tasks that have not started instead of running them.
             timeout: seconds to wait for accepted tasks; past it, running tasks fail with
                 ``PoolClosedError`` and their workers are killed. ``None``: no limit.
 
-        Afterwards every future of this pool is done and no worker process remains. Safe from
-        ``atexit``, from a signal handler's thread and from the event loop's thread (it never
-        waits on the loop).
+        A ``KeyboardInterrupt`` (Ctrl-C) while it waits kills every worker at once and
+        propagates. Afterwards every future of this pool is done and no worker process
+        remains. Safe from ``atexit``, from a signal handler's thread and from the event
+        loop's thread (it never waits on the loop).
         """
         dispatcher = self._dispatcher
         self._closed = True
         dispatcher.request_close(cancel_futures, timeout)
         _live_pools.discard(self)
         if wait and threading.current_thread() is not dispatcher.thread:
-            dispatcher.thread.join()
+            try:
+                dispatcher.thread.join()
+            except KeyboardInterrupt:
+                self._kill_now()
+                raise
+
+    def _kill_now(self) -> None:
+        """Stop every worker at once (SIGKILL) and wait the few milliseconds that takes."""
+        self._closed = True
+        self._dispatcher.kill_on_close = True  # seen at once, even mid-way through stopping
+        self._dispatcher.request_close(True, 0.0, kill=True)
+        self._dispatcher.thread.join(timeout=_KILL_JOIN_TIMEOUT)
+
+    def _abort(self) -> None:
+        """Leave a ``with`` block on an exception: cancel the queue, give running tasks
+        ``abort_grace`` seconds, stop the workers."""
+        self.shutdown(cancel_futures=True, timeout=self.abort_grace)
 
     def __enter__(self) -> SPool[SpawnR, ExecR]:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.shutdown()
+        else:
+            self._abort()
 
     async def __aenter__(self) -> SPool[SpawnR, ExecR]:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        stop = self.shutdown if exc_type is None else self._abort
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, stop)
+        except BaseException:  # cancelled again (a second Ctrl-C under asyncio.run)
+            self._kill_now()
+            raise
 
     # ---- introspection ----------------------------------------------------------------------
 

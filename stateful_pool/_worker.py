@@ -5,11 +5,13 @@ Everything below ``SWorker`` runs in the worker process.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Generic, NoReturn, TypeVar
 
@@ -39,6 +41,7 @@ class SWorker(Generic[SpawnR, ExecR]):
       max_batch_size=N)``, receives the single positional argument of up to ``N`` queued
       tasks and returns one result per item, in order. An item's result may be an exception
       instance to fail only that item.
+    * optionally ``close(self)``: runs once when the pool stops the worker (shutdown).
 
     The instance is created in the worker process with no arguments; keep state on ``self``.
     """
@@ -50,6 +53,15 @@ class SWorker(Generic[SpawnR, ExecR]):
     def execute(self, *args: Any, **kwargs: Any) -> ExecR:
         """Run one task in the worker process."""
         raise NotImplementedError(f"{type(self).__qualname__} does not define execute()")
+
+    def close(self) -> None:
+        """Release what ``spawn`` acquired (files, connections, a GPU); runs once in the
+        worker process when the pool stops it. Default: do nothing.
+
+        The process then leaves with ``os._exit`` after flushing stdout, stderr and logging,
+        skipping the interpreter's teardown (seconds with torch loaded). A worker that is
+        killed (crash, ``hang_timeout``, shutdown deadline, second Ctrl-C) does not run it.
+        """
 
 
 def defines_execute_batch(worker_cls: type) -> bool:
@@ -139,15 +151,35 @@ def run_message(worker: SWorker[Any, Any], kind: int, key: Any, blobs: Any
     return None
 
 
+def _exit_now(code: int) -> NoReturn:
+    """Leave the process without the interpreter's teardown (seconds with torch loaded):
+    flush what the user may have written, then ``os._exit``."""
+    try:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 def _exit_after_failed_spawn(send: Any, outcome: m.Outcome) -> NoReturn:
     """Report a failed spawn and leave at once: threads the failed spawn started must not
     keep the process alive."""
     try:
         m.send_outcomes(send, m.SPAWNED, [(None, outcome)])
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        _exit_now(1)
+
+
+def _close_and_exit(worker: SWorker[Any, Any]) -> NoReturn:
+    """Run the worker's ``close()`` hook, then leave at once."""
+    code = 0
+    try:
+        worker.close()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    _exit_now(code)
 
 
 def worker_main(conn: Connection, worker_cls: ClassRef, parent_pid: int) -> None:
@@ -175,11 +207,11 @@ def worker_main(conn: Connection, worker_cls: ClassRef, parent_pid: int) -> None
         try:
             kind, key, blobs = m.recv_message(recv)
         except (EOFError, OSError):
-            return  # the parent closed the pipe or died
+            _close_and_exit(worker)  # the parent closed the pipe or died
         reply = run_message(worker, kind, key, blobs)
         if reply is None:
-            return
+            _close_and_exit(worker)  # STOP
         try:
             m.send_outcomes(send, m.RESULTS, reply)
         except (EOFError, OSError):
-            return
+            _close_and_exit(worker)
