@@ -17,7 +17,7 @@ from ._dispatch import Dispatcher, Task, WorkerSlot
 from ._stats import PoolStats, WorkerStats
 from ._transport import ProcessTransport
 from ._worker import ExecR, SpawnR, SWorker, defines_execute_batch
-from .errors import NoWorkersError, PoolClosedError, QueueFullError
+from .errors import NoWorkersError, PoolClosedError, QueueFullError, TaskTimeoutError
 
 _live_pools: weakref.WeakSet[SPool[Any, Any]] = weakref.WeakSet()
 # Bound on how long interpreter exit waits for a pool its owner forgot to shut down.
@@ -425,9 +425,7 @@ class SPool(Generic[SpawnR, ExecR]):
             raise NoWorkersError("cannot execute: the pool has no live worker; call spawn() first")
         return payload
 
-    def _enqueue(self, payload: m.Payload) -> Task:
-        deadline = (None if self.execution_timeout is None
-                    else time.monotonic() + self.execution_timeout)
+    def _enqueue(self, payload: m.Payload, deadline: float | None) -> Task:
         task = Task(self._ids(), payload, deadline, self.queue_size is not None,
                     self._on_cancel)
         dispatcher = self._dispatcher
@@ -439,6 +437,66 @@ class SPool(Generic[SpawnR, ExecR]):
             dispatcher.inbox.append(task)
         dispatcher.wake()
         return task
+
+    def _deadline(self, timeout: float | None | _Default) -> float | None:
+        if isinstance(timeout, _Default):
+            timeout = self.execution_timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _room_wait(self, deadline: float | None) -> float | None:
+        """How long a submit may wait for room: ``submission_timeout``, and never past the
+        task's own deadline."""
+        if deadline is None:
+            return self.submission_timeout
+        left = max(0.0, deadline - time.monotonic())
+        return left if self.submission_timeout is None else min(left, self.submission_timeout)
+
+    def _no_room(self, deadline: float | None) -> Exception:
+        if deadline is not None and time.monotonic() >= deadline:
+            return TaskTimeoutError("task timed out waiting for room in the queue; it will "
+                                    "not run")
+        return self._queue_full()
+
+    def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                timeout: float | None | _Default) -> Task:
+        payload = self._payload(args, kwargs)
+        deadline = self._deadline(timeout)
+        if self.queue_size is not None and not self._capacity.acquire(self._room_wait(deadline)):
+            raise self._no_room(deadline)
+        return self._enqueue(payload, deadline)
+
+    async def _async_execute(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                             timeout: float | None | _Default) -> Any:
+        payload = self._payload(args, kwargs)
+        deadline = self._deadline(timeout)
+        if self.queue_size is not None and not await self._capacity.acquire_async(
+                self._room_wait(deadline)):
+            raise self._no_room(deadline)
+        loop = asyncio.get_running_loop()
+        bridge = self._bridges.get(loop)
+        if bridge is None:
+            bridge = self._bridges[loop] = _LoopBridge(loop)
+        task = self._enqueue(payload, deadline)
+        try:
+            return await bridge.watch(task)
+        except asyncio.CancelledError:
+            if not task.cancel():  # queued: it leaves the queue and never runs
+                task.abandoned = True  # running: nobody waits for it; shutdown won't either
+                self._dispatcher.wake()
+            raise
+
+    def with_timeout(self, seconds: float | None) -> TimedCalls[ExecR]:
+        """This pool's ``submit_execute`` / ``execute`` / ``async_execute`` with a timeout of
+        their own instead of ``execution_timeout``: a request's deadline, for example
+        ``pool.with_timeout(remaining).async_execute(item)``.
+
+        The clock starts at each call; the time spent waiting for room in a full queue counts.
+        A task whose timeout passes while queued leaves the queue and never runs (never in a
+        batch); one that passes while it runs fails with ``TaskTimeoutError`` and its result is
+        discarded. ``None``: no timeout.
+        """
+        _check_timeout("timeout", seconds)
+        return TimedCalls(self, seconds)
 
     def _on_cancel(self, task: Task) -> None:
         if task.holds_slot:
@@ -467,10 +525,7 @@ class SPool(Generic[SpawnR, ExecR]):
             TypeError: with batching on, anything but exactly one positional argument.
             Exception: the arguments cannot be pickled (raised here; the pool is unaffected).
         """
-        payload = self._payload(args, kwargs)
-        if self.queue_size is not None and not self._capacity.acquire(self.submission_timeout):
-            raise self._queue_full()
-        return self._enqueue(payload)
+        return self._submit(args, kwargs, _DEFAULT)
 
     def execute(self, *args: Any, **kwargs: Any) -> ExecR:
         """Run one task and wait for its result (``submit_execute(...).result()``).
@@ -480,29 +535,15 @@ class SPool(Generic[SpawnR, ExecR]):
                 as ``__cause__``), or any error of ``submit_execute``, ``TaskTimeoutError``,
                 ``WorkerCrashedError`` or ``RemoteError``.
         """
-        return self.submit_execute(*args, **kwargs).result()
+        return self._submit(args, kwargs, _DEFAULT).result()  # type: ignore[no-any-return]
 
     async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:
         """Run one task from asyncio. No thread waits for it: the event loop is woken when
         the result arrives. Cancelling the awaiting task before the task starts removes it
-        from the queue. Raises as ``execute`` does; a full queue is waited on asynchronously.
+        from the queue; once it runs, the pool stops waiting for it (``shutdown`` will not).
+        Raises as ``execute`` does; a full queue is waited on asynchronously.
         """
-        payload = self._payload(args, kwargs)
-        if self.queue_size is not None and not await self._capacity.acquire_async(
-                self.submission_timeout):
-            raise self._queue_full()
-        loop = asyncio.get_running_loop()
-        bridge = self._bridges.get(loop)
-        if bridge is None:
-            bridge = self._bridges[loop] = _LoopBridge(loop)
-        task = self._enqueue(payload)
-        try:
-            return await bridge.watch(task)  # type: ignore[no-any-return]
-        except asyncio.CancelledError:
-            if not task.cancel():  # queued: it leaves the queue and never runs
-                task.abandoned = True  # running: nobody waits for it; shutdown won't either
-                self._dispatcher.wake()
-            raise
+        return await self._async_execute(args, kwargs, _DEFAULT)  # type: ignore[no-any-return]
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -600,6 +641,30 @@ class SPool(Generic[SpawnR, ExecR]):
         state = "closed" if self._closed else "open"
         return (f"<SPool {self.worker_cls.__qualname__} {state} workers={s.live_workers} "
                 f"busy={s.busy_workers} queued={s.queue_depth} in_flight={s.in_flight}>")
+
+
+class _Default:
+    """Marks "the pool's execution_timeout" (``None`` means no timeout)."""
+
+
+_DEFAULT = _Default()
+
+
+class TimedCalls(Generic[ExecR]):
+    """What ``pool.with_timeout(seconds)`` returns: the execute methods with that timeout."""
+
+    def __init__(self, pool: SPool[Any, ExecR], timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    def submit_execute(self, *args: Any, **kwargs: Any) -> Future[ExecR]:
+        return self._pool._submit(args, kwargs, self._timeout)
+
+    def execute(self, *args: Any, **kwargs: Any) -> ExecR:
+        return self._pool._submit(args, kwargs, self._timeout).result()  # type: ignore
+
+    async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:
+        return await self._pool._async_execute(args, kwargs, self._timeout)  # type: ignore
 
 
 class _SpawnWithOptions(Generic[SpawnR]):

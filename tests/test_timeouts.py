@@ -151,3 +151,57 @@ def test_execution_timeout_also_applies_to_async(make_pool):
             await p.async_execute("sleep", 2)
 
     asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_with_timeout_gives_one_call_its_own_deadline(make_pool, tmp_path):
+    """A request deadline: the queued task whose deadline passes never reaches a worker."""
+    pool = make_pool(Tasks, execution_timeout=30)
+    pool.spawn(marker_dir=str(tmp_path))
+    blocker = pool.submit_execute("sleep", 0.6)
+    late = pool.with_timeout(0.2).submit_execute("mark", "late")
+    t0 = time.monotonic()
+    with pytest.raises(TaskTimeoutError, match="before it started"):
+        late.result(timeout=5)
+    assert 0.15 < time.monotonic() - t0 < 0.5
+    blocker.result(timeout=5)
+    assert pool.execute("echo", "after") == "after"
+    assert not (tmp_path / "late").exists()
+    # None lifts the pool's timeout; an invalid one is refused before anything is queued.
+    assert pool.with_timeout(None).execute("sleep", 0.05, "ok") == "ok"
+    with pytest.raises(ValueError, match="timeout must be None or > 0"):
+        pool.with_timeout(0)
+
+
+def test_with_timeout_counts_the_wait_for_room_in_a_full_queue(make_pool):
+    pool = make_pool(Tasks, queue_size=1)
+    pool.spawn()
+    pool.submit_execute("sleep", 1.0)
+    time.sleep(0.2)
+    pool.submit_execute("echo", "fills the queue")
+
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(TaskTimeoutError, match="waiting for room"):
+            await pool.with_timeout(0.3).async_execute("echo", "no room")
+        return time.monotonic() - t0
+
+    assert 0.25 < asyncio.run(main()) < 0.8
+    assert pool._capacity.used <= 1
+
+
+def test_a_batch_never_carries_an_expired_item(make_pool):
+    from workers import Batcher
+
+    pool = make_pool(Batcher, max_batch_size=8)
+    pool.spawn(cost_s=0.5)
+    first = pool.submit_execute(("echo", "first"))
+    time.sleep(0.1)  # the first batch runs; the next ones queue behind it
+    expiring = [pool.with_timeout(0.2).submit_execute(("echo", f"x{i}")) for i in range(3)]
+    kept = [pool.submit_execute(("echo", f"k{i}")) for i in range(3)]
+    assert first.result(timeout=5)[0] == "first"
+    assert [f.result(timeout=5)[0] for f in kept] == ["k0", "k1", "k2"]
+    for f in expiring:
+        with pytest.raises(TaskTimeoutError, match="before it started"):
+            f.result(timeout=0)
+    sizes = pool.execute(("sizes", None))
+    assert sizes[:2] == [1, 3], sizes  # the second batch held the three kept items only
