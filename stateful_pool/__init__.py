@@ -21,6 +21,7 @@ Quick start::
 from __future__ import annotations
 
 from ._pool import SPool
+from ._states import TaskState, WorkerState
 from ._stats import PoolStats, WorkerStats
 from ._worker import SWorker
 from .errors import (
@@ -36,6 +37,8 @@ from .errors import (
 )
 
 SWorker.__module__ = "stateful_pool"
+WorkerState.__module__ = "stateful_pool"
+TaskState.__module__ = "stateful_pool"
 
 __version__ = "0.4.0"
 
@@ -50,7 +53,9 @@ __all__ = [
     "SWorker",
     "SpawnError",
     "SpawnTimeoutError",
+    "TaskState",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerState",
     "WorkerStats",
 ]

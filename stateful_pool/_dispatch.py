@@ -6,20 +6,24 @@ Data flow of one task::
     --------------------------          -----------------                 --------------
     submit_execute(args)
       pickle args (bad args fail here)
-      inbox.append(task), wake() ---->  drain inbox -> PendingQueue
+      dispatcher.submit(task) ------->  drain inbox -> PendingQueue
                                          free worker + due batch?
                                            future -> running
                                            send (EXEC|BATCH) ----------->  execute(...)
-                                         wait(pipes, sentinels, wakeup)    |
+                                         poll(pipes, sentinels, wakeup)    |
                                            results <----------------------  RESULTS
                                            future.set_result(...)
-    future done / asyncio woken <------    (call_soon_threadsafe via wrap_future)
+    future done / asyncio woken <------
 
 Only the dispatcher thread touches a worker's pipe, its task table and the pending queue;
-callers talk to it through ``inbox`` (a deque, atomic append) and a wakeup pipe. It sleeps in
-``poll`` on every worker pipe, every process sentinel and the wakeup
-pipe, so a worker that dies, busy or idle, is noticed at once, not on the next poll. It knows
-exactly which tasks each worker holds, so a death fails those tasks and nothing else.
+callers talk to it through a small API (``submit``, ``add_worker``, ``cancelled``,
+``abandoned``, ``close``, ``snapshot``) that appends typed messages to ``inbox`` and writes
+to a wakeup pipe. It sleeps in ``poll`` on every worker pipe, every process sentinel and the
+wakeup pipe, so a worker that dies, busy or idle, is noticed at once. It knows exactly which
+tasks each worker holds, so a death fails those tasks and nothing else.
+
+This module is the scheduling half; ``_lifecycle.WorkerLifecycle`` (its base class) starts,
+reaps, restarts and stops the worker processes.
 """
 
 from __future__ import annotations
@@ -27,163 +31,50 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import queue
 import select
-import signal
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
-from multiprocessing.connection import Connection
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from . import _messages as m
 from ._batching import BatchCounter, PendingQueue
-from .errors import (
-    NoWorkersError,
-    PoolClosedError,
-    SpawnError,
-    SpawnTimeoutError,
-    TaskTimeoutError,
-    WorkerCrashedError,
-)
+from ._lifecycle import WorkerLifecycle
+from ._restart import RestartPolicy
+from ._slot import FrameWriter, WorkerSlot
+from ._states import LIVE_STATES, TaskState, WorkerState
+from ._stats import PoolStats, WorkerStats
+from ._task import Task, settle
+from ._transport import Transport
+from .errors import NoWorkersError, PoolClosedError, TaskTimeoutError
 
 logger = logging.getLogger("stateful_pool")
 
-# Worker states, as reported by stats().
-STARTING = "starting"
-IDLE = "idle"
-BUSY = "busy"
-RESTARTING = "restarting"
-STOPPING = "stopping"
-DEAD = "dead"
-STOPPED = "stopped"
-LIVE_STATES = frozenset({STARTING, IDLE, BUSY, RESTARTING})
-
-# Task states.
-QUEUED = 0
-RUNNING = 1
-DONE = 2
-
-MAX_RESTART_DELAY = 10.0
-# After shutdown asks an idle worker to stop, how long it may take before it is killed. It
-# runs its close() hook and leaves with os._exit (no interpreter teardown), so milliseconds
-# is the norm; a slow close() gets this long.
-STOP_GRACE = 10.0
-# A busy worker whose tasks nobody waits for any more is sent SIGTERM at shutdown, and
-# SIGKILL if it is still there after this long.
-TERM_GRACE = 1.0
+W = WorkerState
+T = TaskState
 
 
-class Task(Future[Any]):
-    """One submitted task; it is also the future handed to the caller (one object per task).
+# ---- what callers put in the inbox (besides a Task to run) ------------------------------------
 
-    ``cancel()`` tells the pool at once, so a cancelled task leaves the queue and frees its
-    place in ``queue_size`` without a done-callback on every task.
-    """
-
-    def __init__(self, task_id: int, payload: m.Payload, deadline: float | None,
-                 holds_slot: bool, on_cancel: Callable[[Task], None]) -> None:
-        super().__init__()
-        self.id = task_id
-        self.payload = payload
-        self.deadline = deadline
-        self.state = QUEUED
-        self.holds_slot = holds_slot
-        self.abandoned = False  # its caller stopped waiting while it ran (asyncio cancel)
-        self._on_cancel = on_cancel
-
-    @property
-    def wanted(self) -> bool:
-        """Whether a caller still waits for this task (not timed out, cancelled, abandoned)."""
-        return not (self.abandoned or self.done())
-
-    def cancel(self) -> bool:
-        cancelled = super().cancel()
-        if cancelled:
-            self._on_cancel(self)
-        return cancelled
+@dataclass(slots=True)
+class StartWorker:
+    slot: WorkerSlot
 
 
-class WorkerSlot:
-    """One worker of the pool; survives respawns (same id, same spawn arguments)."""
-
-    def __init__(self, worker_id: int, spawn_payload: bytes, future: Future[Any],
-                 options: dict[str, Any] | None = None) -> None:
-        self.id = worker_id
-        self.spawn_payload = spawn_payload
-        self.options = options or {}
-        self.location: dict[str, Any] = {}
-        self.spawn_future: Future[Any] | None = future
-        self.state = STARTING
-        self.process: Any = None
-        self.conn: Connection | None = None
-        self.pid: int | None = None
-        self.tasks: dict[int, Task] = {}
-        self.messages = 0  # EXEC/BATCH messages sent and not answered yet
-        self.busy_since = 0.0
-        self.spawn_deadline: float | None = None
-        self.kill_reason = ""
-        self.restart_at = 0.0
-        self.restart_times: deque[float] = deque()
-        self.restarts = 0
-        self.tasks_done = 0
-        self.last_exitcode: int | None = None
-        self.writer: FrameWriter | None = None
-        self.spawn_error: BaseException | None = None
-        self.reaping = False
+@dataclass(slots=True)
+class Cancelled:
+    task: Task
 
 
-class FrameWriter:
-    """Sends large messages to one worker from a thread of its own (one per worker, not per
-    task). Jobs go out in order; ``idle`` is set when none is left."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self.idle = threading.Event()
-        self.idle.set()
-        self._lock = threading.Lock()
-        self._queued = 0
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def send(self, conn: Connection, kind: int, key: Any, blobs: list[m.Payload]) -> None:
-        with self._lock:
-            self._queued += 1
-            self.idle.clear()
-        self._jobs.put((conn, kind, key, blobs))
-
-    def close(self) -> None:
-        self._jobs.put(None)
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            conn, kind, key, blobs = job
-            try:
-                m.send_message(conn.send_bytes, kind, key, blobs)
-            except (OSError, TypeError):
-                pass  # the worker died (its sentinel tells the dispatcher) or conn was closed
-            finally:
-                del job, blobs
-                with self._lock:
-                    self._queued -= 1
-                    if not self._queued:
-                        self.idle.set()
-
-
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "an unknown status"
-    if exitcode < 0:
-        try:
-            return f"signal {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"
+@dataclass(slots=True)
+class Close:
+    cancel_futures: bool
+    timeout: float | None
+    kill: bool
 
 
 def _close_fds(*fds: int) -> None:
@@ -191,24 +82,12 @@ def _close_fds(*fds: int) -> None:
         os.close(fd)
 
 
-def settle(future: Future[Any], result: Any = None, exc: BaseException | None = None) -> bool:
-    """Resolve a future unless it is already done (a timeout or a cancel got there first)."""
-    try:
-        if exc is None:
-            future.set_result(result)
-        else:
-            future.set_exception(exc)
-    except InvalidStateError:
-        return False
-    return True
-
-
-class Dispatcher:
+class Dispatcher(WorkerLifecycle):
     def __init__(
         self,
         *,
         worker_cls: type,
-        transport: Any,
+        transport: Transport,
         batching: bool,
         max_batch_size: int,
         max_batch_wait: float,
@@ -225,30 +104,29 @@ class Dispatcher:
         self.batching = batching
         self.spawn_timeout = spawn_timeout
         self.hang_timeout = hang_timeout
-        self.max_restarts = max_restarts
         self.prefetch = prefetch
-        self.restart_window = restart_window
-        self.restart_backoff = restart_backoff
+        self._restart_args = (max_restarts, restart_window, restart_backoff)
         self.release_slot = release_slot
 
         self.pending: PendingQueue[Task] = PendingQueue(max_batch_size, max_batch_wait)
         self.batches = BatchCounter()
-        self.inbox: deque[Any] = deque()
+        self.inbox: deque[Task | StartWorker | Cancelled | Close] = deque()
         self.slots: list[WorkerSlot] = []
         self.idle: deque[WorkerSlot] = deque()
         self.deadlines: list[tuple[float, int, Task]] = []
         self.counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
                        "timed_out": 0, "restarts": 0}
+        self._worker_ids = iter(range(1 << 62)).__next__
 
-        # Held by submitters while they check `accepting` and append to the inbox, so that
+        # Held by callers while they check `accepting` and append to the inbox, so that
         # nothing lands in the inbox after the dispatcher's last look at it.
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()
         self.accepting = True
         self.closing = False
-        self._timers_armed = False
         self.cancel_on_close = False
         self.kill_on_close = False
         self.close_deadline: float | None = None
+        self._timers_armed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._wake_flag = False
@@ -264,7 +142,53 @@ class Dispatcher:
                                        daemon=True)
         self.thread.start()
 
-    # ---- called from any thread -------------------------------------------------------------
+    # ---- the API callers use, from any thread ---------------------------------------------
+
+    def submit(self, task: Task) -> bool:
+        """Queue a task; False if the pool no longer accepts any."""
+        with self._lock:
+            if not self.accepting:
+                return False
+            self.inbox.append(task)
+        self.wake()
+        return True
+
+    def add_worker(self, spawn_payload: bytes, future: Future[Any],
+                   options: dict[str, Any]) -> bool:
+        """Start one more worker; ``future`` gets what its spawn returned. False if closed."""
+        with self._lock:
+            if not self.accepting:
+                return False
+            slot = WorkerSlot(self._worker_ids(), spawn_payload, future, options,
+                              RestartPolicy(*self._restart_args))
+            self.slots.append(slot)
+            self.inbox.append(StartWorker(slot))
+        self.wake()
+        return True
+
+    def cancelled(self, task: Task) -> None:
+        """A queued task was cancelled by its caller: take it off the queue."""
+        self.inbox.append(Cancelled(task))
+        self.wake()
+
+    def abandoned(self, task: Task) -> None:
+        """A running task's caller stopped waiting; shutdown will not wait for it."""
+        task.abandoned = True
+        self.wake()
+
+    def close(self, cancel_futures: bool, timeout: float | None, kill: bool = False) -> None:
+        """Stop accepting; finish (or cancel) the queue; wait at most ``timeout`` for running
+        tasks; ``kill``: stop every worker at once with SIGKILL (a second Ctrl-C)."""
+        if kill:
+            self.kill_on_close = True  # seen at once, even mid-way through stopping
+        with self._lock:
+            self.inbox.append(Close(cancel_futures, timeout, kill))
+        self.wake()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the dispatcher thread to end (every worker stopped); not from itself."""
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
 
     def wake(self) -> None:
         if not self._wake_flag:
@@ -279,7 +203,30 @@ class Dispatcher:
             return True
         return any(slot.state in LIVE_STATES for slot in self.slots)
 
-    # ---- dispatcher thread ------------------------------------------------------------------
+    def snapshot(self) -> PoolStats:
+        """Workers, queue and counters at about this moment (no lock; cheap)."""
+        workers = tuple(
+            WorkerStats(worker_id=s.id, pid=s.pid, state=s.state, tasks_done=s.tasks_done,
+                        restarts=s.restarts.total, running=len(s.tasks),
+                        last_exitcode=s.last_exitcode, host=s.location.get("host"),
+                        node=s.location.get("node"),
+                        gpu_ids=tuple(s.location.get("gpu_ids", ())))
+            for s in list(self.slots))
+        # Cancelled tasks leave the queue at once for callers, even before the dispatcher
+        # has drained the news.
+        waiting = self.pending.snapshot() + [t for t in list(self.inbox) if isinstance(t, Task)]
+        queued = sum(not t.cancelled() for t in waiting)
+        counts, b = dict(self.counts), self.batches
+        return PoolStats(
+            workers=workers, queue_depth=queued,
+            in_flight=queued + sum(w.running for w in workers),
+            submitted=counts["submitted"], completed=counts["completed"],
+            failed=counts["failed"], cancelled=counts["cancelled"],
+            timed_out=counts["timed_out"], restarts=counts["restarts"], batches=b.batches,
+            batch_size_mean=b.mean, batch_size_max=b.largest,
+            batch_size_hist=dict(b.histogram))
+
+    # ---- the dispatcher thread --------------------------------------------------------------
 
     def _run(self) -> None:
         try:
@@ -288,9 +235,10 @@ class Dispatcher:
             logger.exception("stateful_pool dispatcher failed; failing every task and stopping")
             self._fail_all(lambda: PoolClosedError("the pool's dispatcher failed; see the log"))
         finally:
-            with self.lock:
+            with self._lock:
                 self.accepting = False
             self._stop_workers()
+            self._refuse_inbox()
             self._wake_flag = True  # no caller writes to the wakeup pipe from now on
 
     def _loop(self) -> None:
@@ -299,7 +247,7 @@ class Dispatcher:
             now = time.monotonic()
             if self.deadlines and self.deadlines[0][0] <= now:
                 self._expire_tasks(now)
-            if self._timed_slots:
+            if self.hang_timeout is not None or self._timers_armed:
                 self._check_worker_timers(now)
             self._dispatch(now)
             if self.closing and self._drained(now):
@@ -324,26 +272,28 @@ class Dispatcher:
         inbox = self.inbox
         while inbox:
             item = inbox.popleft()
-            if isinstance(item, Task):
+            if type(item) is Task:
                 self._accept(item)
-            elif isinstance(item, WorkerSlot):
-                self._start_process(item)
-            elif item[0] == "cancelled":
-                if self.pending.remove(item[1].id) is not None:
+            elif isinstance(item, StartWorker):
+                self._start_process(item.slot)
+            elif isinstance(item, Cancelled):
+                if self.pending.remove(item.task.id) is not None:
                     self.counts["cancelled"] += 1
-            elif item[0] == "close":
-                self.closing = True
-                self.cancel_on_close = self.cancel_on_close or item[1]
-                self.kill_on_close = self.kill_on_close or item[3]
-                if item[2] is not None:
-                    deadline = time.monotonic() + item[2]
-                    if self.close_deadline is None or deadline < self.close_deadline:
-                        self.close_deadline = deadline
-                if self.cancel_on_close:
-                    for task in self.pending.pop_all():
-                        if task.cancel():
-                            self.counts["cancelled"] += 1
-                        task.state = DONE
+            elif isinstance(item, Close):
+                self._on_close(item)
+
+    def _on_close(self, close: Close) -> None:
+        self.closing = True
+        self.cancel_on_close = self.cancel_on_close or close.cancel_futures
+        if close.timeout is not None:
+            deadline = time.monotonic() + close.timeout
+            if self.close_deadline is None or deadline < self.close_deadline:
+                self.close_deadline = deadline
+        if self.cancel_on_close:
+            for task in self.pending.pop_all():
+                if task.cancel():
+                    self.counts["cancelled"] += 1
+                task.state = T.DONE
 
     def _accept(self, task: Task) -> None:
         self.counts["submitted"] += 1
@@ -374,7 +324,7 @@ class Dispatcher:
             for slot in self.slots:
                 if not pending:
                     return
-                if slot.state != BUSY or slot.messages != depth or slot.kill_reason:
+                if slot.state != W.BUSY or slot.messages != depth or slot.kill_reason:
                     continue
                 started = [t for t in pending.next_batch(now) if self._start(t)]
                 if started:
@@ -385,17 +335,17 @@ class Dispatcher:
         if task.holds_slot:
             self.release_slot(task)
         if task.set_running_or_notify_cancel():
-            task.state = RUNNING
+            task.state = T.RUNNING
             return True
-        task.state = DONE
+        task.state = T.DONE
         self.counts["cancelled"] += 1
         return False
 
     def _send(self, slot: WorkerSlot, tasks: list[Task], now: float) -> None:
         for task in tasks:
             slot.tasks[task.id] = task
-        if slot.state != BUSY:
-            slot.state = BUSY
+        if slot.state != W.BUSY:
+            slot.state = W.BUSY
             slot.busy_since = now
         slot.messages += 1
         payloads = [t.payload for t in tasks]
@@ -432,25 +382,6 @@ class Dispatcher:
         else:
             self._on_message(slot, message)
 
-    @staticmethod
-    def _wait_writer(slot: WorkerSlot) -> None:
-        """Let an in-flight large send fail on the dead worker before its fd is closed (a
-        closed fd number is soon reused)."""
-        if slot.writer is not None and not slot.writer.idle.wait(5.0):
-            logger.error("writer of worker %d still blocked after its death", slot.id)
-
-    def _watch(self, slot: WorkerSlot) -> None:
-        assert slot.conn is not None
-        for fd, is_pipe in ((slot.conn.fileno(), True), (slot.process.sentinel, False)):
-            self._fd_owner[fd] = (slot, is_pipe)
-            self._poller.register(fd, select.POLLIN)
-
-    def _unwatch(self, slot: WorkerSlot) -> None:
-        assert slot.conn is not None
-        for fd in (slot.conn.fileno(), slot.process.sentinel):
-            if self._fd_owner.pop(fd, None) is not None:
-                self._poller.unregister(fd)
-
     def _on_message(self, slot: WorkerSlot, message: tuple[Any, ...]) -> None:
         kind, metas, blobs = message
         outcomes = m.join_outcomes(metas, blobs)
@@ -466,8 +397,8 @@ class Dispatcher:
                     self._finish(task, exc=value)
             slot.tasks_done += len(outcomes)
             slot.messages -= 1
-            if not slot.tasks and slot.state == BUSY:
-                slot.state = IDLE
+            if not slot.tasks and slot.state == W.BUSY:
+                slot.state = W.IDLE
                 slot.messages = 0
                 self.idle.append(slot)
             elif slot.messages:
@@ -475,187 +406,13 @@ class Dispatcher:
         elif kind == m.SPAWNED:
             self._on_spawned(slot, outcomes[0][1])
 
-    def _on_spawned(self, slot: WorkerSlot, outcome: m.Outcome) -> None:
-        ok, value = m.rebuild_outcome(outcome)
-        slot.spawn_deadline = None
-        future, slot.spawn_future = slot.spawn_future, None
-        if ok:
-            slot.state = IDLE
-            slot.pid = slot.process.pid  # a Ray actor's pid is known only now
-            slot.location = dict(getattr(slot.process, "location", None) or {})
-            self.idle.append(slot)
-            if future is not None:
-                settle(future, value)
-            else:
-                logger.info("worker %d respawned (pid %s)", slot.id, slot.pid)
-            return
-        # spawn() raised (or its result could not be sent): the process is exiting. Reap it
-        # before the caller hears, so that no process outlives the failed spawn.
-        slot.kill_reason = "spawn_failed"
-        slot.spawn_error = value
-        slot.spawn_future = future
-        if not slot.reaping:
-            self._on_exit(slot)
-
-    # ---- worker lifecycle -------------------------------------------------------------------
-
-    def _start_process(self, slot: WorkerSlot) -> None:
-        slot.state = STARTING
-        slot.kill_reason = ""
-        try:
-            parent_conn, process = self.transport.start(self.worker_cls, slot.id, slot.options)
-        except Exception as exc:
-            logger.exception("could not start worker %d", slot.id)
-            self._lose_worker(slot, SpawnError(f"could not start worker {slot.id}: {exc!r}"))
-            return
-        slot.process, slot.conn, slot.pid = process, parent_conn, process.pid
-        self._watch(slot)
-        if self.spawn_timeout is not None:
-            slot.spawn_deadline = time.monotonic() + self.spawn_timeout
-            self._timers_armed = True
-        try:
-            m.send_message(parent_conn.send_bytes, m.SPAWN, None, [slot.spawn_payload])
-        except OSError:
-            pass  # died at once; the sentinel tells
-
-    def _on_exit(self, slot: WorkerSlot) -> None:
-        """The worker's process ended (or its pipe broke): reap it and fail what it held."""
-        conn = slot.conn
-        assert conn is not None
-        # Results the worker sent just before dying still count.
-        slot.reaping = True
-        try:
-            while conn.poll():
-                self._on_message(slot, m.recv_message(conn.recv_bytes))
-        except (EOFError, OSError):
-            pass
-        finally:
-            slot.reaping = False
-        slot.process.join(1.0)
-        if slot.process.exitcode is None:  # pipe broke but the process lingers
-            slot.process.kill()
-            slot.process.join()
-        exitcode = slot.process.exitcode
-        slot.last_exitcode = exitcode
-        self._unwatch(slot)
-        self._wait_writer(slot)
-        conn.close()
-        slot.conn = None
-        if slot in self.idle:
-            self.idle.remove(slot)
-        pid = slot.pid
-        how = getattr(slot.process, "death_cause", None) or describe_exit(exitcode)
-        was, reason = slot.state, slot.kill_reason
-
-        if was == STOPPING:
-            slot.state = STOPPED
-            return
-        if was == STARTING:
-            if reason == "spawn_failed":
-                error: BaseException | None = slot.spawn_error
-                slot.spawn_error = None
-                if slot.spawn_future is None:
-                    logger.error("worker %d failed to respawn: %r", slot.id, error)
-            elif reason == "spawn_timeout":
-                error = SpawnTimeoutError(
-                    f"worker {slot.id} (pid {pid}) did not finish spawn within "
-                    f"{self.spawn_timeout} s and was killed")
-            else:
-                error = SpawnError(f"worker {slot.id} (pid {pid}) died during spawn with {how}")
-            future, slot.spawn_future = slot.spawn_future, None
-            if future is not None:  # a first spawn: the caller learns, no respawn
-                if error is not None:
-                    settle(future, exc=error)
-                self._lose_worker(slot, None, forget=True)
-            else:  # a respawn that failed: try again under the budget
-                self._schedule_restart(slot)
-            return
-
-        if reason == "hang_timeout":
-            why = f"it was killed after running a task for more than {self.hang_timeout} s"
-        else:
-            why = f"it died with {how}"
-        tasks = list(slot.tasks.values())
-        slot.tasks.clear()
-        slot.messages = 0
-        if tasks:
-            logger.warning("worker %d (pid %s) lost %d task(s): %s", slot.id, pid, len(tasks), why)
-        else:
-            logger.warning("worker %d (pid %s) exited while idle: %s", slot.id, pid, why)
-        for task in tasks:
-            self._finish(task, exc=WorkerCrashedError(
-                f"worker {slot.id} (pid {pid}) crashed while holding this task: {why}",
-                worker_id=slot.id, pid=pid, exitcode=exitcode,
-                reason=reason or "crashed"))
-        self._schedule_restart(slot)
-
-    def _schedule_restart(self, slot: WorkerSlot) -> None:
-        now = time.monotonic()
-        while slot.restart_times and slot.restart_times[0] < now - self.restart_window:
-            slot.restart_times.popleft()
-        budget_left = self.max_restarts is None or len(slot.restart_times) < self.max_restarts
-        if self.closing and not self.pending:
-            slot.state = STOPPED
-            return
-        if not budget_left:
-            logger.error("worker %d gave up: %d restarts within %.0f s (max_restarts=%s)",
-                         slot.id, len(slot.restart_times), self.restart_window, self.max_restarts)
-            self._lose_worker(slot, None)
-            return
-        delay = min(self.restart_backoff * (2 ** len(slot.restart_times)), MAX_RESTART_DELAY)
-        slot.state = RESTARTING
-        slot.restart_at = now + delay
-        self._timers_armed = True
-
-    def _lose_worker(self, slot: WorkerSlot, error: BaseException | None,
-                     forget: bool = False) -> None:
-        """Take a worker out of service for good; fail queued tasks if it was the last one."""
-        slot.state = DEAD
-        if error is not None and slot.spawn_future is not None:
-            settle(slot.spawn_future, exc=error)
-            slot.spawn_future = None
-        if forget and slot in self.slots:
-            self.slots.remove(slot)
-        if not self.has_live_worker():
-            for task in self.pending.pop_all():
-                self._finish(task, exc=NoWorkersError(
-                    "the pool has no live worker left (spawn failed or restart budget spent)"))
-
-    @property
-    def _timed_slots(self) -> bool:
-        """Whether any worker has a timer running (restart, spawn or hang deadline)."""
-        return self.hang_timeout is not None or self._timers_armed
-
-    def _check_worker_timers(self, now: float) -> None:
-        armed = False
-        for slot in self.slots:
-            if slot.state == RESTARTING or (slot.state == STARTING
-                                            and slot.spawn_deadline is not None):
-                armed = True
-            state = slot.state
-            if state == RESTARTING and slot.restart_at <= now:
-                slot.restart_times.append(now)
-                slot.restarts += 1
-                self.counts["restarts"] += 1
-                logger.info("respawning worker %d (restart %d)", slot.id, slot.restarts)
-                self._start_process(slot)
-            elif (state == STARTING and slot.spawn_deadline is not None
-                  and slot.spawn_deadline <= now and slot.kill_reason == ""):
-                slot.kill_reason = "spawn_timeout"
-                slot.process.kill()
-            elif (state == BUSY and self.hang_timeout is not None
-                  and slot.busy_since + self.hang_timeout <= now and slot.kill_reason == ""):
-                slot.kill_reason = "hang_timeout"
-                slot.process.kill()
-        self._timers_armed = armed
-
     def _expire_tasks(self, now: float) -> None:
         deadlines = self.deadlines
         while deadlines and deadlines[0][0] <= now:
             _, _, task = heapq.heappop(deadlines)
-            if task.state == DONE or task.done():
+            if task.state == T.DONE or task.done():
                 continue
-            if task.state == QUEUED:
+            if task.state == T.QUEUED:
                 self.pending.remove(task.id)
                 if task.holds_slot:
                     self.release_slot(task)
@@ -663,7 +420,7 @@ class Dispatcher:
             else:
                 where = "while running; its result will be discarded"
             self.counts["timed_out"] += 1
-            task.state = DONE
+            task.state = T.DONE
             settle(task, exc=TaskTimeoutError(f"task timed out {where}"))
 
     def _next_timer(self, now: float) -> float | None:
@@ -674,13 +431,8 @@ class Dispatcher:
             due = self.pending.due_at()
             if due is not None:
                 times.append(due)
-        for slot in (self.slots if self._timed_slots else ()):
-            if slot.state == RESTARTING:
-                times.append(slot.restart_at)
-            elif slot.state == STARTING and slot.spawn_deadline is not None:
-                times.append(slot.spawn_deadline)
-            elif slot.state == BUSY and self.hang_timeout is not None:
-                times.append(slot.busy_since + self.hang_timeout)
+        if self.hang_timeout is not None or self._timers_armed:
+            times.extend(self._worker_timer_times())
         if self.closing and self.close_deadline is not None:
             times.append(self.close_deadline)
         if not times:
@@ -690,115 +442,28 @@ class Dispatcher:
     def _finish(self, task: Task, result: Any = None, exc: BaseException | None = None) -> None:
         if task.holds_slot:
             self.release_slot(task)
-        task.state = DONE
+        task.state = T.DONE
         # A task that timed out or was cancelled earlier keeps that outcome; this one is dropped.
         if settle(task, result, exc):
             self.counts["completed" if exc is None else "failed"] += 1
 
-    def request_close(self, cancel_futures: bool, timeout: float | None,
-                      kill: bool = False) -> None:
-        """Stop accepting; finish (or cancel) the queue; wait at most ``timeout`` for running
-        tasks; ``kill``: stop every worker at once with SIGKILL (a second Ctrl-C)."""
-        with self.lock:
-            self.inbox.append(("close", cancel_futures, timeout, kill))
-        self.wake()
-
-    # ---- shutdown ---------------------------------------------------------------------------
-
     def _drained(self, now: float) -> bool:
+        """Whether shutdown may stop the workers: nothing queued, and no running task that a
+        caller still waits for (or the close deadline has passed)."""
+        if self.kill_on_close:
+            return True
         if self.close_deadline is not None and now >= self.close_deadline:
             return True
         if self.pending:
             return False
-        # Running tasks whose callers have all gone (timed out, cancelled) are not waited for.
-        return not any(slot.state == STARTING
-                       or any(task.wanted for task in slot.tasks.values())
+        return not any(slot.state == W.STARTING or slot.holds_wanted_task()
                        for slot in self.slots)
 
-    def _stop_workers(self) -> None:
-        """Ask every worker to stop, kill the ones that do not, and fail whatever is left."""
-        for task in self.pending.pop_all():
-            if not task.cancel():
-                self._finish(task, exc=PoolClosedError("the pool shut down before this task ran"))
-        now = time.monotonic()
-        deadlines: dict[int, float] = {}
-        for slot in self.slots:
-            if slot.conn is not None:
-                deadlines[slot.id] = now + self._stop_one(slot)
-            if slot.state in LIVE_STATES:
-                slot.state = STOPPING
-        for slot in self.slots:
-            if slot.process is None or slot.conn is None:
-                slot.state = STOPPED if slot.state != DEAD else DEAD
-                continue
-            self._join_unless_killed(slot, deadlines[slot.id])
-            if slot.process.exitcode is None:
-                if not self.kill_on_close:
-                    logger.warning("worker %d did not stop within %.0f s; killing it",
-                                   slot.id, deadlines[slot.id] - now)
-                slot.process.kill()
-                slot.process.join()
-            for task in slot.tasks.values():
-                self._finish(task, exc=PoolClosedError(
-                    "the pool shut down before this task finished"))
-            slot.tasks.clear()
-            if slot.spawn_future is not None:  # killed mid-spawn at the shutdown deadline
-                settle(slot.spawn_future, exc=PoolClosedError(
-                    "the pool shut down before this worker finished spawning"))
-                slot.spawn_future = None
-            self._unwatch(slot)
-            self._wait_writer(slot)
-            slot.conn.close()
-            slot.conn = None
-            slot.state = STOPPED if slot.state != DEAD else DEAD
-        self.idle.clear()
-        for slot in self.slots:
-            if slot.writer is not None:
-                slot.writer.close()
-        self._drain_inbox_after_close()
-
-    def _join_unless_killed(self, slot: WorkerSlot, deadline: float) -> None:
-        """Wait for a worker to exit until ``deadline``, or until a kill is requested."""
-        while not self.kill_on_close:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            slot.process.join(min(left, 0.05))
-            if slot.process.exitcode is not None:
-                return
-
-    def _stop_one(self, slot: WorkerSlot) -> float:
-        """Tell one worker to stop; return how long it may take before it is killed."""
-        if self.kill_on_close:
-            slot.process.kill()
-            return 0.0
-        if slot.state == STARTING or any(task.wanted for task in slot.tasks.values()):
-            slot.process.kill()  # still working for a caller, past the drain deadline
-            return 0.0
-        if slot.state == BUSY:  # only tasks nobody waits for: no need to be gentle
-            terminate = getattr(slot.process, "terminate", slot.process.kill)
-            terminate()
-            return TERM_GRACE
-        try:
-            m.send_message(slot.conn.send_bytes, m.STOP, None, None)  # type: ignore[union-attr]
-        except OSError:
-            pass
-        return STOP_GRACE
-
-    def _drain_inbox_after_close(self) -> None:
+    def _refuse_inbox(self) -> None:
+        """After the last look: whatever still reached the inbox fails, nothing hangs."""
         while self.inbox:
             item = self.inbox.popleft()
-            if isinstance(item, Task):
+            if type(item) is Task:
                 self._finish(item, exc=PoolClosedError("the pool is shut down"))
-            elif isinstance(item, WorkerSlot) and item.spawn_future is not None:
-                settle(item.spawn_future, exc=PoolClosedError("the pool is shut down"))
-
-    def _fail_all(self, make_error: Callable[[], BaseException]) -> None:
-        for task in self.pending.pop_all():
-            self._finish(task, exc=make_error())
-        for slot in self.slots:
-            for task in slot.tasks.values():
-                self._finish(task, exc=make_error())
-            slot.tasks.clear()
-            if slot.spawn_future is not None:
-                settle(slot.spawn_future, exc=make_error())
+            elif isinstance(item, StartWorker) and item.slot.spawn_future is not None:
+                settle(item.slot.spawn_future, exc=PoolClosedError("the pool is shut down"))

@@ -13,9 +13,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic
 
 from . import _messages as m
-from ._dispatch import Dispatcher, Task, WorkerSlot
-from ._stats import PoolStats, WorkerStats
-from ._transport import ProcessTransport
+from ._dispatch import Dispatcher
+from ._stats import PoolStats
+from ._task import Task
+from ._transport import ProcessTransport, Transport
 from ._worker import ExecR, SpawnR, SWorker, defines_execute_batch
 from .errors import NoWorkersError, PoolClosedError, QueueFullError, TaskTimeoutError
 
@@ -335,7 +336,6 @@ class SPool(Generic[SpawnR, ExecR]):
         self.max_batch_wait = max_batch_wait if self.batching else 0.0
         self._capacity = _Capacity(self.queue_size)
         self._ids = iter(range(1, 1 << 62)).__next__
-        self._worker_ids = iter(range(1 << 62)).__next__
         self._closed = False
         self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBridge] = (
             weakref.WeakKeyDictionary())
@@ -354,7 +354,7 @@ class SPool(Generic[SpawnR, ExecR]):
             release_slot=self._capacity.release,
         )
         # A pool dropped without shutdown() still stops its workers.
-        finalizer = weakref.finalize(self, self._dispatcher.request_close, True, _ATEXIT_TIMEOUT)
+        finalizer = weakref.finalize(self, self._dispatcher.close, True, _ATEXIT_TIMEOUT)
         finalizer.atexit = False  # at exit, _shutdown_forgotten_pools does it and waits
         _live_pools.add(self)
 
@@ -389,14 +389,8 @@ class SPool(Generic[SpawnR, ExecR]):
         payload = m.dumps((args, kwargs), m.PROTOCOL)
         future: Future[SpawnR] = Future()
         future.set_running_or_notify_cancel()  # a spawn cannot be cancelled once submitted
-        dispatcher = self._dispatcher
-        with dispatcher.lock:
-            if self._closed or not dispatcher.accepting:
-                raise PoolClosedError("cannot spawn: the pool is shut down")
-            slot = WorkerSlot(self._worker_ids(), payload, future, options)
-            dispatcher.slots.append(slot)
-            dispatcher.inbox.append(slot)
-        dispatcher.wake()
+        if self._closed or not self._dispatcher.add_worker(payload, future, options):
+            raise PoolClosedError("cannot spawn: the pool is shut down")
         return future
 
     def spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
@@ -428,14 +422,10 @@ class SPool(Generic[SpawnR, ExecR]):
     def _enqueue(self, payload: m.Payload, deadline: float | None) -> Task:
         task = Task(self._ids(), payload, deadline, self.queue_size is not None,
                     self._on_cancel)
-        dispatcher = self._dispatcher
-        with dispatcher.lock:
-            if self._closed or not dispatcher.accepting:
-                if task.holds_slot:
-                    self._capacity.release(task)
-                raise PoolClosedError("cannot execute: the pool is shut down")
-            dispatcher.inbox.append(task)
-        dispatcher.wake()
+        if self._closed or not self._dispatcher.submit(task):
+            if task.holds_slot:
+                self._capacity.release(task)
+            raise PoolClosedError("cannot execute: the pool is shut down")
         return task
 
     def _deadline(self, timeout: float | None | _Default) -> float | None:
@@ -481,8 +471,7 @@ class SPool(Generic[SpawnR, ExecR]):
             return await bridge.watch(task)
         except asyncio.CancelledError:
             if not task.cancel():  # queued: it leaves the queue and never runs
-                task.abandoned = True  # running: nobody waits for it; shutdown won't either
-                self._dispatcher.wake()
+                self._dispatcher.abandoned(task)  # running: shutdown will not wait for it
             raise
 
     def with_timeout(self, seconds: float | None) -> TimedCalls[ExecR]:
@@ -501,8 +490,7 @@ class SPool(Generic[SpawnR, ExecR]):
     def _on_cancel(self, task: Task) -> None:
         if task.holds_slot:
             self._capacity.release(task)
-        self._dispatcher.inbox.append(("cancelled", task))
-        self._dispatcher.wake()
+        self._dispatcher.cancelled(task)
 
     def _queue_full(self) -> QueueFullError:
         return QueueFullError(
@@ -567,13 +555,12 @@ class SPool(Generic[SpawnR, ExecR]):
         remains. Safe from ``atexit``, from a signal handler's thread and from the event
         loop's thread (it never waits on the loop).
         """
-        dispatcher = self._dispatcher
         self._closed = True
-        dispatcher.request_close(cancel_futures, timeout)
+        self._dispatcher.close(cancel_futures, timeout)
         _live_pools.discard(self)
-        if wait and threading.current_thread() is not dispatcher.thread:
+        if wait:
             try:
-                dispatcher.thread.join()
+                self._dispatcher.join()
             except KeyboardInterrupt:
                 self._kill_now()
                 raise
@@ -581,9 +568,8 @@ class SPool(Generic[SpawnR, ExecR]):
     def _kill_now(self) -> None:
         """Stop every worker at once (SIGKILL) and wait the few milliseconds that takes."""
         self._closed = True
-        self._dispatcher.kill_on_close = True  # seen at once, even mid-way through stopping
-        self._dispatcher.request_close(True, 0.0, kill=True)
-        self._dispatcher.thread.join(timeout=_KILL_JOIN_TIMEOUT)
+        self._dispatcher.close(True, 0.0, kill=True)
+        self._dispatcher.join(timeout=_KILL_JOIN_TIMEOUT)
 
     def _abort(self) -> None:
         """Leave a ``with`` block on an exception: cancel the queue, give running tasks
@@ -614,27 +600,7 @@ class SPool(Generic[SpawnR, ExecR]):
 
     def stats(self) -> PoolStats:
         """A consistent-enough snapshot of workers, queue and counters (cheap; no I/O)."""
-        d = self._dispatcher
-        workers = tuple(
-            WorkerStats(worker_id=s.id, pid=s.pid, state=s.state, tasks_done=s.tasks_done,
-                        restarts=s.restarts, running=len(s.tasks), last_exitcode=s.last_exitcode,
-                        host=s.location.get("host"), node=s.location.get("node"),
-                        gpu_ids=tuple(s.location.get("gpu_ids", ())))
-            for s in list(d.slots))
-        # Cancelled tasks leave the queue at once for callers, even before the dispatcher
-        # has drained the news.
-        waiting = d.pending.snapshot() + [t for t in list(d.inbox) if isinstance(t, Task)]
-        queued = sum(not t.cancelled() for t in waiting)
-        counts = dict(d.counts)
-        b = d.batches
-        return PoolStats(
-            workers=workers, queue_depth=queued,
-            in_flight=queued + sum(w.running for w in workers),
-            submitted=counts["submitted"], completed=counts["completed"],
-            failed=counts["failed"], cancelled=counts["cancelled"],
-            timed_out=counts["timed_out"], restarts=counts["restarts"], batches=b.batches,
-            batch_size_mean=b.mean, batch_size_max=b.largest,
-            batch_size_hist=dict(b.histogram))
+        return self._dispatcher.snapshot()
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -684,7 +650,7 @@ class _SpawnWithOptions(Generic[SpawnR]):
         return await asyncio.wrap_future(self.submit_spawn(*args, **kwargs))
 
 
-def _make_transport(backend: str, mp_context: Any) -> Any:
+def _make_transport(backend: str, mp_context: Any) -> Transport:
     if backend == "process":
         return ProcessTransport(mp_context or multiprocessing.get_context("spawn"))
     if backend == "ray":

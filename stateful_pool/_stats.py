@@ -4,22 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ._states import LIVE_STATES, WorkerState
+
 
 @dataclass(frozen=True)
 class WorkerStats:
     """One worker at the moment of the snapshot.
 
-    ``state`` is one of ``"starting"``, ``"idle"``, ``"busy"``, ``"restarting"`` (waiting out
-    its backoff after a crash), ``"stopping"``, ``"stopped"`` or ``"dead"`` (restart budget
-    spent). ``restarts`` counts respawns after crashes; ``last_exitcode`` is the exit code of
-    its previous process (negative: killed by that signal), or ``None``. ``host`` and
-    ``node`` say where it runs (the machine's name or IP; the Ray node id, ``None`` for local
-    processes); ``gpu_ids`` are the GPUs Ray assigned to it.
+    ``state`` is a ``WorkerState`` (a ``str`` enum: ``"starting"``, ``"idle"``, ``"busy"``,
+    ``"restarting"`` (waiting out its backoff after a crash), ``"stopping"``, ``"stopped"`` or
+    ``"dead"`` (restart budget spent)). ``restarts`` counts respawns after crashes;
+    ``last_exitcode`` is the exit code of its previous process (negative: killed by that
+    signal), or ``None``. ``host`` and ``node`` say where it runs (the machine's name or
+    IP; the Ray node id, ``None`` for local processes); ``gpu_ids`` are the GPUs Ray
+    assigned to it.
     """
 
     worker_id: int
     pid: int | None
-    state: str
+    state: WorkerState
     tasks_done: int
     restarts: int
     running: int
@@ -55,11 +58,11 @@ class PoolStats:
     @property
     def live_workers(self) -> int:
         """Workers that can take tasks now or soon (starting, idle, busy or restarting)."""
-        return sum(w.state in ("starting", "idle", "busy", "restarting") for w in self.workers)
+        return sum(w.state in LIVE_STATES for w in self.workers)
 
     @property
     def busy_workers(self) -> int:
-        return sum(w.state == "busy" for w in self.workers)
+        return sum(w.state == WorkerState.BUSY for w in self.workers)
 
 
 WorkerStats.__module__ = "stateful_pool"

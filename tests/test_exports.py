@@ -13,7 +13,7 @@ def test_public_names():
     assert set(stateful_pool.__all__) == {
         "NoWorkersError", "PoolClosedError", "PoolError", "PoolStats", "QueueFullError",
         "RemoteError", "SPool", "SWorker", "SpawnError", "SpawnTimeoutError",
-        "TaskTimeoutError", "WorkerCrashedError", "WorkerStats",
+        "TaskState", "TaskTimeoutError", "WorkerCrashedError", "WorkerState", "WorkerStats",
     }
     for name in stateful_pool.__all__:
         assert getattr(stateful_pool, name).__module__ == "stateful_pool", name
