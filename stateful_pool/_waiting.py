@@ -1,0 +1,188 @@
+"""How callers wait without a thread per task: for room in a bounded queue (``Capacity``)
+and, from asyncio, for results (``LoopBridge``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections import deque
+from typing import Any
+
+from ._task import Task
+
+
+class _Waiter:
+    """One caller waiting for room in the queue: a thread (``lock``) or a coroutine
+    (``loop`` + ``future``). ``state`` changes only under the capacity's lock."""
+
+    __slots__ = ("lock", "loop", "future", "state")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.state = _WAITING
+        self.loop = loop
+        if loop is None:
+            self.lock: threading.Lock | None = threading.Lock()
+            self.lock.acquire()
+            self.future: asyncio.Future[None] | None = None
+        else:
+            self.lock = None
+            self.future = loop.create_future()
+
+    def wake(self) -> None:
+        """Tell the waiter it holds a place now (called with the capacity's lock released)."""
+        if self.lock is not None:
+            self.lock.release()
+            return
+        assert self.loop is not None and self.future is not None
+        try:
+            self.loop.call_soon_threadsafe(_resolve_waiter, self.future)
+        except RuntimeError:  # that loop is closed: nobody will take the place; pass it on
+            self.state = _ABANDONED
+            raise
+
+
+_WAITING, _GRANTED, _ABANDONED = 0, 1, 2
+
+
+class Capacity:
+    """Bounds the number of queued tasks (``queue_size``).
+
+    Callers that find the queue full wait in one FIFO line, threads and coroutines alike. A
+    freed place is handed to the first caller still waiting (never to a newcomer, never to
+    one that gave up), and only that caller is woken: O(1) per task, however many wait.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+        self._waiters: deque[_Waiter] = deque()
+
+    def _try_take(self) -> bool:
+        if not self._waiters and self.used < self.limit:  # type: ignore[operator]
+            self.used += 1
+            return True
+        return False
+
+    def acquire(self, timeout: float | None) -> bool:
+        with self._lock:
+            if self._try_take():
+                return True
+            if timeout is not None and timeout <= 0:
+                return False
+            waiter = _Waiter()
+            self._waiters.append(waiter)
+        assert waiter.lock is not None
+        if waiter.lock.acquire(timeout=-1 if timeout is None else timeout):
+            return True
+        return self._give_up(waiter)
+
+    async def acquire_async(self, timeout: float | None) -> bool:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._try_take():
+                return True
+            if timeout is not None and timeout <= 0:
+                return False
+            waiter = _Waiter(loop)
+            self._waiters.append(waiter)
+        assert waiter.future is not None
+        try:
+            await asyncio.wait_for(waiter.future, timeout)
+            return True
+        except TimeoutError:
+            return self._give_up(waiter)
+        except asyncio.CancelledError:
+            if self._give_up(waiter):
+                self._release_one()  # granted as we were cancelled: pass the place on
+            raise
+
+    def _give_up(self, waiter: _Waiter) -> bool:
+        """A waiter stops waiting; True if a place was granted to it meanwhile (it keeps it)."""
+        with self._lock:
+            if waiter.state == _GRANTED:
+                return True
+            waiter.state = _ABANDONED
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+            return False
+
+    def release(self, task: Task) -> None:
+        with self._lock:
+            if not task.holds_slot:
+                return
+            task.holds_slot = False
+        self._release_one()
+
+    def _release_one(self) -> None:
+        """Free one place: hand it to the first live waiter, or return it to the pool."""
+        while True:
+            with self._lock:
+                if not self._waiters:
+                    self.used -= 1
+                    return
+                waiter = self._waiters.popleft()
+                waiter.state = _GRANTED  # the place moves to it; `used` is unchanged
+            try:
+                waiter.wake()
+                return
+            except RuntimeError:
+                continue  # its event loop is closed; next in line
+
+
+class LoopBridge:
+    """Hands finished tasks to one event loop, many per wakeup.
+
+    ``asyncio.wrap_future`` costs one ``call_soon_threadsafe`` (a write to the loop's self-pipe
+    and a wakeup) per task; under load this bridge coalesces every task that finished before
+    the loop got round to it into one callback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A weak reference: the pool's loop -> bridge map must not keep closed loops alive.
+        self._loop = weakref.ref(loop)
+        self._lock = threading.Lock()
+        self._ready: list[tuple[Task, asyncio.Future[Any]]] = []
+        self._scheduled = False
+
+    def watch(self, task: Task) -> asyncio.Future[Any]:
+        waiter = asyncio.get_running_loop().create_future()
+        task.add_done_callback(lambda _t: self._push(task, waiter))
+        return waiter
+
+    def _push(self, task: Task, waiter: asyncio.Future[Any]) -> None:
+        with self._lock:
+            self._ready.append((task, waiter))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        loop = self._loop()
+        try:
+            if loop is not None:
+                loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    def _deliver(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._scheduled = False
+        for task, waiter in ready:
+            if waiter.done():
+                continue
+            if task.cancelled():
+                waiter.cancel()
+                continue
+            exc = task.exception()
+            if exc is None:
+                waiter.set_result(task.result())
+            else:
+                waiter.set_exception(exc)
+
+
+def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
