@@ -56,6 +56,7 @@ logger = logging.getLogger("stateful_pool")
 
 W = WorkerState
 T = TaskState
+_DONE = object()
 
 
 # ---- what callers put in the inbox (besides a Task to run) ------------------------------------
@@ -121,6 +122,9 @@ class Dispatcher(WorkerLifecycle):
         # Held by callers while they check `accepting` and append to the inbox, so that
         # nothing lands in the inbox after the dispatcher's last look at it.
         self._lock = threading.Lock()
+        # Held by the dispatcher thread whenever it is not asleep in poll(): a caller that
+        # gets it may hand a task straight to an idle worker (see try_run_now).
+        self._sched = threading.Lock()
         self.accepting = True
         self.closing = False
         self.cancel_on_close = False
@@ -151,6 +155,38 @@ class Dispatcher(WorkerLifecycle):
                 return False
             self.inbox.append(task)
         self.wake()
+        return True
+
+    def try_run_now(self, task: Task) -> bool:
+        """The fast path: if a worker is idle and nothing waits before this task, send it
+        from the caller's thread, saving the round trip through the dispatcher thread. The
+        task is registered on its worker exactly as the dispatcher would, so crashes,
+        timeouts and shutdown treat it the same. False: use ``submit``."""
+        payload = task.payload
+        if (self.batching or self.inbox or not self.idle or type(payload) is not bytes
+                or len(payload) > m.INLINE_MAX or not self._sched.acquire(blocking=False)):
+            return False
+        try:
+            if not self.idle or self.pending or self.inbox or self.closing:
+                return False
+            slot = self.idle[0]
+            if slot.conn is None or (slot.writer is not None and not slot.writer.idle.is_set()):
+                return False
+            with self._lock:
+                if not self.accepting:
+                    return False
+                self.idle.popleft()
+            self.counts["submitted"] += 1
+            task.set_running_or_notify_cancel()
+            task.state = T.RUNNING
+            now = time.monotonic()
+            if task.deadline is not None:
+                heapq.heappush(self.deadlines, (task.deadline, task.id, task))
+            self._send(slot, [task], now)
+        finally:
+            self._sched.release()
+        if task.deadline is not None or self.hang_timeout is not None:
+            self.wake()  # the dispatcher's next timer may be sooner now
         return True
 
     def add_worker(self, spawn_payload: bytes, future: Future[Any],
@@ -235,38 +271,56 @@ class Dispatcher(WorkerLifecycle):
             logger.exception("stateful_pool dispatcher failed; failing every task and stopping")
             self._fail_all(lambda: PoolClosedError("the pool's dispatcher failed; see the log"))
         finally:
-            with self._lock:
-                self.accepting = False
+            with self._sched, self._lock:
+                self.accepting = False  # from now on no caller sends to a worker either
             self._stop_workers()
             self._refuse_inbox()
             self._wake_flag = True  # no caller writes to the wakeup pipe from now on
 
     def _loop(self) -> None:
-        while True:
-            self._drain_inbox()
-            now = time.monotonic()
-            if self.deadlines and self.deadlines[0][0] <= now:
-                self._expire_tasks(now)
-            if self.hang_timeout is not None or self._timers_armed:
-                self._check_worker_timers(now)
-            self._dispatch(now)
-            if self.closing and self._drained(now):
-                return
-            timeout = self._next_timer(now)
-            events = self._poller.poll(None if timeout is None else timeout * 1000.0)
-            for fd, _ in events:
-                if fd == self._wake_r:
-                    os.read(self._wake_r, 4096)
-                    self._wake_flag = False
-                    continue
-                owner = self._fd_owner.get(fd)
-                if owner is None:
-                    continue  # unregistered by an earlier event of this round
-                slot, is_pipe = owner
-                if is_pipe:
-                    self._on_readable(slot)
-                else:
-                    self._on_exit(slot)
+        sched = self._sched
+        sched.acquire()
+        try:
+            while True:
+                timeout = self._step()
+                if timeout is _DONE:
+                    return
+                sched.release()
+                try:
+                    events = self._poller.poll(None if timeout is None else timeout * 1000.0)
+                finally:
+                    sched.acquire()
+                self._handle(events)
+        finally:
+            sched.release()
+
+    def _step(self) -> Any:
+        """One round of scheduling; returns the poll timeout (seconds or None) or _DONE."""
+        self._drain_inbox()
+        now = time.monotonic()
+        if self.deadlines and self.deadlines[0][0] <= now:
+            self._expire_tasks(now)
+        if self.hang_timeout is not None or self._timers_armed:
+            self._check_worker_timers(now)
+        self._dispatch(now)
+        if self.closing and self._drained(now):
+            return _DONE
+        return self._next_timer(now)
+
+    def _handle(self, events: list[tuple[int, int]]) -> None:
+        for fd, _ in events:
+            if fd == self._wake_r:
+                os.read(self._wake_r, 4096)
+                self._wake_flag = False
+                continue
+            owner = self._fd_owner.get(fd)
+            if owner is None:
+                continue  # unregistered by an earlier event of this round
+            slot, is_pipe = owner
+            if is_pipe:
+                self._on_readable(slot)
+            else:
+                self._on_exit(slot)
 
     def _drain_inbox(self) -> None:
         inbox = self.inbox

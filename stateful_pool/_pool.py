@@ -242,9 +242,8 @@ class SPool(Generic[SpawnR, ExecR]):
             raise NoWorkersError("cannot execute: the pool has no live worker; call spawn() first")
         return payload
 
-    def _enqueue(self, payload: m.Payload, deadline: float | None) -> Task:
-        task = Task(self._ids(), payload, deadline, self.queue_size is not None,
-                    self._on_cancel)
+    def _enqueue(self, task: Task) -> Task:
+        task.holds_slot = self.queue_size is not None
         if self._closed or not self._dispatcher.submit(task):
             if task.holds_slot:
                 self._capacity.release(task)
@@ -274,22 +273,27 @@ class SPool(Generic[SpawnR, ExecR]):
                 timeout: float | None | _Default) -> Task:
         payload = self._payload(args, kwargs)
         deadline = self._deadline(timeout)
+        task = Task(self._ids(), payload, deadline, False, self._on_cancel)
+        if self._dispatcher.try_run_now(task):  # a worker was idle: it has the task already
+            return task
         if self.queue_size is not None and not self._capacity.acquire(self._room_wait(deadline)):
             raise self._no_room(deadline)
-        return self._enqueue(payload, deadline)
+        return self._enqueue(task)
 
     async def _async_execute(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                              timeout: float | None | _Default) -> Any:
         payload = self._payload(args, kwargs)
         deadline = self._deadline(timeout)
-        if self.queue_size is not None and not await self._capacity.acquire_async(
-                self._room_wait(deadline)):
-            raise self._no_room(deadline)
         loop = asyncio.get_running_loop()
         bridge = self._bridges.get(loop)
         if bridge is None:
             bridge = self._bridges[loop] = LoopBridge(loop)
-        task = self._enqueue(payload, deadline)
+        task = Task(self._ids(), payload, deadline, False, self._on_cancel)
+        if not self._dispatcher.try_run_now(task):
+            if self.queue_size is not None and not await self._capacity.acquire_async(
+                    self._room_wait(deadline)):
+                raise self._no_room(deadline)
+            self._enqueue(task)
         try:
             return await bridge.watch(task)
         except asyncio.CancelledError:
