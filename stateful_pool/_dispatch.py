@@ -497,9 +497,12 @@ class Dispatcher(WorkerLifecycle):
         if task.holds_slot:
             self.release_slot(task)
         task.state = T.DONE
-        # A task that timed out or was cancelled earlier keeps that outcome; this one is dropped.
-        if settle(task, result, exc):
-            self.counts["completed" if exc is None else "failed"] += 1
+        # Counted before the caller can wake and read stats(); a task that timed out or was
+        # cancelled earlier keeps that outcome, and this one is dropped (and not counted).
+        key = "completed" if exc is None else "failed"
+        self.counts[key] += 1
+        if not settle(task, result, exc):
+            self.counts[key] -= 1
 
     def _drained(self, now: float) -> bool:
         """Whether shutdown may stop the workers: nothing queued, and no running task that a
