@@ -144,6 +144,16 @@ def bench_pool(counts: dict, include_batching: bool, **pool_kwargs) -> dict:
 
         out["async_per_s"] = _rate(n, lambda: asyncio.run(gather_all()))
 
+    for n in counts["bounded"]:  # the server pattern: more async callers than queue_size
+        with SPool(classes["Trivial"], queue_size=counts["bounded_queue"]) as pool:
+            pool.spawn()
+            pool.spawn()
+
+            async def gather_bounded(pool=pool, n=n):
+                await asyncio.gather(*(pool.async_execute(i) for i in range(n)))
+
+            out[f"bounded{n}_per_s"] = _rate(n, lambda: asyncio.run(gather_bounded()))
+
     if include_batching:  # ours only: the opt-in prefetch, on the same trivial workload
         with SPool(classes["Trivial"], prefetch=1) as pool:
             pool.spawn()
@@ -251,12 +261,14 @@ def bench_ppe(counts: dict) -> dict:
 
 COUNTS = {
     "full": {"latency": 2000, "submit": 20_000, "async": 5000, "util_per_caller": 20,
-             "mib": 400, "batch_tasks": 2048, "lone": 100},
+             "mib": 400, "batch_tasks": 2048, "lone": 100, "bounded": (1000, 5000, 20_000),
+             "bounded_queue": 1000},
     # Ray's hop costs about 1 ms per call: fewer tasks keep that side to a minute.
     "ray": {"latency": 300, "submit": 2000, "async": 1000, "util_per_caller": 5,
-            "mib": 100, "batch_tasks": 0, "lone": 0},
+            "mib": 100, "batch_tasks": 0, "lone": 0, "bounded": (), "bounded_queue": 0},
     "quick": {"latency": 50, "submit": 500, "async": 200, "util_per_caller": 2,
-              "mib": 10, "batch_tasks": 128, "lone": 5},
+              "mib": 10, "batch_tasks": 128, "lone": 5, "bounded": (200, 1000),
+              "bounded_queue": 100},
 }
 
 ROWS = [
@@ -358,6 +370,17 @@ def main() -> None:
         print(f"\nWith prefetch=1 (opt-in), the 20k trivial submit_execute run gives "
               f"{fmt(spool['submit_prefetch_per_s'])} tasks/s: "
               f"{spool['submit_prefetch_per_s'] / seed['submit_per_s']:.2f}x 0.3.2.")
+
+    counts = COUNTS[mode]
+    if counts["bounded"]:
+        print(f"\nasyncio callers over queue_size={counts['bounded_queue']}, 2 trivial workers "
+              "(asyncio.gather of async_execute; the seed's server pattern)\n")
+        print("| callers | stateful_pool (tasks/s) | us/task | 0.3.2 (tasks/s) | vs 0.3.2 |")
+        print("|---:|---:|---:|---:|---:|")
+        for n in counts["bounded"]:
+            ours, theirs = spool[f"bounded{n}_per_s"], seed.get(f"bounded{n}_per_s")
+            ratio_s = f"{ours / theirs:.2f}x" if theirs else "-"
+            print(f"| {n:,} | {fmt(ours)} | {1e6 / ours:.0f} | {fmt(theirs)} | {ratio_s} |")
 
     if "ray" in results:
         ray_side = results["ray"]
