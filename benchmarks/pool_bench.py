@@ -310,6 +310,73 @@ def fmt(value: float | None) -> str:
     return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
 
 
+def render(results: dict, mode: str, rounds: int, cpus: int | None = None,
+           python: str | None = None) -> str:
+    """The Markdown tables of one run, from its figures (also used to render the docs from a
+    committed JSON file: ``--render FILE``)."""
+    lines: list[str] = []
+
+    def out(text: str = "") -> None:
+        lines.append(text)
+
+    cpus = cpus or os.cpu_count()
+    python = python or sys.version.split()[0]
+    spool, seed, ppe = results["spool"], results.get("seed", {}), results["ppe"]
+    out(f"\nstateful_pool vs stateful-pool {SEED_VERSION} vs ProcessPoolExecutor "
+          f"({cpus} CPUs, Python {python}, {mode} run, "
+          f"median of {rounds} interleaved rounds)\n")
+    out("| workload | stateful_pool | 0.3.2 | ProcessPoolExecutor | vs 0.3.2 | target |")
+    out("|---|---:|---:|---:|---:|---|")
+    for key, label, target, higher_better in ROWS:
+        ours, theirs = spool.get(key), seed.get(key)
+        if theirs:
+            ratio_s = f"{ours / theirs:.2f}x" + ("" if higher_better else " the time")
+        else:
+            ratio_s = "-"
+        out(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {fmt(ppe.get(key))} | {ratio_s} "
+              f"| {target} |")
+
+    if seed.get("submit_per_s") and "submit_prefetch_per_s" in spool:
+        out(f"\nWith prefetch=1 (opt-in), the 20k trivial submit_execute run gives "
+              f"{fmt(spool['submit_prefetch_per_s'])} tasks/s: "
+              f"{spool['submit_prefetch_per_s'] / seed['submit_per_s']:.2f}x 0.3.2.")
+
+    counts = COUNTS[mode]
+    if all(f"bounded{n}_per_s" in spool for n in counts["bounded"]) and counts["bounded"]:
+        out(f"\nasyncio callers over queue_size={counts['bounded_queue']}, 2 trivial workers "
+              "(asyncio.gather of async_execute; the seed's server pattern)\n")
+        out("| callers | stateful_pool (tasks/s) | us/task | 0.3.2 (tasks/s) | vs 0.3.2 |")
+        out("|---:|---:|---:|---:|---:|")
+        for n in counts["bounded"]:
+            ours, theirs = spool[f"bounded{n}_per_s"], seed.get(f"bounded{n}_per_s")
+            ratio_s = f"{ours / theirs:.2f}x" if theirs else "-"
+            out(f"| {n:,} | {fmt(ours)} | {1e6 / ours:.0f} | {fmt(theirs)} | {ratio_s} |")
+
+    if "ray" in results:
+        ray_side = results["ray"]
+        out("\nThe Ray hop: the same workloads with backend='ray' (local Ray instance; fewer "
+              "tasks)\n")
+        out("| workload | process backend | ray backend | ray / process |")
+        out("|---|---:|---:|---:|")
+        for key, label, _, _ in ROWS:
+            out(f"| {label} | {fmt(spool[key])} | {fmt(ray_side[key])} "
+                  f"| {ray_side[key] / spool[key]:.2f}x |")
+
+    base = spool["batch1_per_s"]
+    out("\nDynamic batching: execute_batch costs 10 ms + 1 ms/item, 2 workers, "
+          "64 async callers, max_batch_wait=5 ms\n")
+    out("| max_batch_size | tasks/s | mean batch | vs batching off |")
+    out("|---:|---:|---:|---:|")
+    for size in (1, 8, 32):
+        rate = spool[f"batch{size}_per_s"]
+        mean = spool.get(f"batch{size}_mean_size", 1.0)
+        out(f"| {size} | {fmt(rate)} | {mean:.1f} | {rate / base:.2f}x |")
+    lone1, lone32 = spool["lone_ms_batch1"], spool["lone_ms_batch32"]
+    out(f"\nLone task on an idle pool: {lone1:.2f} ms unbatched, {lone32:.2f} ms with "
+          f"max_batch_size=32, max_batch_wait=5 ms (+{lone32 - lone1:.2f} ms; target <= +6 ms)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts (smoke run)")
@@ -320,10 +387,17 @@ def main() -> None:
                              "a local Ray instance unless RAY_ADDRESS is set)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds; the sides alternate within each, medians are reported")
+    parser.add_argument("--render", metavar="JSON",
+                        help="print the tables of a run saved with --json, and exit")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="full", help=argparse.SUPPRESS)
     args = parser.parse_args()
     mode = "quick" if args.quick else args.mode
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        print(render(saved["median"], saved.get("mode", "full"), len(saved["rounds"]["spool"]),
+                     saved.get("cpus"), saved.get("python")))
+        return
 
     if args.side:  # one implementation, in its own interpreter
         if args.side == "ppe":
@@ -351,61 +425,11 @@ def main() -> None:
     results = {side: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
                for side, runs in rounds.items()}
 
-    spool, seed, ppe = results["spool"], results.get("seed", {}), results["ppe"]
-    print(f"\nstateful_pool vs stateful-pool {SEED_VERSION} vs ProcessPoolExecutor "
-          f"({os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {mode} run, "
-          f"median of {args.rounds} interleaved rounds)\n")
-    print("| workload | stateful_pool | 0.3.2 | ProcessPoolExecutor | vs 0.3.2 | target |")
-    print("|---|---:|---:|---:|---:|---|")
-    for key, label, target, higher_better in ROWS:
-        ours, theirs = spool.get(key), seed.get(key)
-        if theirs:
-            ratio_s = f"{ours / theirs:.2f}x" + ("" if higher_better else " the time")
-        else:
-            ratio_s = "-"
-        print(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {fmt(ppe.get(key))} | {ratio_s} "
-              f"| {target} |")
-
-    if seed.get("submit_per_s") and "submit_prefetch_per_s" in spool:
-        print(f"\nWith prefetch=1 (opt-in), the 20k trivial submit_execute run gives "
-              f"{fmt(spool['submit_prefetch_per_s'])} tasks/s: "
-              f"{spool['submit_prefetch_per_s'] / seed['submit_per_s']:.2f}x 0.3.2.")
-
-    counts = COUNTS[mode]
-    if counts["bounded"]:
-        print(f"\nasyncio callers over queue_size={counts['bounded_queue']}, 2 trivial workers "
-              "(asyncio.gather of async_execute; the seed's server pattern)\n")
-        print("| callers | stateful_pool (tasks/s) | us/task | 0.3.2 (tasks/s) | vs 0.3.2 |")
-        print("|---:|---:|---:|---:|---:|")
-        for n in counts["bounded"]:
-            ours, theirs = spool[f"bounded{n}_per_s"], seed.get(f"bounded{n}_per_s")
-            ratio_s = f"{ours / theirs:.2f}x" if theirs else "-"
-            print(f"| {n:,} | {fmt(ours)} | {1e6 / ours:.0f} | {fmt(theirs)} | {ratio_s} |")
-
-    if "ray" in results:
-        ray_side = results["ray"]
-        print("\nThe Ray hop: the same workloads with backend='ray' (local Ray instance; fewer "
-              "tasks)\n")
-        print("| workload | process backend | ray backend | ray / process |")
-        print("|---|---:|---:|---:|")
-        for key, label, _, _ in ROWS:
-            print(f"| {label} | {fmt(spool[key])} | {fmt(ray_side[key])} "
-                  f"| {ray_side[key] / spool[key]:.2f}x |")
-
-    base = spool["batch1_per_s"]
-    print("\nDynamic batching: execute_batch costs 10 ms + 1 ms/item, 2 workers, "
-          "64 async callers, max_batch_wait=5 ms\n")
-    print("| max_batch_size | tasks/s | mean batch | vs batching off |")
-    print("|---:|---:|---:|---:|")
-    for size in (1, 8, 32):
-        rate = spool[f"batch{size}_per_s"]
-        mean = spool.get(f"batch{size}_mean_size", 1.0)
-        print(f"| {size} | {fmt(rate)} | {mean:.1f} | {rate / base:.2f}x |")
-    lone1, lone32 = spool["lone_ms_batch1"], spool["lone_ms_batch32"]
-    print(f"\nLone task on an idle pool: {lone1:.2f} ms unbatched, {lone32:.2f} ms with "
-          f"max_batch_size=32, max_batch_wait=5 ms (+{lone32 - lone1:.2f} ms; target <= +6 ms)")
+    print(render(results, mode, args.rounds))
     if args.json:
-        Path(args.json).write_text(json.dumps({"median": results, "rounds": rounds}, indent=2))
+        Path(args.json).write_text(json.dumps(
+            {"median": results, "rounds": rounds, "mode": mode, "cpus": os.cpu_count(),
+             "python": sys.version.split()[0]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -440,23 +440,29 @@ class Dispatcher(WorkerLifecycle):
         kind, metas, blobs = message
         outcomes = m.join_outcomes(metas, blobs)
         if kind == m.RESULTS:
-            for task_id, outcome in outcomes:
-                task = slot.tasks.pop(task_id, None)
-                if task is None:
-                    continue
-                ok, value = m.rebuild_outcome(outcome)
-                if ok:
-                    self._finish(task, value)
-                else:
-                    self._finish(task, exc=value)
+            done = [(task, outcome) for task_id, outcome in outcomes
+                    if (task := slot.tasks.pop(task_id, None)) is not None]
             slot.tasks_done += len(outcomes)
             slot.messages -= 1
             if not slot.tasks and slot.state == W.BUSY:
                 slot.state = W.IDLE
                 slot.messages = 0
                 self.idle.append(slot)
+                if self.pending and not slot.reaping:
+                    # The worker's next task goes out before the callers are woken: resolving
+                    # futures runs their callbacks, and the worker would idle meanwhile.
+                    now = time.monotonic()
+                    if self.deadlines and self.deadlines[0][0] <= now:
+                        self._expire_tasks(now)  # never send what has expired
+                    self._dispatch(now)
             elif slot.messages:
                 slot.busy_since = time.monotonic()  # its next (prefetched) message starts now
+            for task, outcome in done:
+                ok, value = m.rebuild_outcome(outcome)
+                if ok:
+                    self._finish(task, value)
+                else:
+                    self._finish(task, exc=value)
         elif kind == m.SPAWNED:
             self._on_spawned(slot, outcomes[0][1])
 
