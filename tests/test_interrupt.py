@@ -58,9 +58,17 @@ class Interrupted:
         return time.monotonic() - t0, self.proc.stderr.read()  # type: ignore[union-attr]
 
 
-def _busy(pids: list[int]) -> None:
+def assert_interrupt_ends_it(child: Interrupted, limit: float, times: int = 1,
+                             gap: float = 0.3) -> None:
+    """Once the long tasks run, Ctrl-C (``times`` times) ends the program within ``limit``
+    seconds with a KeyboardInterrupt, and no worker outlives it."""
+    pids = child.worker_pids()
     time.sleep(0.3)  # the long tasks have reached the workers
     assert all(pid_alive(p) for p in pids)
+    elapsed, stderr = child.interrupt_and_time(times, gap)
+    assert child.proc.returncode != 0 and "KeyboardInterrupt" in stderr, stderr
+    assert elapsed < limit, f"took {elapsed:.1f} s to end after Ctrl-C"
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=2)
 
 
 def test_ctrl_c_inside_with_ends_the_program_quickly():
@@ -73,12 +81,7 @@ def test_ctrl_c_inside_with_ends_the_program_quickly():
             print(*pids, flush=True)
             futures[0].result()
     """) as child:
-        pids = child.worker_pids()
-        _busy(pids)
-        elapsed, stderr = child.interrupt_and_time()
-        assert child.proc.returncode != 0 and "KeyboardInterrupt" in stderr
-        assert elapsed < 3, f"took {elapsed:.1f} s to end after Ctrl-C"
-        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=2)
+        assert_interrupt_ends_it(child, limit=3)
 
 
 def test_ctrl_c_inside_async_with_ends_the_program_quickly():
@@ -97,12 +100,7 @@ def test_ctrl_c_inside_async_with_ends_the_program_quickly():
 
         asyncio.run(main())
     """) as child:
-        pids = child.worker_pids()
-        _busy(pids)
-        elapsed, stderr = child.interrupt_and_time()
-        assert child.proc.returncode != 0 and "KeyboardInterrupt" in stderr
-        assert elapsed < 3, f"took {elapsed:.1f} s to end after Ctrl-C"
-        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=2)
+        assert_interrupt_ends_it(child, limit=3)
 
 
 def test_second_ctrl_c_stops_a_shutdown_that_waits_for_running_tasks():
@@ -116,12 +114,7 @@ def test_second_ctrl_c_stops_a_shutdown_that_waits_for_running_tasks():
             print(*pids, flush=True)
         # leaving the block normally: shutdown waits for the 60 s task
     """) as child:
-        pids = child.worker_pids()
-        _busy(pids)
-        elapsed, stderr = child.interrupt_and_time()
-        assert "KeyboardInterrupt" in stderr
-        assert elapsed < 3, f"took {elapsed:.1f} s to end after Ctrl-C"
-        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=2)
+        assert_interrupt_ends_it(child, limit=3)
 
 
 def test_second_ctrl_c_under_asyncio_run_stops_the_workers_at_once():
@@ -141,12 +134,7 @@ def test_second_ctrl_c_under_asyncio_run_stops_the_workers_at_once():
 
         asyncio.run(main())
     """) as child:
-        pids = child.worker_pids()
-        _busy(pids)
-        elapsed, stderr = child.interrupt_and_time(times=2, gap=0.5)
-        assert "KeyboardInterrupt" in stderr
-        assert elapsed < 4, f"took {elapsed:.1f} s to end after the second Ctrl-C"
-        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=2)
+        assert_interrupt_ends_it(child, limit=4, times=2, gap=0.5)
 
 
 def test_an_error_inside_with_propagates_unchanged_after_a_short_grace():
