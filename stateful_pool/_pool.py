@@ -291,7 +291,7 @@ class SPool(Generic[SpawnR, ExecR]):
         task = Task(self._ids(), payload, deadline, False, self._on_cancel)
         if not self._dispatcher.try_run_now(task):
             if self.queue_size is not None and not await self._capacity.acquire_async(
-                    self._room_wait(deadline)):
+                    self._room_wait(deadline), bridge):
                 raise self._no_room(deadline)
             self._enqueue(task)
         try:

@@ -16,27 +16,27 @@ class _Waiter:
     """One caller waiting for room in the queue: a thread (``lock``) or a coroutine
     (``loop`` + ``future``). ``state`` changes only under the capacity's lock."""
 
-    __slots__ = ("lock", "loop", "future", "state")
+    __slots__ = ("lock", "bridge", "future", "state")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, bridge: LoopBridge | None = None) -> None:
         self.state = _WAITING
-        self.loop = loop
-        if loop is None:
+        self.bridge = bridge
+        if bridge is None:
             self.lock: threading.Lock | None = threading.Lock()
             self.lock.acquire()
             self.future: asyncio.Future[None] | None = None
         else:
             self.lock = None
-            self.future = loop.create_future()
+            self.future = asyncio.get_running_loop().create_future()
 
     def wake(self) -> None:
         """Tell the waiter it holds a place now (called with the capacity's lock released)."""
         if self.lock is not None:
             self.lock.release()
             return
-        assert self.loop is not None and self.future is not None
+        assert self.bridge is not None and self.future is not None
         try:
-            self.loop.call_soon_threadsafe(_resolve_waiter, self.future)
+            self.bridge.call(_resolve_waiter, self.future)
         except RuntimeError:  # that loop is closed: nobody will take the place; pass it on
             self.state = _ABANDONED
             raise
@@ -78,14 +78,13 @@ class Capacity:
             return True
         return self._give_up(waiter)
 
-    async def acquire_async(self, timeout: float | None) -> bool:
-        loop = asyncio.get_running_loop()
+    async def acquire_async(self, timeout: float | None, bridge: LoopBridge) -> bool:
         with self._lock:
             if self._try_take():
                 return True
             if timeout is not None and timeout <= 0:
                 return False
-            waiter = _Waiter(loop)
+            waiter = _Waiter(bridge)
             self._waiters.append(waiter)
         assert waiter.future is not None
         try:
@@ -134,53 +133,64 @@ class Capacity:
 
 
 class LoopBridge:
-    """Hands finished tasks to one event loop, many per wakeup.
+    """Runs callbacks from other threads on one event loop, many per wakeup.
 
-    ``asyncio.wrap_future`` costs one ``call_soon_threadsafe`` (a write to the loop's self-pipe
-    and a wakeup) per task; under load this bridge coalesces every task that finished before
-    the loop got round to it into one callback.
+    ``call_soon_threadsafe`` costs a write to the loop's self-pipe and a wakeup per call;
+    under load this bridge coalesces everything that arrived before the loop got round to it
+    into one callback: finished tasks (``watch``) and places granted in a full queue.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         # A weak reference: the pool's loop -> bridge map must not keep closed loops alive.
         self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
-        self._ready: list[tuple[Task, asyncio.Future[Any]]] = []
+        self._ready: list[tuple[Any, Any]] = []
         self._scheduled = False
 
     def watch(self, task: Task) -> asyncio.Future[Any]:
+        """A future of this loop that follows ``task``."""
         waiter = asyncio.get_running_loop().create_future()
-        task.add_done_callback(lambda _t: self._push(task, waiter))
+        task.add_done_callback(lambda _t: self.call(_copy_outcome, (task, waiter)))
         return waiter
 
-    def _push(self, task: Task, waiter: asyncio.Future[Any]) -> None:
+    def call(self, fn: Any, arg: Any) -> None:
+        """Run ``fn(arg)`` on the loop soon; ``RuntimeError`` if the loop is closed."""
         with self._lock:
-            self._ready.append((task, waiter))
+            self._ready.append((fn, arg))
             if self._scheduled:
                 return
             self._scheduled = True
         loop = self._loop()
         try:
-            if loop is not None:
-                loop.call_soon_threadsafe(self._deliver)
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:
-            pass  # the loop is closed: nobody is waiting any more
+            with self._lock:
+                self._ready.clear()
+                self._scheduled = False
+            raise
 
     def _deliver(self) -> None:
         with self._lock:
             ready, self._ready = self._ready, []
             self._scheduled = False
-        for task, waiter in ready:
-            if waiter.done():
-                continue
-            if task.cancelled():
-                waiter.cancel()
-                continue
-            exc = task.exception()
-            if exc is None:
-                waiter.set_result(task.result())
-            else:
-                waiter.set_exception(exc)
+        for fn, arg in ready:
+            fn(arg)
+
+
+def _copy_outcome(pair: tuple[Task, asyncio.Future[Any]]) -> None:
+    task, waiter = pair
+    if waiter.done():
+        return
+    if task.cancelled():
+        waiter.cancel()
+        return
+    exc = task.exception()
+    if exc is None:
+        waiter.set_result(task.result())
+    else:
+        waiter.set_exception(exc)
 
 
 def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
