@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from ._pool import SPool
 from ._states import TaskState, WorkerState
-from ._stats import PoolStats, WorkerStats
-from ._worker import SWorker
+from ._stats import Histogram, PoolStats, WorkerStats
+from ._worker import SWorker, current_contexts
 from .errors import (
     NoWorkersError,
     PoolClosedError,
@@ -38,11 +38,13 @@ from .errors import (
 
 SWorker.__module__ = "stateful_pool"
 WorkerState.__module__ = "stateful_pool"
+current_contexts.__module__ = "stateful_pool"
 TaskState.__module__ = "stateful_pool"
 
 __version__ = "0.4.0"
 
 __all__ = [
+    "Histogram",
     "NoWorkersError",
     "PoolClosedError",
     "PoolError",
@@ -58,4 +60,5 @@ __all__ = [
     "WorkerCrashedError",
     "WorkerState",
     "WorkerStats",
+    "current_contexts",
 ]

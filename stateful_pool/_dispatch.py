@@ -47,7 +47,7 @@ from ._lifecycle import WorkerLifecycle
 from ._restart import RestartPolicy
 from ._slot import FrameWriter, WorkerSlot
 from ._states import LIVE_STATES, TaskState, WorkerState
-from ._stats import PoolStats, WorkerStats
+from ._stats import PoolStats, TimeRecorder, WorkerStats
 from ._task import Task, settle
 from ._transport import Transport
 from .errors import NoWorkersError, PoolClosedError, TaskTimeoutError
@@ -117,6 +117,8 @@ class Dispatcher(WorkerLifecycle):
         self.deadlines: list[tuple[float, int, Task]] = []
         self.counts = {"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
                        "timed_out": 0, "restarts": 0}
+        self.queue_wait = TimeRecorder()
+        self.run_time = TimeRecorder()
         self._worker_ids = iter(range(1 << 62)).__next__
 
         # Held by callers while they check `accepting` and append to the inbox, so that
@@ -246,7 +248,8 @@ class Dispatcher(WorkerLifecycle):
                         restarts=s.restarts.total, running=len(s.tasks),
                         last_exitcode=s.last_exitcode, host=s.location.get("host"),
                         node=s.location.get("node"),
-                        gpu_ids=tuple(s.location.get("gpu_ids", ())))
+                        gpu_ids=tuple(s.location.get("gpu_ids", ())),
+                        run_time=s.run_time.snapshot())
             for s in list(self.slots))
         # Cancelled tasks leave the queue at once for callers, even before the dispatcher
         # has drained the news.
@@ -260,7 +263,8 @@ class Dispatcher(WorkerLifecycle):
             failed=counts["failed"], cancelled=counts["cancelled"],
             timed_out=counts["timed_out"], restarts=counts["restarts"], batches=b.batches,
             batch_size_mean=b.mean, batch_size_max=b.largest,
-            batch_size_hist=dict(b.histogram))
+            batch_size_hist=dict(b.histogram), queue_wait=self.queue_wait.snapshot(),
+            run_time=self.run_time.snapshot())
 
     # ---- the dispatcher thread --------------------------------------------------------------
 
@@ -396,8 +400,11 @@ class Dispatcher(WorkerLifecycle):
         return False
 
     def _send(self, slot: WorkerSlot, tasks: list[Task], now: float) -> None:
+        record_wait = self.queue_wait.record
         for task in tasks:
             slot.tasks[task.id] = task
+            task.started_at = now
+            record_wait(now - task.submitted_at)
         if slot.state != W.BUSY:
             slot.state = W.BUSY
             slot.busy_since = now
@@ -410,8 +417,12 @@ class Dispatcher(WorkerLifecycle):
         if self.batching:
             self.batches.record(len(tasks))
             kind, key = m.BATCH, [t.id for t in tasks]
+            if any(t.context is not None for t in tasks):
+                key = (key, [t.context for t in tasks])
         else:
             kind, key = m.EXEC, tasks[0].id
+            if tasks[0].context is not None:
+                key = (key, tasks[0].context)
         writer_busy = slot.writer is not None and not slot.writer.idle.is_set()
         # Messages to one worker must not interleave: once one goes through the writer, the
         # ones queued behind it (prefetch) follow the same path.
@@ -442,6 +453,10 @@ class Dispatcher(WorkerLifecycle):
         if kind == m.RESULTS:
             done = [(task, outcome) for task_id, outcome in outcomes
                     if (task := slot.tasks.pop(task_id, None)) is not None]
+            now = time.monotonic()
+            for task, _ in done:
+                slot.run_time.record(now - task.started_at)
+                self.run_time.record(now - task.started_at)
             slot.tasks_done += len(outcomes)
             slot.messages -= 1
             if not slot.tasks and slot.state == W.BUSY:
@@ -451,12 +466,11 @@ class Dispatcher(WorkerLifecycle):
                 if self.pending and not slot.reaping:
                     # The worker's next task goes out before the callers are woken: resolving
                     # futures runs their callbacks, and the worker would idle meanwhile.
-                    now = time.monotonic()
                     if self.deadlines and self.deadlines[0][0] <= now:
                         self._expire_tasks(now)  # never send what has expired
                     self._dispatch(now)
             elif slot.messages:
-                slot.busy_since = time.monotonic()  # its next (prefetched) message starts now
+                slot.busy_since = now  # its next (prefetched) message starts now
             for task, outcome in done:
                 ok, value = m.rebuild_outcome(outcome)
                 if ok:

@@ -7,6 +7,7 @@ import atexit
 import multiprocessing
 import time
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic
 
@@ -270,10 +271,11 @@ class SPool(Generic[SpawnR, ExecR]):
         return self._queue_full()
 
     def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                timeout: float | None | _Default) -> Task:
+                timeout: float | None | _Default, context: dict[str, Any] | None = None
+                ) -> Task:
         payload = self._payload(args, kwargs)
         deadline = self._deadline(timeout)
-        task = Task(self._ids(), payload, deadline, False, self._on_cancel)
+        task = Task(self._ids(), payload, deadline, False, self._on_cancel, context)
         if self._dispatcher.try_run_now(task):  # a worker was idle: it has the task already
             return task
         if self.queue_size is not None and not self._capacity.acquire(self._room_wait(deadline)):
@@ -281,14 +283,15 @@ class SPool(Generic[SpawnR, ExecR]):
         return self._enqueue(task)
 
     async def _async_execute(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                             timeout: float | None | _Default) -> Any:
+                             timeout: float | None | _Default,
+                             context: dict[str, Any] | None = None) -> Any:
         payload = self._payload(args, kwargs)
         deadline = self._deadline(timeout)
         loop = asyncio.get_running_loop()
         bridge = self._bridges.get(loop)
         if bridge is None:
             bridge = self._bridges[loop] = LoopBridge(loop)
-        task = Task(self._ids(), payload, deadline, False, self._on_cancel)
+        task = Task(self._ids(), payload, deadline, False, self._on_cancel, context)
         if not self._dispatcher.try_run_now(task):
             if self.queue_size is not None and not await self._capacity.acquire_async(
                     self._room_wait(deadline), bridge):
@@ -301,7 +304,15 @@ class SPool(Generic[SpawnR, ExecR]):
                 self._dispatcher.abandoned(task)  # running: shutdown will not wait for it
             raise
 
-    def with_timeout(self, seconds: float | None) -> TimedCalls[ExecR]:
+    def with_context(self, context: Mapping[str, Any]) -> CallOptions[ExecR]:
+        """This pool's execute methods with a context that travels to the worker with each
+        task: in the worker, ``stateful_pool.current_contexts()`` returns it during
+        ``execute`` (one per item during ``execute_batch``). For a request id in the worker's
+        logs, or a trace context for its spans. It must pickle (``TypeError`` here if not).
+        """
+        return CallOptions(self, _DEFAULT, _checked_context(context))
+
+    def with_timeout(self, seconds: float | None) -> CallOptions[ExecR]:
         """This pool's ``submit_execute`` / ``execute`` / ``async_execute`` with a timeout of
         their own instead of ``execution_timeout``: a request's deadline, for example
         ``pool.with_timeout(remaining).async_execute(item)``.
@@ -312,7 +323,7 @@ class SPool(Generic[SpawnR, ExecR]):
         discarded. ``None``: no timeout.
         """
         _check_timeout("timeout", seconds)
-        return TimedCalls(self, seconds)
+        return CallOptions(self, seconds, None)
 
     def _on_cancel(self, task: Task) -> None:
         if task.holds_slot:
@@ -443,21 +454,43 @@ class _Default:
 _DEFAULT = _Default()
 
 
-class TimedCalls(Generic[ExecR]):
-    """What ``pool.with_timeout(seconds)`` returns: the execute methods with that timeout."""
+class CallOptions(Generic[ExecR]):
+    """What ``pool.with_timeout(...)`` and ``pool.with_context(...)`` return: the execute
+    methods with a timeout and/or a context of their own. Chainable:
+    ``pool.with_timeout(2.0).with_context({"request_id": rid}).async_execute(x)``."""
 
-    def __init__(self, pool: SPool[Any, ExecR], timeout: float | None) -> None:
+    def __init__(self, pool: SPool[Any, ExecR], timeout: float | None | _Default,
+                 context: dict[str, Any] | None) -> None:
         self._pool = pool
         self._timeout = timeout
+        self._context = context
+
+    def with_timeout(self, seconds: float | None) -> CallOptions[ExecR]:
+        _check_timeout("timeout", seconds)
+        return CallOptions(self._pool, seconds, self._context)
+
+    def with_context(self, context: Mapping[str, Any]) -> CallOptions[ExecR]:
+        return CallOptions(self._pool, self._timeout, _checked_context(context))
 
     def submit_execute(self, *args: Any, **kwargs: Any) -> Future[ExecR]:
-        return self._pool._submit(args, kwargs, self._timeout)
+        return self._pool._submit(args, kwargs, self._timeout, self._context)
 
     def execute(self, *args: Any, **kwargs: Any) -> ExecR:
-        return self._pool._submit(args, kwargs, self._timeout).result()  # type: ignore
+        return self.submit_execute(*args, **kwargs).result()
 
     async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:
-        return await self._pool._async_execute(args, kwargs, self._timeout)  # type: ignore
+        return await self._pool._async_execute(  # type: ignore[no-any-return]
+            args, kwargs, self._timeout, self._context)
+
+
+def _checked_context(context: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain dict that pickles (checked here, in the caller, like arguments)."""
+    context = dict(context)
+    try:
+        m.dumps(context, m.PROTOCOL)
+    except Exception as exc:
+        raise TypeError(f"a task context must pickle: {exc!r}") from exc
+    return context
 
 
 class _SpawnWithOptions(Generic[SpawnR]):

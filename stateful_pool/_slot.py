@@ -13,6 +13,7 @@ from typing import Any
 from . import _messages as m
 from ._restart import RestartPolicy
 from ._states import WorkerState, check_transition
+from ._stats import TimeRecorder
 from ._task import Task
 
 
@@ -49,6 +50,7 @@ class WorkerSlot:
         self.messages = 0  # EXEC/BATCH messages sent and not answered yet
         self.busy_since = 0.0
         self.tasks_done = 0
+        self.run_time = TimeRecorder()
 
     @property
     def state(self) -> WorkerState:

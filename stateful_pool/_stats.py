@@ -2,9 +2,44 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from ._states import LIVE_STATES, WorkerState
+
+# Bucket upper bounds, in seconds, of the time histograms (the last bucket is +Inf).
+TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Observed durations in seconds: ``counts[i]`` fell in ``(bounds[i-1], bounds[i]]``, the
+    last count above ``bounds[-1]``; ``sum`` and ``count`` over all of them."""
+
+    bounds: tuple[float, ...] = TIME_BUCKETS
+    counts: tuple[int, ...] = (0,) * (len(TIME_BUCKETS) + 1)
+    sum: float = 0.0
+    count: int = 0
+
+
+class TimeRecorder:
+    """The mutable side of a ``Histogram``: one dispatcher thread records, anyone snapshots."""
+
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(TIME_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def record(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(TIME_BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def snapshot(self) -> Histogram:
+        return Histogram(TIME_BUCKETS, tuple(self.counts), self.sum, self.count)
 
 
 @dataclass(frozen=True)
@@ -30,6 +65,7 @@ class WorkerStats:
     host: str | None = None
     node: str | None = None
     gpu_ids: tuple[int, ...] = ()
+    run_time: Histogram = field(default_factory=Histogram)
 
 
 @dataclass(frozen=True)
@@ -39,6 +75,9 @@ class PoolStats:
     Counters (``submitted`` .. ``restarts``, ``batches``) only grow. ``queue_depth`` counts
     tasks waiting for a worker; ``in_flight`` adds the ones running. ``batch_size_hist`` maps
     a batch size to how many batches of that size ran (empty without batching).
+    ``queue_wait`` is how long tasks waited between submission and reaching a worker;
+    ``run_time`` how long they took from reaching a worker to their result (``WorkerStats``
+    has the same per worker): a slow model and a long queue look different here.
     """
 
     workers: tuple[WorkerStats, ...]
@@ -54,6 +93,8 @@ class PoolStats:
     batch_size_mean: float
     batch_size_max: int
     batch_size_hist: dict[int, int] = field(default_factory=dict)
+    queue_wait: Histogram = field(default_factory=Histogram)
+    run_time: Histogram = field(default_factory=Histogram)
 
     @property
     def live_workers(self) -> int:
@@ -65,5 +106,6 @@ class PoolStats:
         return sum(w.state == WorkerState.BUSY for w in self.workers)
 
 
+Histogram.__module__ = "stateful_pool"
 WorkerStats.__module__ = "stateful_pool"
 PoolStats.__module__ = "stateful_pool"

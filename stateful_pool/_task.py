@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
@@ -18,11 +19,15 @@ class Task(Future[Any]):
     """
 
     def __init__(self, task_id: int, payload: m.Payload, deadline: float | None,
-                 holds_slot: bool, on_cancel: Callable[[Task], None]) -> None:
+                 holds_slot: bool, on_cancel: Callable[[Task], None],
+                 context: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.id = task_id
         self.payload = payload
         self.deadline = deadline
+        self.context = context  # travels to the worker with the task (current_contexts())
+        self.submitted_at = time.monotonic()
+        self.started_at = 0.0
         self.state = TaskState.QUEUED
         self.holds_slot = holds_slot
         self.abandoned = False  # its caller stopped waiting while it ran (asyncio cancel)

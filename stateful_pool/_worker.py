@@ -64,6 +64,19 @@ class SWorker(Generic[SpawnR, ExecR]):
         """
 
 
+_current: list[dict[str, Any]] = []
+
+
+def current_contexts() -> list[dict[str, Any]]:
+    """In a worker, during ``execute`` / ``execute_batch``: the context of each task being run
+    (one for ``execute``, one per item for ``execute_batch``), as given to
+    ``pool.with_context(...)``; ``{}`` for a task without one. Elsewhere: ``[]``.
+
+    Use it to carry a request id into the worker's logs or a trace context into its spans.
+    """
+    return list(_current)
+
+
 def defines_execute_batch(worker_cls: type) -> bool:
     return callable(getattr(worker_cls, "execute_batch", None))
 
@@ -86,16 +99,19 @@ def _run_one(worker: SWorker[Any, Any], task_id: int, payload: bytes) -> tuple[i
 
 
 def _run_batch(
-    worker: Any, task_ids: list[int], payloads: list[bytes]
+    worker: Any, task_ids: list[int], payloads: list[bytes],
+    contexts: list[dict[str, Any] | None] | None = None,
 ) -> list[tuple[int, m.Outcome]]:
     """Run one ``execute_batch`` call; an item that cannot be unpickled fails alone."""
     outcomes: dict[int, m.Outcome] = {}
     items: list[Any] = []
     item_ids: list[int] = []
-    for task_id, payload in zip(task_ids, payloads, strict=True):
+    for i, (task_id, payload) in enumerate(zip(task_ids, payloads, strict=True)):
         try:
             items.append(m.loads_payload(payload))
             item_ids.append(task_id)
+            if contexts is not None:
+                _current.append(contexts[i] or {})
         except Exception as exc:
             outcomes[task_id] = m.error_outcome(exc)
     if items:
@@ -145,8 +161,21 @@ def run_message(worker: SWorker[Any, Any], kind: int, key: Any, blobs: Any
     Runs in the worker process (or Ray actor).
     """
     if kind == m.EXEC:
+        if type(key) is tuple:  # (task_id, context)
+            key, context = key
+            _current[:] = [context]
+            try:
+                return [_run_one(worker, key, blobs[0])]
+            finally:
+                _current.clear()
         return [_run_one(worker, key, blobs[0])]
     if kind == m.BATCH:
+        if type(key) is tuple:  # (task_ids, contexts)
+            key, contexts = key
+            try:
+                return _run_batch(worker, key, blobs, contexts)
+            finally:
+                _current.clear()
         return _run_batch(worker, key, blobs)
     return None
 

@@ -11,9 +11,10 @@ from stateful_pool import SPool, errors
 def test_public_names():
     assert stateful_pool.__all__ == sorted(stateful_pool.__all__)
     assert set(stateful_pool.__all__) == {
-        "NoWorkersError", "PoolClosedError", "PoolError", "PoolStats", "QueueFullError",
-        "RemoteError", "SPool", "SWorker", "SpawnError", "SpawnTimeoutError",
+        "Histogram", "NoWorkersError", "PoolClosedError", "PoolError", "PoolStats",
+        "QueueFullError", "RemoteError", "SPool", "SWorker", "SpawnError", "SpawnTimeoutError",
         "TaskState", "TaskTimeoutError", "WorkerCrashedError", "WorkerState", "WorkerStats",
+        "current_contexts",
     }
     for name in stateful_pool.__all__:
         assert getattr(stateful_pool, name).__module__ == "stateful_pool", name

@@ -181,3 +181,18 @@ class Batcher(SWorker):
             else:
                 out.append((value, os.getpid()))
         return out
+
+
+class Contextual(SWorker):
+    """Returns what ``current_contexts()`` says while it runs (single tasks and batches)."""
+
+    def execute(self, x):
+        from stateful_pool import current_contexts
+
+        return x, current_contexts()
+
+    def execute_batch(self, batch):
+        from stateful_pool import current_contexts
+
+        contexts = current_contexts()
+        return [(x, contexts[i], len(contexts)) for i, x in enumerate(batch)]
