@@ -275,4 +275,5 @@ def add_inference_route(router: APIRouter, decl: Declaration,
         responses={code: {"model": ErrorBody, "description": text}
                    for code, text in sorted({**_COMMON_ERRORS, **errors}.items())},
         dependencies=[Depends(g) for g in guards], tags=["inference"], name="predict",
+        operation_id="predict",
         summary=f"Run {decl.worker_cls.__name__}", description=doc)

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .contract import WorkerConfig
-from .images import configure_decoder
+from .contract import InvalidImageError, WorkerConfig
+from .images import configure_decoder, decode_rgb
 from .logs import configure_worker_logging
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class TorchRuntime:
         if self.device.type == "cpu" and self.dtype != torch.float32:
             logger.warning("PRECISION=%s is for GPUs; using fp32 on CPU", config.precision)
             self.dtype = torch.float32
+        self.max_image_pixels = config.max_image_pixels
         configure_decoder()
         # Pillow and torchvision release the GIL while decoding and resizing: a batch's
         # images are prepared in parallel threads, which keeps a GPU fed (one process per GPU).
@@ -62,6 +63,32 @@ class TorchRuntime:
         if self.threads is not None and len(items) > 1:
             return list(self.threads.map(fn, items))
         return [fn(item) for item in items]
+
+    def decode_images(self, items: list[Any], transform: Callable[[Any], Any]
+                      ) -> tuple[list[Any], list[int], list[InvalidImageError | None]]:
+        """Decode each item's ``.data`` to RGB and apply ``transform``, in threads.
+
+        Returns:
+            ``(outputs, indices, errors)``: the transformed images that decoded and their
+            positions in ``items``; ``errors`` has an ``InvalidImageError`` at each position
+            that did not decode (fail that item alone) and None elsewhere.
+        """
+        def prepare(item: Any) -> Any:
+            try:
+                image = decode_rgb(item.data, max_pixels=self.max_image_pixels)
+            except InvalidImageError as exc:
+                return exc
+            return transform(image)
+
+        outputs, indices = [], []
+        errors: list[InvalidImageError | None] = [None] * len(items)
+        for index, prepared in enumerate(self.map(prepare, items)):
+            if isinstance(prepared, InvalidImageError):
+                errors[index] = prepared
+            else:
+                outputs.append(prepared)
+                indices.append(index)
+        return outputs, indices, errors
 
     def info(self, model: torch.nn.Module) -> dict[str, Any]:
         """The part of a worker's ``/v1/model`` entry every torch model shares."""

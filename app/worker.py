@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from .contract import ImageFile, ImageInput, InvalidImageError, ModelWorker, WorkerConfig
-from .images import decode_rgb
+from .contract import ImageFile, ImageInput, ModelWorker, WorkerConfig
 from .runtime import TorchRuntime
 from .weights import hub_unreachable_reason, load_timm
 
@@ -107,15 +106,9 @@ class ViTWorker(ModelWorker):
         """Decode each image, run one forward pass over the good ones. Runs in the worker."""
         import torch
 
-        results: list[dict[str, Any] | Exception | None] = [None] * len(items)
-        tensors: list[torch.Tensor] = []
-        decoded: list[int] = []
-        for index, tensor in enumerate(self.runtime.map(self.prepare, items)):
-            if isinstance(tensor, InvalidImageError):
-                results[index] = tensor  # fails this item only, never its batch neighbours
-            else:
-                tensors.append(tensor)
-                decoded.append(index)
+        tensors, decoded, errors = self.runtime.decode_images(items, self.transform)
+        # A corrupt image fails its own item only, never its batch neighbours.
+        results: list[dict[str, Any] | Exception | None] = list(errors)
         if tensors:
             k = min(self.num_classes, max(items[i].top_k for i in decoded))
             with torch.inference_mode():
@@ -128,14 +121,6 @@ class ViTWorker(ModelWorker):
                     {"class_id": c, "label": self.labels[c], "probability": p}
                     for c, p in zip(top_i[row][:n], top_p[row][:n], strict=True)]}
         return results  # type: ignore[return-value]  # every slot is filled above
-
-    def prepare(self, item: ImageInput) -> torch.Tensor | InvalidImageError:
-        """Decode and transform one image. Runs in the worker process (maybe in a thread)."""
-        try:
-            image = decode_rgb(item.data, max_pixels=self.config.max_image_pixels)
-        except InvalidImageError as exc:
-            return exc
-        return self.transform(image)  # type: ignore[no-any-return]
 
 
 def class_names(model: torch.nn.Module) -> list[str]:
