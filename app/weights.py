@@ -87,7 +87,12 @@ def load_timm(model_name: str, weights: str, **kwargs: Any) -> tuple[torch.nn.Mo
     import timm  # after HF_HUB_OFFLINE is settled: huggingface_hub reads it at import
 
     if HUB_ID.match(weights):
-        return timm.create_model(weights, pretrained=True, **kwargs), "pretrained", weights
+        try:
+            model = timm.create_model(weights, pretrained=True, **kwargs)
+        except Exception as exc:
+            raise OSError(f"cannot load MODEL_WEIGHTS={weights}: {type(exc).__name__}: "
+                          f"{exc}") from exc
+        return model, "pretrained", weights
     if weights in ("auto", "pretrained"):
         try:
             model = timm.create_model(model_name, pretrained=True, **kwargs)
@@ -144,12 +149,16 @@ def hub_file(repo_id: str) -> str:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    for filename in HUB_FILES[:-1]:
-        try:
-            return str(hf_hub_download(repo_id, filename))
-        except EntryNotFoundError:
-            continue
-    return str(hf_hub_download(repo_id, HUB_FILES[-1]))
+    try:
+        for filename in HUB_FILES[:-1]:
+            try:
+                return str(hf_hub_download(repo_id, filename))
+            except EntryNotFoundError:
+                continue
+        return str(hf_hub_download(repo_id, HUB_FILES[-1]))
+    except Exception as exc:
+        raise OSError(f"cannot fetch the weights of hf-hub:{repo_id} ({' or '.join(HUB_FILES)})"
+                      f": {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
 
 def read_state_dict(path: str) -> dict[str, Any]:
