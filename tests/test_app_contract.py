@@ -1,12 +1,13 @@
-"""The worker contract read by the server: declarations, worker settings, MODEL_WEIGHTS.
-
-Mostly without processes; one worker that cannot find its hub weights offline.
-"""
+"""The worker contract read by the server: declarations, worker settings, MODEL_WEIGHTS,
+and the skeleton of docs/SERVE_YOUR_MODEL.md served as written."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
-from app_fixtures import running_app, settings, wait_until
+from app_fixtures import ROOT, image_bytes, running_app, settings, truncated_jpeg, wait_until
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from app.contract import ImageFile, ModelWorker
@@ -120,3 +121,33 @@ def test_text_worker_without_published_weights_falls_back_to_random_with_auto(ca
         response = client.post("/predict", json={"texts": ["hello"]})
         assert response.status_code == 200
         assert response.json()["predictions"][0]["label"] in ("negative", "positive")
+
+
+def skeleton_from_the_docs() -> str:
+    text = (ROOT / "docs" / "SERVE_YOUR_MODEL.md").read_text()
+    section = text.split("## A skeleton", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_skeleton_of_the_docs_serves_as_written(tmp_path, monkeypatch):
+    package = tmp_path / "mymodels"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "colors.py").write_text(skeleton_from_the_docs())
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers inherit sys.path
+    monkeypatch.setenv("COLORS_SCALE", "255")
+    with running_app(settings(worker_class="mymodels.colors:MeanColor")) as client:
+        pink = io.BytesIO()
+        Image.new("RGB", (8, 8), (255, 0, 128)).save(pink, format="PNG")
+        response = client.post("/predict", params={"decimals": 1}, files=[
+            ("files", ("pink.png", pink.getvalue(), "image/png")),
+            ("files", ("noise.jpg", image_bytes(), "image/jpeg"))])
+        assert response.status_code == 200, response.text
+        means = response.json()["means"]
+        assert means[0] == [255.0, 0.0, 128.0] and len(means) == 2
+        assert client.get("/v1/model").json()["worker_settings"] == {"scale": 255.0}
+        corrupt = client.post("/predict", files=[("files", ("t.jpg", truncated_jpeg(),
+                                                            "image/jpeg"))])
+        assert corrupt.status_code == 400 and "t.jpg" in corrupt.json()["detail"]
+        spec = client.get("/openapi.json").json()
+        assert "ColorAnswer" in spec["components"]["schemas"]
