@@ -71,7 +71,6 @@ class ViTWorker(ModelWorker):
 
     def spawn(self, config: WorkerConfig) -> dict[str, Any]:
         """Load the model on its device. Runs in the worker process."""
-        import timm.data
         import torch
 
         started = time.monotonic()
@@ -79,6 +78,8 @@ class ViTWorker(ModelWorker):
         self.runtime = TorchRuntime(config)
         self.device, self.dtype = self.runtime.device, self.runtime.dtype
         model, weights, weights_source = load_timm(config.model_name, config.weights)
+        import timm.data  # only now: huggingface_hub reads HF_HUB_OFFLINE at import
+
         self.model = model.to(self.device, self.dtype).eval()
         data_config = timm.data.resolve_data_config({}, model=self.model)
         self.transform = timm.data.create_transform(**data_config, is_training=False)

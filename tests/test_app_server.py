@@ -52,6 +52,7 @@ def test_make_serve_offline_starts_with_random_weights_and_serves(tmp_path):
         assert "pretrained weights unavailable" in worker["weights_source"]
         text = log.read_text()
         assert "WARNING" in text and "RANDOM weights" in text
+        assert "Retrying" not in text  # offline mode settled before huggingface_hub loaded
         assert healthcheck(url) == 0  # the Docker HEALTHCHECK
 
         process.send_signal(signal.SIGTERM)

@@ -62,13 +62,14 @@ class ImageEmbedder(ModelWorker):
                         for f, r in zip(request.files, results, strict=True)])
 
     def spawn(self, config: WorkerConfig) -> dict[str, Any]:
-        import timm.data
         import torch
 
         started = time.monotonic()
         self.settings: EmbedderSettings = config.options
         self.runtime = TorchRuntime(config)
         model, weights, source = load_timm(config.model_name, config.weights, num_classes=0)
+        import timm.data  # only now: huggingface_hub reads HF_HUB_OFFLINE at import
+
         self.model = model.to(self.runtime.device, self.runtime.dtype).eval()
         data_config = timm.data.resolve_data_config({}, model=self.model)
         self.transform = timm.data.create_transform(**data_config, is_training=False)
