@@ -1,4 +1,7 @@
-"""Response bodies. ``POST /predict`` is typed by the served worker's ``output_model``."""
+"""Response bodies of the fixed routes; ``predict_response_model`` types a plain ``SWorker``.
+
+A ``ModelWorker`` declares its own answer type (``app.contract``).
+"""
 
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ class ModelInfo(BaseModel):
     model: str
     weights: str = Field(description="MODEL_WEIGHTS as configured; per worker: what loaded")
     worker_class: str
+    worker_settings: dict[str, Any] | None = Field(
+        None, description="the worker's own settings (its settings_model), if it has any")
     backend: str = Field(description="POOL_BACKEND: process or ray")
     device: str
     precision: str

@@ -8,15 +8,15 @@ variable, before any worker is spawned.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .images import PILLOW_PIXEL_CEILING
+from .weights import WEIGHTS_MODES, check_weights
 
-WEIGHTS_MODES = ("auto", "pretrained", "random")
+__all__ = ["WEIGHTS_MODES", "Settings", "available_cpus", "cpu_workers"]
 
 
 class Settings(BaseSettings):
@@ -25,9 +25,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         case_sensitive=False, extra="ignore", protected_namespaces=())
 
-    model_name: str = "vit_large_patch16_224"
+    model_name: str | None = Field(
+        None, description="the model the worker loads; unset: the worker's default_model")
     model_weights: str = Field(
-        "auto", description="auto | pretrained | random | path to a .safetensors/.pth file")
+        "auto", description="auto | pretrained | random | hf-hub:org/name | path to a "
+                            ".safetensors/.pth file")
     worker_class: str = Field(
         "app.worker:ViTWorker", pattern=r"^[\w.]+:[\w.]+$",
         description="package.module:Class of the SWorker subclass to serve")
@@ -54,15 +56,8 @@ class Settings(BaseSettings):
 
     @field_validator("model_weights")
     @classmethod
-    def _weights_mode_or_existing_file(cls, value: str) -> str:
-        if value in WEIGHTS_MODES:
-            return value
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise ValueError(
-                f"must be one of {', '.join(WEIGHTS_MODES)} or the path of a checkpoint file; "
-                f"{value!r} is neither")
-        return str(path.resolve())
+    def _weights_mode_hub_id_or_existing_file(cls, value: str) -> str:
+        return check_weights(value)
 
     @field_validator("api_key")
     @classmethod

@@ -1,45 +1,39 @@
-"""The model: a timm image classifier (default ViT-L/16) in one worker process.
+"""The default model: a timm image classifier (default ViT-L/16) in one worker process.
 
-This is the file to copy when serving another model. The contract with the server:
+One file serves a model (docs/SERVE_YOUR_MODEL.md). This one declares:
 
-* ``spawn(config: WorkerConfig) -> dict``: load the model once on ``config.device``; the
-  returned dict (JSON-able) is shown per worker by ``GET /v1/model``.
-* ``execute_batch(items: list[ImageInput]) -> list``: one result per item, in order; a
-  result is a dict matching ``output_model``, or an exception *instance* to fail that item
-  alone (``InvalidImageError`` becomes a 400 for its request only).
-* ``execute(item)``: the same for one item (used when ``MAX_BATCH_SIZE=1``).
-* ``output_model``: the pydantic model of one item's result; it types ``POST /predict``
-  and its OpenAPI schema.
+* the request: ``ClassifyRequest``, uploaded ``files`` and a ``top_k`` query parameter;
+* the answer: ``Classifications``, one ``top_k`` list per file, in upload order;
+* ``to_items`` / ``to_answer``: one pool item per image, so images of different requests
+  share a forward pass;
+* ``spawn`` / ``execute_batch``: load the model once, then decode and classify batches.
 
-Point the server at your copy with ``WORKER_CLASS=mypackage.myworker:MyWorker``.
+Serve it with ``make serve`` (the default ``WORKER_CLASS=app.worker:ViTWorker``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, Field
 
-from stateful_pool import SWorker
-
-from .contract import ImageInput, InvalidImageError, WorkerConfig
-from .images import configure_decoder, decode_rgb
-from .logs import configure_worker_logging
+from .contract import ImageFile, ImageInput, ModelWorker, WorkerConfig
+from .runtime import TorchRuntime
+from .weights import hub_unreachable_reason, load_timm
 
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["ClassifyRequest", "Classifications", "ViTWorker", "hub_unreachable_reason"]
+
 logger = logging.getLogger("app.worker")
 
-# How long MODEL_WEIGHTS=auto waits to learn that the model hub is unreachable. Without the
-# probe, huggingface_hub retries for about 47 s on this offline machine before giving up.
-HUB_PROBE_TIMEOUT_S = 3.0
+
+class ClassifyRequest(BaseModel):
+    files: list[ImageFile] = Field(description="one or more images")
+    top_k: int = Field(5, ge=1, le=1000, description="classes per image")
 
 
 class Label(BaseModel):
@@ -48,48 +42,45 @@ class Label(BaseModel):
     probability: float = Field(ge=0, le=1)
 
 
-class Classification(BaseModel):
+class ClassificationPrediction(BaseModel):
+    filename: str | None = Field(description="the upload's filename, if it had one")
     top_k: list[Label] = Field(description="the most probable classes, most probable first")
 
 
-class ViTWorker(SWorker[dict[str, Any], dict[str, Any]]):
+class Classifications(BaseModel):
+    predictions: list[ClassificationPrediction] = Field(
+        description="one entry per uploaded file, in order")
+
+
+class ViTWorker(ModelWorker):
     """A timm classifier; batches of uploaded images go through one forward pass."""
 
-    output_model = Classification
+    default_model = "vit_large_patch16_224"
+
+    @classmethod
+    def to_items(cls, request: ClassifyRequest) -> list[ImageInput]:
+        return [ImageInput(f.data, f.format, f.width, f.height, request.top_k)
+                for f in request.files]
+
+    @classmethod
+    def to_answer(cls, request: ClassifyRequest,
+                  results: list[dict[str, Any]]) -> Classifications:
+        return Classifications(predictions=[
+            ClassificationPrediction(filename=f.filename, top_k=r["top_k"])
+            for f, r in zip(request.files, results, strict=True)])
 
     def spawn(self, config: WorkerConfig) -> dict[str, Any]:
         """Load the model on its device. Runs in the worker process."""
         import torch
 
-        configure_worker_logging(config.worker_index, config.log_level)
         started = time.monotonic()
-        # Workers share the machine's cores (preprocessing runs on CPU on GPU workers too):
-        # each gets its slice, or they thrash.
-        torch.set_num_threads(config.num_threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass  # torch allows it once per process (loadtest's simple server has replicas)
-        if config.device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(config.device))
         self.config = config
-        self.device = torch.device(config.device)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                      "fp16": torch.float16}[config.precision]
-        if self.device.type == "cpu" and self.dtype != torch.float32:
-            logger.warning("PRECISION=%s is for GPUs; using fp32 on CPU", config.precision)
-            self.dtype = torch.float32
+        self.runtime = TorchRuntime(config)
+        self.device, self.dtype = self.runtime.device, self.runtime.dtype
+        model, weights, weights_source = load_timm(config.model_name, config.weights)
+        import timm.data  # only now: huggingface_hub reads HF_HUB_OFFLINE at import
 
-        configure_decoder()
-        # Pillow and torchvision release the GIL while decoding and resizing: a batch's
-        # images are prepared in parallel threads, which keeps a GPU fed (one process per GPU).
-        self.prepare_pool = (ThreadPoolExecutor(config.num_threads, "prepare")
-                             if config.num_threads > 1 else None)
-        model, weights, weights_source = load_model(config.model_name, config.weights)
         self.model = model.to(self.device, self.dtype).eval()
-
-        import timm.data
-
         data_config = timm.data.resolve_data_config({}, model=self.model)
         self.transform = timm.data.create_transform(**data_config, is_training=False)
         self.labels = class_names(self.model)
@@ -99,16 +90,10 @@ class ViTWorker(SWorker[dict[str, Any], dict[str, Any]]):
             self.model(torch.zeros((1, *data_config["input_size"]), device=self.device,
                                    dtype=self.dtype))
         info = {
-            "pid": os.getpid(),
-            "device": str(self.device),
-            "device_name": (torch.cuda.get_device_name(self.device)
-                            if self.device.type == "cuda" else "cpu"),
+            **self.runtime.info(self.model),
             "model": config.model_name,
             "weights": weights,
             "weights_source": weights_source,
-            "precision": str(self.dtype).removeprefix("torch."),
-            "num_threads": torch.get_num_threads(),
-            "num_params": sum(p.numel() for p in self.model.parameters()),
             "num_classes": self.num_classes,
             "input_size": list(data_config["input_size"]),
             "load_seconds": round(time.monotonic() - started, 2),
@@ -118,28 +103,13 @@ class ViTWorker(SWorker[dict[str, Any], dict[str, Any]]):
                     weights_source, info["load_seconds"])
         return info
 
-    def execute(self, item: ImageInput) -> dict[str, Any]:
-        result = self.execute_batch([item])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
     def execute_batch(self, items: list[ImageInput]) -> list[dict[str, Any] | Exception]:
         """Decode each image, run one forward pass over the good ones. Runs in the worker."""
         import torch
 
-        results: list[dict[str, Any] | Exception | None] = [None] * len(items)
-        prepared = (list(self.prepare_pool.map(self.prepare, items))
-                    if self.prepare_pool is not None and len(items) > 1
-                    else [self.prepare(item) for item in items])
-        tensors: list[torch.Tensor] = []
-        decoded: list[int] = []
-        for index, tensor in enumerate(prepared):
-            if isinstance(tensor, InvalidImageError):
-                results[index] = tensor  # fails this item only, never its batch neighbours
-            else:
-                tensors.append(tensor)
-                decoded.append(index)
+        tensors, decoded, errors = self.runtime.decode_images(items, self.transform)
+        # A corrupt image fails its own item only, never its batch neighbours.
+        results: list[dict[str, Any] | Exception | None] = list(errors)
         if tensors:
             k = min(self.num_classes, max(items[i].top_k for i in decoded))
             with torch.inference_mode():
@@ -152,64 +122,6 @@ class ViTWorker(SWorker[dict[str, Any], dict[str, Any]]):
                     {"class_id": c, "label": self.labels[c], "probability": p}
                     for c, p in zip(top_i[row][:n], top_p[row][:n], strict=True)]}
         return results  # type: ignore[return-value]  # every slot is filled above
-
-    def prepare(self, item: ImageInput) -> torch.Tensor | InvalidImageError:
-        """Decode and transform one image. Runs in the worker process (maybe in a thread)."""
-        try:
-            image = decode_rgb(item.data, max_pixels=self.config.max_image_pixels)
-        except InvalidImageError as exc:
-            return exc
-        return self.transform(image)  # type: ignore[no-any-return]
-
-
-def load_model(model_name: str, weights: str) -> tuple[torch.nn.Module, str, str]:
-    """Create the timm model with the requested weights.
-
-    Returns:
-        ``(model, weights, source)`` where ``weights`` is ``pretrained``, ``random`` or
-        ``checkpoint`` (what was actually loaded) and ``source`` says where from or why.
-    """
-    if weights == "auto" and not os.environ.get("HF_HUB_OFFLINE"):
-        reason = hub_unreachable_reason()
-        if reason:
-            # Still try timm's local cache: offline mode makes a cache miss fail at once.
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            logger.info("model hub unreachable (%s); looking in the local cache only", reason)
-    import timm  # after HF_HUB_OFFLINE is settled: huggingface_hub reads it at import
-
-    if weights in ("auto", "pretrained"):
-        try:
-            model = timm.create_model(model_name, pretrained=True)
-        except Exception as exc:
-            if weights == "pretrained":
-                raise
-            logger.warning(
-                "could not load pretrained weights for %s (%s: %s); using RANDOM weights, "
-                "predictions are meaningless. Set MODEL_WEIGHTS to a checkpoint path, or "
-                "MODEL_WEIGHTS=random to silence this.",
-                model_name, type(exc).__name__, str(exc).splitlines()[0][:200])
-            return (timm.create_model(model_name, pretrained=False), "random",
-                    f"pretrained weights unavailable ({type(exc).__name__})")
-        tag = getattr(model, "pretrained_cfg", {}).get("tag") or ""
-        return model, "pretrained", f"timm:{model_name}.{tag}".rstrip(".")
-    if weights == "random":
-        return timm.create_model(model_name, pretrained=False), "random", "random init"
-    model = timm.create_model(model_name, pretrained=False)
-    timm.models.load_checkpoint(model, weights, strict=True)
-    return model, "checkpoint", weights
-
-
-def hub_unreachable_reason() -> str | None:
-    """Why the Hugging Face hub cannot be reached, or None if a TCP connect succeeds."""
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return None  # only the proxy knows; let the download try
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), HUB_PROBE_TIMEOUT_S):
-            return None
-    except OSError as exc:
-        return f"{url.hostname}:{port}: {exc}"
 
 
 def class_names(model: torch.nn.Module) -> list[str]:

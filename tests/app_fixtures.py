@@ -7,13 +7,20 @@ Module level, so spawned workers can import the worker classes (pytest puts ``te
 from __future__ import annotations
 
 import io
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from conftest import wait_until  # one helper for every test module
 from fastapi.testclient import TestClient
@@ -25,6 +32,9 @@ from app.main import create_app
 from app.settings import Settings
 
 TINY = "vit_tiny_patch16_224"
+ROOT = Path(__file__).resolve().parent.parent
+# Environment variables a developer may have set that would change what a served test sees.
+FOREIGN_ENV = ("HF_", "MODEL_", "WORKER_CLASS", "EMBEDDER_", "DETECTOR_", "TEXT_")
 
 
 def settings(**overrides: Any) -> Settings:
@@ -54,6 +64,67 @@ def running_app(app_settings: Settings, *, wait_ready: bool = True,
 def all_workers_ready(client: TestClient) -> bool:
     body = client.get("/readyz").json()
     return bool(body.get("workers_ready")) and body["workers_ready"] == body["workers"]
+
+
+# ---- a real server: ``python -m app`` on a 127.0.0.1 socket, as ``make serve`` runs it ----
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve(tmp_path: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """Start ``python -m app`` like ``make serve``; always stopped (and its group) on exit.
+
+    Yields ``(process, base_url, log_path)``. ``env`` overrides the defaults: the tiny ViT
+    on CPU, every other variable from a clean environment.
+    """
+    port = free_port()
+    log = tmp_path / f"server-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_ENV)}
+    full_env.update({"HOST": "127.0.0.1", "PORT": str(port), "MODEL_NAME": TINY,
+                     "DEVICE": "cpu", "PYTHONPATH": str(ROOT / "tests"), **env})
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full_env,
+                                   stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        yield process, f"http://127.0.0.1:{port}", log
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def http_client(base_url: str) -> httpx.Client:
+    return httpx.Client(base_url=base_url, timeout=60, trust_env=False)
+
+
+def wait_ready(http: httpx.Client, process: subprocess.Popen[bytes], log: Path,
+               timeout: float = 120) -> None:
+    def ready() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    assert wait_until(ready, timeout, interval=0.2), log.read_text()
+
+
+@contextmanager
+def served(tmp_path: Path, worker_class: str, **env: str) -> Iterator[httpx.Client]:
+    """Any worker class behind the real server, ready; an httpx client on its socket."""
+    with serve(tmp_path, WORKER_CLASS=worker_class, **env) as (process, url, log), \
+            http_client(url) as http:
+        wait_ready(http, process, log)
+        yield http
 
 
 # ---- images -------------------------------------------------------------------------------
@@ -174,3 +245,179 @@ def assert_same_top_k(got: list[dict[str, Any]], expected: list[dict[str, Any]])
     assert [g["label"] for g in got] == [e["label"] for e in expected]
     for g, e in zip(got, expected, strict=True):
         assert abs(g["probability"] - e["probability"]) < 1e-5, (g, e)
+
+
+# ---- the example workers' references: the model called directly, no server ---------------
+
+def save_embedder_checkpoint(path: Any) -> None:
+    """Random-init tiny ViT backbone (``num_classes=0``), as the embedder builds it."""
+    import timm
+    import torch
+
+    torch.manual_seed(4321)
+    torch.save(timm.create_model(TINY, pretrained=False, num_classes=0).state_dict(), path)
+
+
+class EmbedderReference:
+    def __init__(self, checkpoint: Any) -> None:
+        import timm
+        import timm.data
+
+        self.model = timm.create_model(TINY, pretrained=False, num_classes=0)
+        timm.models.load_checkpoint(self.model, str(checkpoint))
+        self.model.eval()
+        config = timm.data.resolve_data_config({}, model=self.model)
+        self.transform = timm.data.create_transform(**config)
+
+    def embed(self, data: bytes, normalize: bool = True) -> list[float]:
+        import torch
+
+        with Image.open(io.BytesIO(data)) as image:
+            x = self.transform(image.convert("RGB")).unsqueeze(0)
+        with torch.inference_mode():
+            features = self.model(x)
+            if normalize:
+                features = torch.nn.functional.normalize(features, dim=-1)
+        return features[0].tolist()  # type: ignore[no-any-return]
+
+
+DETECTOR = "ssdlite320_mobilenet_v3_large"
+
+
+def save_detector_checkpoint(path: Any) -> None:
+    """SSDLite with random weights whose batch-norm statistics are measured on noise images.
+
+    Plain random init gives every box the same score (1/91): the backbone's activations
+    vanish under the default running statistics. Measured statistics spread the scores, so
+    comparing the server with the model says something.
+    """
+    import torch
+    from torchvision.models import get_model
+
+    torch.manual_seed(99)
+    model = get_model(DETECTOR, weights=None, weights_backbone=None, num_classes=91)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # a plain average over the calibration batches
+            module.reset_running_stats()
+    model.backbone.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model.backbone(torch.rand(4, 3, 320, 320))
+    torch.save(model.state_dict(), path)
+
+
+class DetectorReference:
+    def __init__(self, checkpoint: Any) -> None:
+        import torch
+        from torchvision.models import get_model
+
+        self.model = get_model(DETECTOR, weights=None, weights_backbone=None, num_classes=91)
+        self.model.load_state_dict(torch.load(checkpoint, weights_only=True))
+        self.model.eval()
+
+    def detect(self, data: bytes) -> dict[str, list[Any]]:
+        """Every box of one image (torchvision's own floor of 0.001), best first."""
+        import torch
+        from torchvision.transforms.functional import to_tensor
+
+        with Image.open(io.BytesIO(data)) as image:
+            x = to_tensor(image.convert("RGB"))
+        with torch.inference_mode():
+            [out] = self.model([x])
+        return {k: v.tolist() for k, v in out.items()}
+
+
+def threshold_in_a_gap(scores: list[float], top: int = 12) -> float:
+    """A score threshold midway in the widest gap among the best ``top`` scores, so float
+    noise between a batched and a single forward cannot move a box across it."""
+    best = sorted(scores, reverse=True)[:top]
+    gaps = [(best[i] - best[i + 1], i) for i in range(len(best) - 1)]
+    _, i = max(gaps)
+    return (best[i] + best[i + 1]) / 2
+
+
+def save_text_checkpoint(path: Any) -> None:
+    """Random-init ByteTransformer with a head scaled up, so probabilities are far from 1/2."""
+    import torch
+
+    from app.examples.text import TextSettings, build_model
+
+    torch.manual_seed(7)
+    model = build_model(TextSettings())
+    with torch.no_grad():
+        model.head.weight.mul_(20)
+    torch.save(model.state_dict(), path)
+
+
+class TextReference:
+    def __init__(self, checkpoint: Any) -> None:
+        import torch
+
+        from app.examples.text import TextSettings, build_model
+
+        self.settings = TextSettings()
+        self.model = build_model(self.settings)
+        self.model.load_state_dict(torch.load(checkpoint, weights_only=True))
+        self.model.eval()
+
+    def classify(self, text: str) -> dict[str, Any]:
+        import torch
+
+        from app.examples.text import encode
+
+        with torch.inference_mode():
+            p = self.model(encode([text], self.settings.max_bytes)).softmax(-1)[0]
+        c = int(p.argmax())
+        return {"label": self.settings.label_names[c], "class_id": c,
+                "probability": float(p[c])}
+
+
+# ---- a request built from nothing but the server's /openapi.json ---------------------------
+
+def sample_value(schema: dict[str, Any], spec: dict[str, Any]) -> Any:
+    """A valid JSON value for a (small) JSON schema: defaults, minimums, two list items."""
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    if "default" in schema:
+        return schema["default"]
+    if "anyOf" in schema:
+        return sample_value(schema["anyOf"][0], spec)
+    kind = schema.get("type")
+    if kind == "object":
+        return {name: sample_value(sub, spec) for name, sub in schema["properties"].items()
+                if name in schema.get("required", [])}
+    if kind == "array":
+        return [sample_value(schema["items"], spec)
+                for _ in range(max(2, schema.get("minItems", 0)))]
+    if kind == "string":
+        return "a sample text, é and 中 included"
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 1)
+    if kind == "boolean":
+        return True
+    raise AssertionError(f"no sample for {schema}")
+
+
+def request_from_openapi(spec: dict[str, Any], path: str = "/predict") -> tuple[
+        dict[str, Any], int]:
+    """httpx keywords for a valid ``POST path`` built from the spec, and how many input items
+    it carries (files, or the JSON body's list items)."""
+    operation = spec["paths"][path]["post"]
+    content = operation["requestBody"]["content"]
+    params = {p["name"]: sample_value(p["schema"], spec)
+              for p in operation.get("parameters", []) if p.get("required")}
+    if "application/json" in content:
+        body = sample_value(content["application/json"]["schema"], spec)
+        lists = [v for v in body.values() if isinstance(v, list)] if isinstance(body, dict) \
+            else [body]
+        return {"json": body, "params": params}, len(lists[0])
+    form = content["multipart/form-data"]["schema"]
+    form = spec["components"]["schemas"][form["$ref"].rsplit("/", 1)[1]]
+    files = []
+    for name, field in form["properties"].items():
+        many = field.get("type") == "array"
+        for n in range(2 if many else 1):
+            files.append((name, (f"{name}{n}.png", image_bytes("PNG", (64 + 16 * n, 48), n),
+                                 "image/png")))
+    return {"files": files, "params": params}, len(files)

@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
-from app_fixtures import TINY, image_bytes, wait_until
+from app_fixtures import (
+    ROOT,
+    free_port,
+    http_client,
+    image_bytes,
+    serve,
+    wait_ready,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def pid_alive(pid: int) -> bool:
     try:
@@ -36,44 +31,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-@contextmanager
-def serve(tmp_path: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    """Start ``python -m app`` like ``make serve``; always stopped (and its group) on exit."""
-    port = free_port()
-    log = tmp_path / f"server-{port}.log"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_"))}
-    full_env.update(HOST="127.0.0.1", PORT=str(port), MODEL_NAME=TINY, DEVICE="cpu",
-                    PYTHONPATH=str(ROOT / "tests"), **env)
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full_env,
-                                   stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    try:
-        yield process, f"http://127.0.0.1:{port}", log
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-
-
 def client(base_url: str) -> httpx.Client:
-    return httpx.Client(base_url=base_url, timeout=60, trust_env=False)
-
-
-def wait_ready(http: httpx.Client, process: subprocess.Popen[bytes], log: Path,
-               timeout: float = 120) -> None:
-    def ready() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return http.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    assert wait_until(ready, timeout, interval=0.2), log.read_text()
+    return http_client(base_url)
 
 
 def test_make_serve_offline_starts_with_random_weights_and_serves(tmp_path):
@@ -93,6 +52,7 @@ def test_make_serve_offline_starts_with_random_weights_and_serves(tmp_path):
         assert "pretrained weights unavailable" in worker["weights_source"]
         text = log.read_text()
         assert "WARNING" in text and "RANDOM weights" in text
+        assert "Retrying" not in text  # offline mode settled before huggingface_hub loaded
         assert healthcheck(url) == 0  # the Docker HEALTHCHECK
 
         process.send_signal(signal.SIGTERM)

@@ -1,1 +1,1 @@
-"""Example workers for ``WORKER_CLASS`` (see README.md, "Serving another model")."""
+"""Example workers for ``WORKER_CLASS``, one file each (docs/SERVE_YOUR_MODEL.md)."""
