@@ -8,8 +8,8 @@ import signal
 import time
 
 import pytest
+from app_fixtures import http_client, image_bytes, serve, wait_ready
 from conftest import pid_alive
-from test_app_server import client, serve, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -19,10 +19,10 @@ def test_idle_server_exits_within_a_second_of_sigint_and_of_sigterm(tmp_path, wo
     for sig in (signal.SIGINT, signal.SIGTERM):
         with serve(tmp_path, NUM_WORKERS=str(workers), MODEL_WEIGHTS="random") as (
                 process, url, log):
-            with client(url) as http:
+            with http_client(url) as http:
                 wait_ready(http, process, log)
-                assert http.post("/predict", files={"files": ("a.png", _png())}).status_code \
-                    == 200
+                answer = http.post("/predict", files={"files": ("a.png", image_bytes("PNG"))})
+                assert answer.status_code == 200
                 pids = [w["pid"] for w in http.get("/v1/model").json()["workers"]]
             assert len(pids) == workers
             t0 = time.monotonic()
@@ -32,9 +32,3 @@ def test_idle_server_exits_within_a_second_of_sigint_and_of_sigterm(tmp_path, wo
             assert code == 0, log.read_text()
             assert elapsed < 1.0, f"{sig.name}: exited {elapsed:.2f} s after the signal"
             assert not any(pid_alive(p) for p in pids)
-
-
-def _png() -> bytes:
-    from app_fixtures import image_bytes
-
-    return image_bytes("PNG")
