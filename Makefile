@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test lint typecheck bench bench-server loadtest clean
+.PHONY: install serve test test-fast lint typecheck bench bench-server loadtest clean
 
 # The venv is rebuilt when pyproject.toml changes. Installing torch from this machine's local
 # wheels takes about 2 minutes; the Dockerfile runs the same pip command.
@@ -21,6 +21,10 @@ serve: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# The suite without the tests marked slow (real servers, load runs): a quick check while editing.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
