@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _messages as m
 from ._batching import PendingQueue
-from ._slot import WorkerSlot, describe_exit
+from ._slot import WorkerSlot
 from ._states import LIVE_STATES, WorkerState
 from ._task import Task, settle
 from ._transport import Transport
@@ -27,6 +27,7 @@ from .errors import (
     SpawnError,
     SpawnTimeoutError,
     WorkerCrashedError,
+    describe_exit,
 )
 
 logger = logging.getLogger("stateful_pool")

@@ -4,7 +4,6 @@ messages to it."""
 from __future__ import annotations
 
 import queue
-import signal
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
@@ -103,14 +102,3 @@ class FrameWriter:
                     self._queued -= 1
                     if not self._queued:
                         self.idle.set()
-
-
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "an unknown status"
-    if exitcode < 0:
-        try:
-            return f"signal {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"

@@ -23,6 +23,7 @@ caller get a :class:`RemoteError` instead.
 from __future__ import annotations
 
 import queue
+import signal
 
 __all__ = [
     "NoWorkersError",
@@ -98,8 +99,25 @@ class WorkerCrashedError(PoolError):
         self.exitcode = exitcode
         self.reason = reason
 
+    @property
+    def how(self) -> str:
+        """How the process ended, in words: "exit code 3", "signal SIGKILL"..."""
+        return describe_exit(self.exitcode)
+
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild_crash, (str(self), self.worker_id, self.pid, self.exitcode, self.reason))
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A process exit code in words (negative: killed by that signal)."""
+    if exitcode is None:
+        return "an unknown status"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 def _rebuild_crash(
