@@ -495,3 +495,30 @@ def test_seed_preset_runs_end_to_end_on_cpu(tmp_path, capsys):
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report.redraw(out)
     assert (out / "results.md").read_text() == table
+
+
+def test_seed_servers_plan_one_replica_per_gpu_or_num_workers(monkeypatch):
+    import torch
+
+    from loadtest.seed.serving import devices
+
+    monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.delenv("NUM_WORKERS", raising=False)
+    assert devices() == ["cpu"]
+    monkeypatch.setenv("NUM_WORKERS", "3")
+    assert devices() == ["cpu"] * 3
+    monkeypatch.setenv("NUM_WORKERS", "0")
+    with pytest.raises(ValueError, match="NUM_WORKERS must be >= 1"):
+        devices()
+    # The planning alone, as on a 2-GPU machine (no GPU is touched).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("DEVICE", "auto")
+    monkeypatch.delenv("NUM_WORKERS")
+    assert devices() == ["cuda:0", "cuda:1"]
+    monkeypatch.setenv("NUM_WORKERS", "3")
+    assert devices() == ["cuda:0", "cuda:1", "cuda:0"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match="no GPU"):
+        devices()

@@ -2,10 +2,10 @@
 ``/predict``, and how they run.
 
 Settings come from the environment, with the names ``app/`` uses: ``MODEL_NAME`` (default
-``torchvision:vit_l_16``), ``DEVICE`` (``auto``, ``cuda`` or ``cpu``), ``NUM_WORKERS`` (CPU
-replicas when no GPU is used; default 1), ``QUEUE_SIZE`` (``server_spool``), ``HOST``,
-``PORT``, ``LOG_LEVEL``. ``MODEL_WEIGHTS`` and ``PRECISION`` are not read: the seed ran random
-weights in fp32, and so do these servers.
+``torchvision:vit_l_16``), ``DEVICE`` (``auto``, ``cuda`` or ``cpu``), ``NUM_WORKERS``
+(replicas; default one per GPU, or 1 on CPU; see ``devices``), ``QUEUE_SIZE``
+(``server_spool``), ``HOST``, ``PORT``, ``LOG_LEVEL``. ``MODEL_WEIGHTS`` and ``PRECISION``
+are not read: the seed ran random weights in fp32, and so do these servers.
 
 The seed's servers loaded their models in the lifespan, before uvicorn accepts a connection,
 so ``/readyz`` answers 200 with every worker ready as soon as it answers at all; it exists
@@ -30,20 +30,26 @@ def model_name() -> str:
 
 
 def devices() -> list[str]:
-    """One device per GPU, as the seed ran; without GPUs, ``NUM_WORKERS`` CPU replicas."""
+    """One device per replica: one replica per GPU, as the seed ran.
+
+    ``NUM_WORKERS`` sets the number of replicas instead: on CPU (default 1), or on GPUs,
+    placed round-robin (two replicas on one GPU bring back the random dispatch's imbalance
+    on a one-GPU machine, though they share that GPU's compute; not in the seed).
+    """
     import torch
 
     wanted = (os.environ.get("DEVICE") or "auto").lower()
     if wanted not in ("auto", "cuda", "cpu"):
         raise ValueError(f"DEVICE must be auto, cuda or cpu, got {wanted!r}")
+    count = os.environ.get("NUM_WORKERS")
+    if count is not None and int(count) < 1:
+        raise ValueError(f"NUM_WORKERS must be >= 1, got {count}")
     if wanted != "cpu" and torch.cuda.is_available():
-        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+        gpus = torch.cuda.device_count()
+        return [f"cuda:{index % gpus}" for index in range(int(count or gpus))]
     if wanted == "cuda":
         raise RuntimeError("DEVICE=cuda, but torch sees no GPU")
-    replicas = int(os.environ.get("NUM_WORKERS") or 1)
-    if replicas < 1:
-        raise ValueError(f"NUM_WORKERS must be >= 1, got {replicas}")
-    return ["cpu"] * replicas
+    return ["cpu"] * int(count or 1)
 
 
 def share_cpu(device: str, replicas: int) -> None:
