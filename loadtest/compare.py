@@ -40,6 +40,7 @@ from typing import Any
 
 from . import report
 from .images import IMAGE_KINDS, Upload, load_images, parse_size, request_bodies
+from .seed import client as seed_client
 from .seed.model import split_model_name
 from .servers import ROOT, ServerError, ServerProcess, server_specs
 
@@ -439,6 +440,7 @@ def compare(args: argparse.Namespace) -> int:
             "precision": args.precision, "load": args.load, "users": args.users,
             "duration_s": args.duration if args.load == "locust" else None,
             "requests_per_run": args.requests if args.load == "seed" else None,
+            "client": seed_client.client_library() if args.load == "seed" else "locust",
             "repeats": args.repeats, "images_per_request": args.images_per_request,
             "max_batch_size": args.max_batch_size, "max_batch_wait_ms": args.max_batch_wait_ms,
             "schedule": "sequential" if args.sequential else "interleaved",

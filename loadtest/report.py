@@ -293,7 +293,8 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
     config, env = summary["config"], summary["environment"]
     seed_load = config.get("load") == "seed"
     if seed_load:
-        load = (f"{config['users']} client processes posting with `requests` (blocking), "
+        load = (f"{config['users']} client processes posting with "
+                f"`{config.get('client') or 'requests'}` (blocking), "
                 f"{config['requests_per_run']} requests per run, {config['repeats']} run(s) "
                 f"per setting; {config['image_source']}; mean ± std over runs.")
         columns = ("| server | img/req | images/s | requests/s | latency ms (mean) | p99 ms | "
