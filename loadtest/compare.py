@@ -13,10 +13,13 @@ Stop every server (SIGTERM, then SIGKILL past a deadline). Then write, in one fo
     results.md           the Markdown table, with the issue's target checked
     chart.png            throughput, p50 and p99 per server, error bars = std over repeats
 
-Presets: ``--preset cpu`` (default; a few minutes on 2 cores) and ``--preset gpu`` (the
-seed's setting: ViT-L/16, a worker per GPU, 100 users, 1-32 images per request, 5 repeats).
-Every knob of a preset can be overridden. Exit code 0 when every server ran and no request
-failed, 1 otherwise.
+Presets: ``--preset cpu`` (default; a few minutes on 2 cores), ``--preset gpu`` (our servers
+at the seed's scale: ViT-L/16, a worker per GPU, 100 users, 1-32 images per request, 5
+repeats) and ``--preset seed`` (the seed's benchmark as it was run: its four servers in
+``loadtest/seed/``, torchvision's ViT-L/16, 64 requests per run from 16 blocking client
+processes, uni-colour 224x224 PNGs, 5 runs per setting, one server at a time; see
+docs/LOADTEST.md). Every knob of a preset can be overridden. Exit code 0 when every server
+ran and no request failed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -36,25 +39,42 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .images import Upload, folder_images, generated_images, request_bodies
+from .images import IMAGE_KINDS, Upload, load_images, parse_size, request_bodies
+from .seed import client as seed_client
+from .seed.model import split_model_name
 from .servers import ROOT, ServerError, ServerProcess, server_specs
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 DEFAULT_SERVERS = ("simple", "mp", "spool", "spool-batch")
+SEED_SERVERS = ("seed-simple", "seed-mp", "seed-spool", "dp")
+# What our presets share: locust drives the load for --duration seconds per run.
+LOCUST_LOAD = dict(servers=DEFAULT_SERVERS, load="locust", requests=64, image_kind="photo",
+                   image_size="320x240", raw_model=True, sequential=False, run_timeout=600.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # About 7 minutes on 2 cores: 4 servers x 2 settings x 3 repeats x (15 s + locust start)
     # plus 4 server starts.
-    "cpu": dict(model="vit_tiny_patch16_224", weights="random", device="cpu", workers=2,
-                precision="fp32", users=32, duration=15, repeats=3, images_per_request=[1, 4],
-                max_batch_size=16, max_batch_wait_ms=0.0, ready_timeout=180,
-                raw_batch_sizes=[1, 8, 16]),
-    # The seed's benchmark: ViT-L/16, one worker per GPU, 100 users, 5 repeats. Random
-    # weights: throughput does not depend on them, and no download is needed.
-    "gpu": dict(model="vit_large_patch16_224", weights="random", device="cuda", workers=0,
-                precision="fp32", users=100, duration=60, repeats=5,
+    "cpu": dict(LOCUST_LOAD, model="vit_tiny_patch16_224", weights="random", device="cpu",
+                workers=2, precision="fp32", users=32, duration=15, repeats=3,
+                images_per_request=[1, 4], max_batch_size=16, max_batch_wait_ms=0.0,
+                ready_timeout=180, raw_batch_sizes=[1, 8, 16]),
+    # Our servers at the seed's scale: ViT-L/16 (timm), one worker per GPU, 100 users (the
+    # seed README's figure), 5 repeats. Random weights: throughput does not depend on them,
+    # and no download is needed.
+    "gpu": dict(LOCUST_LOAD, model="vit_large_patch16_224", weights="random", device="cuda",
+                workers=0, precision="fp32", users=100, duration=60, repeats=5,
                 images_per_request=[1, 4, 8, 16, 32], max_batch_size=32,
                 max_batch_wait_ms=0.0, ready_timeout=600, raw_batch_sizes=[1, 8, 32, 64, 128]),
+    # The seed's benchmark as its code ran it (issue 15): its servers and model (torchvision
+    # vit_l_16, random weights after manual_seed(42), fp32), 64 requests per run from 16
+    # blocking client processes, uni-colour 224x224 PNGs, 5 runs per setting, one server at
+    # a time. No bare-model timing: the seed had none, and raw_model.py times timm models.
+    "seed": dict(model="torchvision:vit_l_16", weights="random", device="cuda", workers=0,
+                 precision="fp32", servers=SEED_SERVERS, load="seed", users=16, requests=64,
+                 duration=60, repeats=5, images_per_request=[1, 4, 8, 16, 32],
+                 image_kind="uni-colour", image_size="224x224", raw_model=False,
+                 sequential=True, max_batch_size=32, max_batch_wait_ms=0.0, ready_timeout=600,
+                 raw_batch_sizes=[1, 8, 32, 64, 128], run_timeout=600.0),
 }
 
 
@@ -70,16 +90,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m loadtest.compare", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
-                        help="comma-separated, from: simple, mp, spool, spool-batch, spool-min")
     knobs = parser.add_argument_group("overrides of the preset (default: the preset's value)")
-    knobs.add_argument("--model", help="timm model name")
+    knobs.add_argument("--servers", help="comma-separated, from: " + ", ".join(
+        server_specs(1, 0)) + " (cpu, gpu: " + ",".join(DEFAULT_SERVERS) + "; seed: "
+        + ",".join(SEED_SERVERS) + ")")
+    knobs.add_argument("--model", help="a timm name (timm:NAME also works), or "
+                       "torchvision:NAME for the seed-shaped servers only (cpu: "
+                       "vit_tiny_patch16_224, gpu: vit_large_patch16_224 from timm, seed: "
+                       "torchvision:vit_l_16)")
     knobs.add_argument("--weights", help="random | auto | pretrained | checkpoint path")
     knobs.add_argument("--device", choices=("cpu", "cuda", "auto"))
     knobs.add_argument("--workers", type=int, help="model workers (0: one per GPU)")
     knobs.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    knobs.add_argument("--users", type=int, help="concurrent closed-loop clients")
+    knobs.add_argument("--load", choices=("locust", "seed"),
+                       help="locust: users for --duration seconds; seed: --requests requests "
+                       "from --users blocking client processes (loadtest/seed/client.py)")
+    knobs.add_argument("--users", type=int,
+                       help="concurrent closed-loop clients (locust users or client processes)")
     knobs.add_argument("--duration", type=float, help="seconds per locust run")
+    knobs.add_argument("--requests", type=int, help="requests per run of the seed's load")
+    knobs.add_argument("--run-timeout", type=float,
+                       help="seconds a run of the seed's load may take before it is killed")
     knobs.add_argument("--repeats", type=int, help="runs per (server, images per request)")
     knobs.add_argument("--images-per-request", type=int_list, help="e.g. 1,4,8")
     knobs.add_argument("--max-batch-size", type=int, help="spool-batch's MAX_BATCH_SIZE")
@@ -87,32 +118,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     knobs.add_argument("--ready-timeout", type=float, help="seconds to wait for every worker")
     knobs.add_argument("--raw-batch-sizes", type=int_list,
                        help="batch sizes at which to time the bare model (the ceiling row)")
-    parser.add_argument("--raw-model", action=argparse.BooleanOptionalAction, default=True,
-                        help="time the bare model's forward pass first (no HTTP, no decoding)")
+    knobs.add_argument("--raw-model", action=argparse.BooleanOptionalAction,
+                       help="time the bare model's forward pass first (no HTTP, no decoding; "
+                       "timm models only)")
     parser.add_argument("--raw-seconds", type=float, default=3.0,
                         help="seconds of forward passes per raw batch size")
-    parser.add_argument("--sequential", action="store_true",
-                        help="run one server at a time (all of one server's runs, then the "
-                        "next) instead of keeping every server up and interleaving the runs; "
-                        "for GPUs without memory for every server's model at once")
+    knobs.add_argument("--sequential", action=argparse.BooleanOptionalAction,
+                       help="run one server at a time (all of one server's runs, then the "
+                       "next; the seed preset's way) instead of keeping every server up and "
+                       "interleaving the runs; also for GPUs without memory for every "
+                       "server's model at once")
     parser.add_argument("--image-dir", default="", help="post these images, not generated ones")
-    parser.add_argument("--image-size", default="320x240", help="WxH of generated images")
+    knobs.add_argument("--image-kind", choices=IMAGE_KINDS,
+                       help="generated images: noisy gradient JPEGs or one-colour PNGs")
+    knobs.add_argument("--image-size", help="WxH of generated images")
     parser.add_argument("--output", type=Path,
                         help="results folder (default: results/loadtest/<preset>-<time>)")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if isinstance(args.servers, str):
+        args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    args.servers = list(args.servers)
     known = server_specs(args.max_batch_size, args.max_batch_wait_ms)
     unknown = [s for s in args.servers if s not in known]
     if unknown or not args.servers:
         parser.error(f"unknown server(s) {unknown}; choose from {', '.join(known)}")
-    for name in ("users", "repeats", "max_batch_size"):
+    for name in ("users", "repeats", "max_batch_size", "requests"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.duration <= 0:
-        parser.error("--duration must be > 0")
+    if args.duration <= 0 or args.run_timeout <= 0:
+        parser.error("--duration and --run-timeout must be > 0")
+    try:
+        parse_size(args.image_size)
+        library, _ = split_model_name(args.model)
+    except ValueError as exc:
+        parser.error(str(exc))
+    timm_only = [s for s in args.servers if not known[s].seed_model]
+    if library == "torchvision" and (timm_only or args.raw_model):
+        parser.error(f"{args.model} is a torchvision model, but "
+                     f"{', '.join(timm_only) or 'the bare-model timing'} load timm models only: "
+                     "give a timm name (vit_large_patch16_224 is ViT-L/16) or leave them out "
+                     "(--servers, --no-raw-model)")
+    seed_shaped = [s for s in args.servers if known[s].seed_model]
+    if seed_shaped and args.precision != "fp32":
+        parser.error(f"{', '.join(seed_shaped)} run fp32 only, as the seed did; "
+                     f"drop --precision {args.precision} or those servers")
     if args.output is None:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         args.output = ROOT / "results" / "loadtest" / f"{args.preset}-{stamp}"
@@ -122,8 +174,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def server_env(args: argparse.Namespace, largest_upload: int) -> dict[str, str]:
     """The settings every server reads (app.settings.Settings), sized for this load."""
     most = max(args.images_per_request)
+    library, name = split_model_name(args.model)
     env = {
-        "MODEL_NAME": args.model, "MODEL_WEIGHTS": args.weights, "DEVICE": args.device,
+        # app/ takes bare timm names; the seed-shaped servers take both forms.
+        "MODEL_NAME": name if library == "timm" else args.model,
+        "MODEL_WEIGHTS": args.weights, "DEVICE": args.device,
         "PRECISION": args.precision, "LOG_LEVEL": "warning", "API_KEY": "",
         # app/ answers 503 when its queue is full and 413 above MAX_FILES; the load must
         # never hit those limits, or the comparison would measure refusals.
@@ -180,6 +235,42 @@ def run_locust(url: str, ipr: int, args: argparse.Namespace,
     info_path = prefix.parent / f"{prefix.name}_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     return json.loads(json_path.read_text()), info
+
+
+def run_seed_client(url: str, ipr: int, args: argparse.Namespace, prefix: Path) -> Any:
+    """One run of the seed's load (``loadtest.seed.client``) in its own process group.
+
+    Returns:
+        The client's JSON: request count, failures, wall time, every latency.
+    """
+    output = prefix.parent / f"{prefix.name}.json"
+    command = [sys.executable, "-m", "loadtest.seed.client", "--url", f"{url}/predict",
+               "--images-per-request", str(ipr), "--requests", str(args.requests),
+               "--clients", str(args.users), "--image-kind", args.image_kind,
+               "--image-size", args.image_size, "--timeout", f"{args.run_timeout:g}",
+               "--output", str(output)]
+    if args.image_dir:
+        command += ["--image-dir", str(args.image_dir)]
+    log_path = prefix.parent / f"{prefix.name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=args.run_timeout + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+            raise ServerError(f"the seed client did not finish within "
+                              f"{args.run_timeout + 30:g} s") from None
+        except BaseException:  # Ctrl-C: take the client processes down with us
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+            raise
+    # 1 means "some request failed", which the JSON reports.
+    if returncode not in (0, 1) or not output.exists():
+        tail = log_path.read_text(errors="replace")[-1500:]
+        raise ServerError(f"the seed client exited with {returncode}:\n{tail}")
+    return json.loads(output.read_text())
 
 
 def measure_raw_model(args: argparse.Namespace, output: Path) -> dict[str, Any]:
@@ -271,16 +362,21 @@ class Session:
         return True
 
     def measure(self, name: str, ipr: int, repeat: int) -> None:
-        """One locust run against a running server, with its progress line."""
+        """One run of the load against a running server, with its progress line."""
         prefix = self.raw / f"{name}_ipr{ipr}_r{repeat}"
         try:
-            stats, run_info = run_locust(self.up[name].url, ipr, self.args, prefix)
+            if self.args.load == "seed":
+                client = run_seed_client(self.up[name].url, ipr, self.args, prefix)
+                run = report.seed_run_result(client, server=name, repeat=repeat,
+                                             load_average_1m=os.getloadavg()[0])
+            else:
+                stats, run_info = run_locust(self.up[name].url, ipr, self.args, prefix)
+                run = report.run_result(
+                    stats, run_info, server=name, images_per_request=ipr, repeat=repeat,
+                    planned_duration_s=self.args.duration, load_average_1m=os.getloadavg()[0])
         except ServerError as exc:
             self.fail(name, exc)
             return
-        run = report.run_result(
-            stats, run_info, server=name, images_per_request=ipr, repeat=repeat,
-            planned_duration_s=self.args.duration, load_average_1m=os.getloadavg()[0])
         self.runs.append(run)
         print(f"[{len(self.runs)}/{self.total}] {name} {ipr} img/req repeat {repeat}: "
               f"{run.images_per_s:.1f} img/s, {run.requests_per_s:.1f} req/s, "
@@ -327,24 +423,31 @@ def compare(args: argparse.Namespace) -> int:
     raw = args.output / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     specs = server_specs(args.max_batch_size, args.max_batch_wait_ms)
-    uploads: list[Upload] = (folder_images(args.image_dir) if args.image_dir else generated_images(
-        16, tuple(int(v) for v in args.image_size.split("x"))))  # type: ignore[arg-type]
+    uploads: list[Upload] = load_images(args.image_kind, parse_size(args.image_size),
+                                        args.image_dir)
     env = server_env(args, max(len(u.data) for u in uploads))
     total_runs = len(args.servers) * len(args.images_per_request) * args.repeats
-    print(f"loadtest: preset {args.preset}, servers {', '.join(args.servers)}, {args.users} "
-          f"users, {args.duration:g} s x {args.repeats} repeat(s) x images/request "
-          f"{args.images_per_request} = {total_runs} runs; results in {args.output}", flush=True)
+    per_run = (f"{args.requests} requests from {args.users} client processes"
+               if args.load == "seed" else f"{args.users} users, {args.duration:g} s")
+    print(f"loadtest: preset {args.preset}, servers {', '.join(args.servers)}, {per_run} x "
+          f"{args.repeats} repeat(s) x images/request {args.images_per_request} = "
+          f"{total_runs} runs; results in {args.output}", flush=True)
 
     summary: dict[str, Any] = {
         "config": {
             "preset": args.preset, "servers": args.servers, "model": args.model,
             "weights": args.weights, "device": args.device, "workers": args.workers,
-            "precision": args.precision, "users": args.users, "duration_s": args.duration,
+            "precision": args.precision, "load": args.load, "users": args.users,
+            "duration_s": args.duration if args.load == "locust" else None,
+            "requests_per_run": args.requests if args.load == "seed" else None,
+            "client": seed_client.client_library() if args.load == "seed" else "locust",
             "repeats": args.repeats, "images_per_request": args.images_per_request,
             "max_batch_size": args.max_batch_size, "max_batch_wait_ms": args.max_batch_wait_ms,
             "schedule": "sequential" if args.sequential else "interleaved",
             "raw_batch_sizes": args.raw_batch_sizes if args.raw_model else None,
-            "image_source": args.image_dir or f"generated JPEG {args.image_size}",
+            "image_source": args.image_dir or (
+                f"uni-colour {args.image_size} PNGs" if args.image_kind == "uni-colour"
+                else f"generated JPEG {args.image_size}"),
             "server_env": env,
         },
         "environment": {
@@ -415,8 +518,7 @@ def compare(args: argparse.Namespace) -> int:
     report.write_csv(args.output / "runs.csv", runs, report.RunResult)
     table = report.markdown(summary, aggregates, runs)
     (args.output / "results.md").write_text(table)
-    if not report.chart(args.output / "chart.png", aggregates, report.chart_title(summary),
-                        (summary.get("raw_model") or {}).get("best_images_per_s")):
+    if not report.summary_chart(args.output / "chart.png", summary, aggregates):
         print("  chart.png skipped: matplotlib is not installed (draw it later with "
               f"`python -m loadtest.report {args.output}`)", flush=True)
     print(table, flush=True)

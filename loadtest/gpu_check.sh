@@ -8,6 +8,7 @@
 # draw the chart afterwards on a machine with matplotlib: python -m loadtest.report DIR.
 #
 #   bash loadtest/gpu_check.sh [extra python -m loadtest.compare options]
+#   PRESET=seed bash loadtest/gpu_check.sh    # the seed's benchmark as run (issue 15), trimmed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -22,6 +23,12 @@ if ! "$PYTHON" -c "import fastapi, uvicorn, locust, multipart, pydantic_settings
     export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+if [ "${PRESET:-gpu}" = seed ]; then
+    # 4 servers x 3 settings x 3 runs of 64 requests (2,624 images per server and run of
+    # all settings; fp32 ViT-L/16 at a few hundred images/s) + 4 ViT-L/16 loads: ~5 minutes.
+    exec "$PYTHON" -m loadtest.compare --preset seed --images-per-request 1,8,32 --repeats 3 \
+        --output "${OUT:-results/loadtest/seed-trimmed}" "$@"
+fi
 # 4 servers x 2 settings x 2 repeats x (15 s + locust start) + 4 ViT-L/16 starts: ~7 minutes.
 exec "$PYTHON" -m loadtest.compare --preset gpu --images-per-request 1,8 --repeats 2 \
     --duration 15 --raw-batch-sizes 1,32,64,128 --output "${OUT:-results/loadtest/gpu-trimmed}" "$@"

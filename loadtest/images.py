@@ -50,6 +50,47 @@ def generated_images(count: int, size: tuple[int, int] = (320, 240),
     return uploads
 
 
+def uni_colour_images(count: int, size: tuple[int, int] = (224, 224),
+                      seed: int = 0) -> list[Upload]:
+    """``count`` PNGs of one random colour each: the images of the seed's benchmark.
+
+    Cheap to decode, unlike a photo: the load then weighs on the model, not on Pillow.
+    """
+    from PIL import Image
+
+    rng = random.Random(seed)
+    uploads = []
+    for index in range(count):
+        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        buffer = io.BytesIO()
+        Image.new("RGB", size, colour).save(buffer, format="PNG")
+        uploads.append(Upload(f"uni-colour-{index}.png", buffer.getvalue(), "image/png"))
+    return uploads
+
+
+IMAGE_KINDS = ("photo", "uni-colour")
+
+
+def load_images(kind: str, size: tuple[int, int], folder: str | Path = "") -> list[Upload]:
+    """The uploads of a run: the files of ``folder`` if given, else 16 generated images of
+    ``kind`` (``photo``: gradient-and-noise JPEGs; ``uni-colour``: the seed's PNGs)."""
+    if folder:
+        return folder_images(folder)
+    if kind == "uni-colour":
+        return uni_colour_images(16, size)
+    if kind == "photo":
+        return generated_images(16, size)
+    raise ValueError(f"image kind must be one of {', '.join(IMAGE_KINDS)}, got {kind!r}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``(320, 240)`` from ``320x240``."""
+    width, sep, height = text.partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or not int(width) * int(height):
+        raise ValueError(f"image size must be WxH like 320x240, got {text!r}")
+    return int(width), int(height)
+
+
 def folder_images(folder: str | Path, limit: int = 64) -> list[Upload]:
     """The first ``limit`` images of a folder (sorted by name), as they are on disk."""
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -11,6 +11,8 @@ Options (each also read from the environment variable in brackets):
 * ``--images-per-request N`` (``LOADTEST_IMAGES_PER_REQUEST``, default 1)
 * ``--image-dir DIR`` (``LOADTEST_IMAGE_DIR``): post these files instead of generated JPEGs
 * ``--image-size WxH`` (``LOADTEST_IMAGE_SIZE``, default 320x240): size of generated images
+* ``--image-kind photo|uni-colour`` (``LOADTEST_IMAGE_KIND``, default photo): noisy gradient
+  JPEGs, or one-colour PNGs as in the seed's benchmark
 * ``--max-requests N`` (``LOADTEST_MAX_REQUESTS``, default 0 = no limit): stop the whole run
   after N requests, a bound on top of ``-t``
 * ``--run-info PATH`` (``LOADTEST_RUN_INFO``): on exit, write JSON ``{"stopped_at": unix
@@ -37,7 +39,8 @@ from locust import FastHttpUser, constant, events, task
 # `locust -f loadtest/locustfile.py` puts loadtest/ on sys.path, not the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtest.images import folder_images, generated_images, request_bodies  # noqa: E402
+from loadtest.answers import answer_problem  # noqa: E402
+from loadtest.images import load_images, parse_size, request_bodies  # noqa: E402
 
 _bodies: list[tuple[bytes, str]] = []
 _sent = itertools.count(1)
@@ -52,6 +55,9 @@ def add_options(parser) -> None:  # type: ignore[no-untyped-def]
                         help="post the images of this folder instead of generated ones")
     parser.add_argument("--image-size", default="320x240", env_var="LOADTEST_IMAGE_SIZE",
                         help="WxH of the generated images")
+    parser.add_argument("--image-kind", default="photo", env_var="LOADTEST_IMAGE_KIND",
+                        help="generated images: photo (noisy gradient JPEGs) or uni-colour "
+                        "(one-colour PNGs, as in the seed's benchmark)")
     parser.add_argument("--max-requests", type=int, default=0, env_var="LOADTEST_MAX_REQUESTS",
                         help="stop the run after this many requests (0: no limit)")
     parser.add_argument("--run-info", default="", env_var="LOADTEST_RUN_INFO",
@@ -66,11 +72,7 @@ def build_bodies(environment, **_kwargs) -> None:  # type: ignore[no-untyped-def
     the whole of a 2-second run, so --reset-stats fired just before the stop.
     """
     options = environment.parsed_options
-    if options.image_dir:
-        uploads = folder_images(options.image_dir)
-    else:
-        width, _, height = options.image_size.partition("x")
-        uploads = generated_images(16, (int(width), int(height)))
+    uploads = load_images(options.image_kind, parse_size(options.image_size), options.image_dir)
     _bodies[:] = request_bodies(uploads, options.images_per_request)
 
 
@@ -116,19 +118,3 @@ class ImageClient(FastHttpUser):
         if self.max_requests and next(_sent) == self.max_requests:
             # quit() kills every user greenlet, this one included: run it from another.
             gevent.spawn(self.environment.runner.quit)
-
-
-def answer_problem(status: int, text: str | None, expected: int) -> str | None:
-    """Why an answer is wrong, or None if it holds one prediction object per image."""
-    if status != 200:
-        return f"HTTP {status}: {(text or '')[:200]}"
-    try:
-        predictions = json.loads(text or "")["predictions"]
-    except (ValueError, KeyError, TypeError):
-        return f"not a predictions object: {(text or '')[:200]}"
-    if not isinstance(predictions, list) or len(predictions) != expected:
-        count = len(predictions) if isinstance(predictions, list) else "no"
-        return f"{count} predictions for {expected} images"
-    if not all(isinstance(p, dict) and p for p in predictions):
-        return "a prediction is empty or not an object"
-    return None

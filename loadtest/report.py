@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 PERCENTILES = (0.50, 0.95, 0.99)
-BASELINES = ("simple", "mp")
+# The servers a spool server is measured against: ours, and the seed-shaped ones.
+BASELINES = ("simple", "mp", "seed-simple", "seed-mp", "dp")
+SEED_SPOOL = "seed-spool"
+SEED_CLAIM = 1.3  # "about 30% higher throughput" than the other servers (the seed's README)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class Aggregate:
     latency_p95_ms_std: float
     latency_p99_ms: float
     latency_p99_ms_std: float
+    # Added for the seed's load (issue 15); results written before it read them as NaN.
+    latency_mean_ms: float = math.nan
+    latency_mean_ms_std: float = math.nan
 
 
 def percentile(histogram: dict[Any, int], fraction: float) -> float:
@@ -112,6 +118,32 @@ def run_result(stats: list[dict[str, Any]], run_info: dict[str, Any], *, server:
         load_average_1m=load_average_1m, top_error=top_error)
 
 
+def seed_run_result(client: dict[str, Any], *, server: str, repeat: int,
+                    load_average_1m: float) -> RunResult:
+    """Summarise one run of ``loadtest.seed.client``: a fixed number of requests.
+
+    As the seed computed them: throughput over the run's wall time, from the first request
+    sent to the last answer; latency as each client saw its request. Throughput counts
+    answered requests only; the latency figures cover every request, as locust's do.
+    """
+    ipr, wall = client["images_per_request"], client["wall_s"]
+    latencies = client["latencies_ms"]
+    ok_per_s = (client["requests"] - client["failures"]) / wall if wall > 0 else 0.0
+    histogram: dict[float, int] = {}
+    for latency in latencies:
+        histogram[latency] = histogram.get(latency, 0) + 1
+    p50, p95, p99 = (percentile(histogram, q) for q in PERCENTILES)
+    errors: dict[str, int] = client.get("errors") or {}
+    return RunResult(
+        server=server, images_per_request=ipr, repeat=repeat, requests=client["requests"],
+        failures=client["failures"], duration_s=round(wall, 3), requests_per_s=ok_per_s,
+        images_per_s=ok_per_s * ipr,
+        latency_mean_ms=statistics.fmean(latencies) if latencies else math.nan,
+        latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99,
+        load_average_1m=load_average_1m,
+        top_error=max(errors, key=errors.__getitem__, default=""))
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -128,7 +160,7 @@ def aggregate(runs: Iterable[RunResult]) -> list[Aggregate]:
     for (server, ipr), group in groups.items():
         figures: dict[str, float] = {}
         for key in ("images_per_s", "requests_per_s", "latency_p50_ms", "latency_p95_ms",
-                    "latency_p99_ms"):
+                    "latency_p99_ms", "latency_mean_ms"):
             figures[key], figures[f"{key}_std"] = _mean_std([getattr(r, key) for r in group])
         result.append(Aggregate(
             server=server, images_per_request=ipr, repeats=len(group),
@@ -232,9 +264,47 @@ def verdicts(aggregates: Sequence[Aggregate], raw_model: dict[str, Any] | None =
     return lines
 
 
+def seed_claim(aggregates: Sequence[Aggregate]) -> list[str]:
+    """The seed's claim, checked per setting: seed-spool at about 1.3x the images/s of the
+    seed's two baselines, with steadier latency (the std of the mean latency over runs)."""
+    lines = []
+    for ipr in sorted({a.images_per_request for a in aggregates}):
+        here = {a.server: a for a in aggregates if a.images_per_request == ipr}
+        spool = here.get(SEED_SPOOL)
+        others = [a for name, a in here.items() if name != SEED_SPOOL]
+        if spool is None or math.isnan(spool.images_per_s) or not others:
+            continue
+        ratios = ", ".join(f"x{spool.images_per_s / a.images_per_s:.2f} vs {a.server}"
+                           for a in others if a.images_per_s)
+        published = [a for a in others if a.server in ("seed-simple", "seed-mp")]
+        verdict = ""
+        if published:
+            holds = all(spool.images_per_s >= SEED_CLAIM * a.images_per_s for a in published)
+            verdict = (f"; the claim (x{SEED_CLAIM:g} vs seed-simple and seed-mp) "
+                       f"{'holds' if holds else 'does not hold'} here")
+        spread = ", ".join(f"{a.server} {a.latency_mean_ms_std:.0f}" for a in (spool, *others))
+        lines.append(f"{ipr} image(s)/request: {SEED_SPOOL} images/s {ratios}{verdict}; "
+                     f"std of the mean latency over runs (ms): {spread}")
+    return lines
+
+
 def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
              runs: Sequence[RunResult] = ()) -> str:
     config, env = summary["config"], summary["environment"]
+    seed_load = config.get("load") == "seed"
+    if seed_load:
+        load = (f"{config['users']} client processes posting with "
+                f"`{config.get('client') or 'requests'}` (blocking), "
+                f"{config['requests_per_run']} requests per run, {config['repeats']} run(s) "
+                f"per setting; {config['image_source']}; mean ± std over runs.")
+        columns = ("| server | img/req | images/s | requests/s | latency ms (mean) | p99 ms | "
+                   "failed | images/s vs best baseline |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    else:
+        load = (f"{config['users']} closed-loop users, {config['duration_s']} s per run, "
+                f"{config['repeats']} repeat(s); mean ± std over repeats.")
+        columns = ("| server | img/req | images/s | requests/s | p50 ms | p95 ms | p99 ms | "
+                   "failed | images/s vs best baseline |\n"
+                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     out = [
         f"# Load test: `{config['preset']}` preset",
         "",
@@ -242,25 +312,33 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
         f"load average {env['load_average_before']} before, {env['load_average_after']} after",
         "",
         f"Model `{config['model']}` ({config['weights']} weights, {config['precision']}) on "
-        f"{config['device']}, {config['workers'] or 'one per GPU'} worker(s); "
-        f"{config['users']} closed-loop users, {config['duration_s']} s per run, "
-        f"{config['repeats']} repeat(s); mean ± std over repeats.",
+        f"{config['device']}, {config['workers'] or 'one per GPU'} worker(s); {load}",
         "",
-        "| server | img/req | images/s | requests/s | p50 ms | p95 ms | p99 ms | failed | "
-        "images/s vs best baseline |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        columns,
     ]
     for a in aggregates:
         best = best_baseline(aggregates, a.images_per_request)
         ratio = (f"x{a.images_per_s / best.images_per_s:.2f}"
                  if best and best.images_per_s else "n/a")
+        latency = (f"| {_pm(a.latency_mean_ms, a.latency_mean_ms_std, 0)} " if seed_load else
+                   f"| {_pm(a.latency_p50_ms, a.latency_p50_ms_std, 0)} "
+                   f"| {_pm(a.latency_p95_ms, a.latency_p95_ms_std, 0)} ")
         out.append(
             f"| {a.server} | {a.images_per_request} | {_pm(a.images_per_s, a.images_per_s_std)} "
-            f"| {_pm(a.requests_per_s, a.requests_per_s_std)} "
-            f"| {_pm(a.latency_p50_ms, a.latency_p50_ms_std, 0)} "
-            f"| {_pm(a.latency_p95_ms, a.latency_p95_ms_std, 0)} "
+            f"| {_pm(a.requests_per_s, a.requests_per_s_std)} {latency}"
             f"| {_pm(a.latency_p99_ms, a.latency_p99_ms_std, 0)} "
             f"| {a.failures}/{a.requests} | {ratio} |")
+    claim = seed_claim(aggregates)
+    if claim:
+        out += ["", "The seed's claim (its README): the spool server about 30% more throughput "
+                "than the others, steadier latency, about 40% less code.", ""]
+        out += [f"- {line}" for line in claim]
+        sizes = {name: info["code_lines"] for name, info in summary.get("code_size", {}).items()}
+        others = [name for name in ("seed-simple", "seed-mp", "dp") if sizes.get(name)]
+        if sizes.get(SEED_SPOOL) and others:
+            out.append(f"- code: {SEED_SPOOL} {sizes[SEED_SPOOL]} lines; " + ", ".join(
+                f"{name} {sizes[name]} (x{sizes[SEED_SPOOL] / sizes[name]:.2f})"
+                for name in others) + "; the claim is about x0.6")
     raw_model = summary.get("raw_model") or {}
     if raw_model.get("best_images_per_s"):
         rates = ", ".join(f"batch {k}: {v:g}"
@@ -277,7 +355,8 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
                 ">= 0.8x the bare model at 1 image/request.", ""] + [f"- {line}" for line in checks]
     out += ["", "Code size: lines holding code (no blank, comment or docstring lines), without "
             "the model and upload-checking modules every server shares (`app/worker.py`, "
-            "`app/contract.py`, `app/images.py`, `app/settings.py`).", "",
+            "`app/contract.py`, `app/images.py`, `app/settings.py`; for the seed-shaped servers, "
+            "`loadtest/seed/model.py` and `loadtest/seed/serving.py`).", "",
             "| server | what it is | lines of code | files |", "|---|---|---:|---|"]
     for name, info in summary.get("code_size", {}).items():
         out.append(f"| {name} | {info['description']} | {info['code_lines']} | "
@@ -291,10 +370,21 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
     return "\n".join(out) + "\n"
 
 
+LOCUST_PANELS = (("images_per_s", "throughput (images/s, higher is better)"),
+                 ("latency_p50_ms", "p50 latency (ms, lower is better)"),
+                 ("latency_p99_ms", "p99 latency (ms, lower is better)"))
+# The seed's three quantities, each a mean over runs with its std.
+SEED_PANELS = (("images_per_s", "image throughput (images/s, higher is better)"),
+               ("requests_per_s", "request throughput (requests/s, higher is better)"),
+               ("latency_mean_ms", "latency (ms, mean per run, lower is better)"))
+
+
 def chart(path: Path, aggregates: Sequence[Aggregate], title: str,
-          ceiling: float | None = None) -> bool:
-    """Grouped bars per images-per-request setting: throughput, p50 and p99, std as error bars;
-    ``ceiling`` (the bare model's images/s) as a dashed line on the throughput panel.
+          ceiling: float | None = None,
+          panels: Sequence[tuple[str, str]] = LOCUST_PANELS) -> bool:
+    """Grouped bars per images-per-request setting, one panel per figure of ``panels``
+    (throughput, p50 and p99 by default), std over repeats as error bars; ``ceiling`` (the
+    bare model's images/s) as a dashed line on the first panel.
 
     Returns:
         False, drawing nothing, when matplotlib is not installed.
@@ -310,9 +400,6 @@ def chart(path: Path, aggregates: Sequence[Aggregate], title: str,
     servers = list(dict.fromkeys(a.server for a in aggregates))
     settings = sorted({a.images_per_request for a in aggregates})
     by_key = {(a.server, a.images_per_request): a for a in aggregates}
-    panels = (("images_per_s", "throughput (images/s, higher is better)"),
-              ("latency_p50_ms", "p50 latency (ms, lower is better)"),
-              ("latency_p99_ms", "p99 latency (ms, lower is better)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.1))
     width = 0.8 / max(1, len(servers))
     for ax, (key, label) in zip(axes, panels, strict=True):
@@ -345,8 +432,17 @@ def chart(path: Path, aggregates: Sequence[Aggregate], title: str,
 
 def chart_title(summary: dict[str, Any]) -> str:
     config = summary["config"]
+    clients = (f"{config['users']} clients x {config['requests_per_run']} requests"
+               if config.get("load") == "seed" else f"{config['users']} users")
     return (f"{config['model']} on {config['device']}, {config['workers'] or 'one per GPU'} "
-            f"worker(s), {config['users']} users ({summary['environment']['date']})")
+            f"worker(s), {clients} ({summary['environment']['date']})")
+
+
+def summary_chart(path: Path, summary: dict[str, Any], aggregates: Sequence[Aggregate]) -> bool:
+    """``chart`` with the title, ceiling and panels that suit the summary's load."""
+    panels = SEED_PANELS if summary["config"].get("load") == "seed" else LOCUST_PANELS
+    return chart(path, aggregates, chart_title(summary),
+                 (summary.get("raw_model") or {}).get("best_images_per_s"), panels)
 
 
 def _from_json(row_type: type, row: dict[str, Any]) -> Any:
@@ -359,8 +455,7 @@ def redraw(folder: Path) -> None:
     runs = [_from_json(RunResult, r) for r in summary["runs"]]
     aggregates = [_from_json(Aggregate, a) for a in summary["aggregates"]]
     (folder / "results.md").write_text(markdown(summary, aggregates, runs))
-    if not chart(folder / "chart.png", aggregates, chart_title(summary),
-                 (summary.get("raw_model") or {}).get("best_images_per_s")):
+    if not summary_chart(folder / "chart.png", summary, aggregates):
         raise SystemExit("matplotlib is not installed: pip install matplotlib")
 
 

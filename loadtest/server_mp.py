@@ -1,12 +1,14 @@
-"""The seed's ``server_mp``: one process per device, a random process per request.
+"""Our ``mp`` baseline: one process per device, a random process per request.
 
 Each worker process holds one model and talks to the server over its own pipe; a lock per
 pipe lets one request at a time use it, so a request drawn to a busy worker waits on that
 lock even when another worker is idle (there is no shared queue). A global cap bounds the
-requests being dispatched at once. The seed's code is not available; its README describes
-"a pool of workers, random dispatch without producer-consumer queues". The cap here is the
-size of Python's default thread pool, ``min(32, cpus + 4)``, which is what a server that runs
-the blocking pipe exchange through ``run_in_executor`` gets; MP_MAX_INFLIGHT overrides it.
+requests being dispatched at once. Rebuilt from the seed README's words ("a pool of
+workers, random dispatch without producer-consumer queues") before the seed's code was
+known; the seed's own is ``loadtest/seed/server_mp.py`` (its cap: 2 x GPUs). The cap here
+is the size of Python's default thread pool, ``min(32, cpus + 4)``, which is what a server
+that runs the blocking pipe exchange through ``run_in_executor`` gets; MP_MAX_INFLIGHT
+overrides it.
 ``python -m loadtest.server_mp`` (settings from the environment, as ``python -m app``).
 """
 

@@ -1,10 +1,12 @@
-"""The seed's ``server_simple``: threads in one process, a random replica per request.
+"""Our ``simple`` baseline: threads in one process, a random replica per request.
 
 One model replica per device (NUM_WORKERS on CPU), all in the server process; each replica
 is owned by one thread that runs its requests in arrival order. A request goes to a replica
 drawn at random, whether it is idle or has ten requests waiting: nothing balances the load.
 Rebuilt from the seed README's description ("a simple threaded server that randomly
-dispatches requests to worker threads"); the seed's code is not available.
+dispatches requests to worker threads") before the seed's code was known, and stricter than
+it: the seed's own (``loadtest/seed/server_simple.py``) lets several threads run one replica
+at once.
 ``python -m loadtest.server_simple`` (settings from the environment, as ``python -m app``).
 """
 

@@ -35,6 +35,9 @@ class ServerSpec:
     module: str  # run as `python -m <module>`
     env: dict[str, str] = field(default_factory=dict)
     code_files: tuple[str, ...] = ()
+    # True: the seed's model code (loadtest/seed/model.py: torchvision or timm names, fp32);
+    # False: app.worker.ViTWorker (timm names, any precision).
+    seed_model: bool = False
 
 
 def app_server_files() -> tuple[str, ...]:
@@ -63,6 +66,19 @@ def server_specs(max_batch_size: int, max_batch_wait_ms: float) -> dict[str, Ser
         ServerSpec("spool-min", "the baselines' skeleton with SPool as dispatcher, batching off",
                    "loadtest.server_spool", env={"MAX_BATCH_SIZE": "1"},
                    code_files=("loadtest/server_spool.py", baseline)),
+        # The seed's benchmark servers as it ran them (issue 15), and the DataParallel one.
+        ServerSpec("seed-simple", "the seed's server_simple: replicas in one process, "
+                   "random.choice + to_thread, no lock", "loadtest.seed.server_simple",
+                   code_files=("loadtest/seed/server_simple.py",), seed_model=True),
+        ServerSpec("seed-mp", "the seed's server_mp: a process per GPU, Pipe, Semaphore(2 x "
+                   "GPUs), random worker, a Lock per pipe", "loadtest.seed.server_mp",
+                   code_files=("loadtest/seed/server_mp.py",), seed_model=True),
+        ServerSpec("seed-spool", "the seed's server_spool: SPool, a whole request per task",
+                   "loadtest.seed.server_spool",
+                   code_files=("loadtest/seed/server_spool.py",), seed_model=True),
+        ServerSpec("dp", "one process, torch.nn.DataParallel over every GPU, Semaphore(1)",
+                   "loadtest.seed.server_dp", code_files=("loadtest/seed/server_dp.py",),
+                   seed_model=True),
     )}
 
 
