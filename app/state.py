@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from stateful_pool import PoolStats, SPool, SWorker
+from stateful_pool import PoolStats, SPool, SWorker, WorkerState
 
 from .errors import NotReadyError
 from .plan import WorkerPlan
@@ -24,7 +24,7 @@ from .settings import Settings
 
 logger = logging.getLogger("app")
 
-READY_STATES = frozenset({"idle", "busy"})
+READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
 
 
 def server_state(request: Request) -> ServerState:

@@ -14,7 +14,7 @@ from typing import Any
 
 from app.contract import ImageInput, WorkerConfig
 from app.settings import Settings
-from stateful_pool import SPool, SWorker
+from stateful_pool import SPool, SWorker, WorkerState
 
 from ._baseline import serve
 
@@ -29,7 +29,8 @@ class SpoolDispatcher:
             self.pool.submit_spawn(config)
 
     def ready_count(self) -> int:
-        return sum(w.state in ("idle", "busy") for w in self.pool.stats().workers)
+        ready = (WorkerState.IDLE, WorkerState.BUSY)
+        return sum(w.state in ready for w in self.pool.stats().workers)
 
     async def run(self, items: list[ImageInput]) -> list[Any]:
         return await asyncio.gather(*(self.pool.async_execute(item) for item in items),
