@@ -459,9 +459,25 @@ def redraw(folder: Path) -> None:
         raise SystemExit("matplotlib is not installed: pip install matplotlib")
 
 
+def table(folder: Path) -> str:
+    """The results table of a results folder, from its summary.json (the docs embed it)."""
+    summary = json.loads((folder / "summary.json").read_text())
+    aggregates = [_from_json(Aggregate, a) for a in summary["aggregates"]]
+    rows: list[str] = []
+    for line in markdown(summary, aggregates).splitlines():
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            break  # the first table only
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m loadtest.report RESULTS_DIR")
-    redraw(Path(sys.argv[1]))
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(table(Path(sys.argv[2])))
+    elif len(sys.argv) == 2:
+        redraw(Path(sys.argv[1]))
+    else:
+        raise SystemExit("usage: python -m loadtest.report [--table] RESULTS_DIR")
