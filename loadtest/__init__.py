@@ -1,4 +1,5 @@
-"""Load tests: the seed's server comparison (simple vs mp vs spool), reproducible in one command.
+"""Load tests: the server comparison of stateful-pool 0.3.2 ("the seed": simple vs mp vs
+spool), reproducible in one command.
 
 ``docs/LOADTEST.md`` says what each preset reproduces of the seed's benchmark.
 
@@ -8,7 +9,7 @@
   (``app.worker``), so only the dispatch differs.
 * ``server_spool.py``: the same skeleton dispatching through ``SPool`` (for a like-for-like
   code size; the benchmarked spool server is ``app/`` itself).
-* ``seed/``: the seed's benchmark as it was run (issue 15): its four servers (``simple``,
+* ``seed/``: stateful-pool 0.3.2's benchmark as it was run: its four servers (``simple``,
   ``mp``, ``spool`` and the DataParallel ``dp``) on its own model code, and its client (a
   fixed number of requests from blocking ``requests`` clients in processes).
 * ``compare.py``: ``python -m loadtest.compare`` starts each server, drives the load (locust,

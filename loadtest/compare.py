@@ -65,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 workers=0, precision="fp32", users=100, duration=60, repeats=5,
                 images_per_request=[1, 4, 8, 16, 32], max_batch_size=32,
                 max_batch_wait_ms=0.0, ready_timeout=600, raw_batch_sizes=[1, 8, 32, 64, 128]),
-    # The seed's benchmark as its code ran it (issue 15): its servers and model (torchvision
+    # stateful-pool 0.3.2's benchmark as its code ran it: its servers and model (torchvision
     # vit_l_16, random weights after manual_seed(42), fp32), 64 requests per run from 16
     # blocking client processes, uni-colour 224x224 PNGs, 5 runs per setting, one server at
     # a time. No bare-model timing: the seed had none, and raw_model.py times timm models.

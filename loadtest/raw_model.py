@@ -1,7 +1,7 @@
 """The model's own throughput: forward passes on ready-made tensors, nothing else.
 
 No HTTP, no decoding, no resizing, no pool: the ceiling the servers are measured against
-(issue 4's GPU target is "spool with batching at >= 0.8x the raw model throughput at the
+(the GPU target is "spool with batching at >= 0.8x the raw model throughput at the
 same precision"). The model is built by ``app.worker.ViTWorker.spawn``, so weights, device,
 precision and thread count are set up exactly as in a server worker.
 

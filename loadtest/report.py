@@ -66,7 +66,7 @@ class Aggregate:
     latency_p95_ms_std: float
     latency_p99_ms: float
     latency_p99_ms_std: float
-    # Added for the seed's load (issue 15); results written before it read them as NaN.
+    # Added for the 0.3.2 benchmark's load; results written before it read them as NaN.
     latency_mean_ms: float = math.nan
     latency_mean_ms_std: float = math.nan
 
@@ -231,7 +231,7 @@ def best_baseline(aggregates: Sequence[Aggregate], ipr: int) -> Aggregate | None
 
 def verdicts(aggregates: Sequence[Aggregate], raw_model: dict[str, Any] | None = None,
              gpu: bool = False) -> list[str]:
-    """Issue 4's targets, checked per setting.
+    """The load-test targets, checked per setting.
 
     CPU: each spool server at least matches the better baseline's images/s, with a lower p99.
     GPU: at 1 image per request, spool-batch reaches 3x the better baseline and 0.8x the bare
@@ -350,7 +350,7 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
         out += ["", f"Bare model timing failed: {raw_model['error'][:300]}"]
     checks = verdicts(aggregates, raw_model, gpu=config["device"] != "cpu")
     if checks:
-        out += ["", "Targets (issue 4): on the cpu preset, spool >= the better baseline in "
+        out += ["", "Targets: on the cpu preset, spool >= the better baseline in "
                 "images/s and a lower p99; on a GPU, spool-batch >= 3x the better baseline and "
                 ">= 0.8x the bare model at 1 image/request.", ""] + [f"- {line}" for line in checks]
     out += ["", "Code size: lines holding code (no blank, comment or docstring lines), without "

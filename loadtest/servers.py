@@ -66,7 +66,7 @@ def server_specs(max_batch_size: int, max_batch_wait_ms: float) -> dict[str, Ser
         ServerSpec("spool-min", "the baselines' skeleton with SPool as dispatcher, batching off",
                    "loadtest.server_spool", env={"MAX_BATCH_SIZE": "1"},
                    code_files=("loadtest/server_spool.py", baseline)),
-        # The seed's benchmark servers as it ran them (issue 15), and the DataParallel one.
+        # stateful-pool 0.3.2's benchmark servers as it ran them, and the DataParallel one.
         ServerSpec("seed-simple", "the seed's server_simple: replicas in one process, "
                    "random.choice + to_thread, no lock", "loadtest.seed.server_simple",
                    code_files=("loadtest/seed/server_simple.py",), seed_model=True),
