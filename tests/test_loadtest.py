@@ -253,7 +253,7 @@ def test_compare_runs_every_server_without_a_failed_request(tmp_path, capsys):
     assert (out / "chart.png").is_file()
 
 
-# ---- stateful-pool 0.3.2's benchmark, as it was run ------------------------------------------------------
+# ---- stateful-pool 0.3.2's benchmark, as it was run ---------------------------------------
 
 SEED_SERVERS = ("seed-simple", "seed-mp", "seed-spool", "dp")
 
