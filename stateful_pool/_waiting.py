@@ -150,8 +150,14 @@ class LoopBridge:
     def watch(self, task: Task) -> asyncio.Future[Any]:
         """A future of this loop that follows ``task``."""
         waiter = asyncio.get_running_loop().create_future()
-        task.add_done_callback(lambda _t: self.call(_copy_outcome, (task, waiter)))
+        task.add_done_callback(lambda t: self._deliver_later(t, waiter))
         return waiter
+
+    def _deliver_later(self, task: Any, waiter: asyncio.Future[Any]) -> None:
+        try:
+            self.call(_copy_outcome, (task, waiter))
+        except RuntimeError:
+            pass  # the loop is closed: nobody awaits this any more
 
     def call(self, fn: Any, arg: Any) -> None:
         """Run ``fn(arg)`` on the loop soon; ``RuntimeError`` if the loop is closed."""
