@@ -22,7 +22,7 @@ RUN groupadd --gid 10001 app \
 COPY pyproject.toml README.md ./
 COPY stateful_pool ./stateful_pool
 RUN python -m venv /srv/.venv \
-    && /srv/.venv/bin/python -m pip install --no-cache-dir -q -e '.[serve,interactive]'
+    && /srv/.venv/bin/python -m pip install --no-cache-dir -q -e '.[serve]'
 COPY app ./app
 
 USER 10001:10001
