@@ -30,7 +30,7 @@ def predict_response_model(output_model: type[BaseModel] | None) -> type[BaseMod
     item = create_model(f"{base.__name__}Prediction", __config__=base.model_config, **fields)
     return create_model(
         "PredictResponse",
-        predictions=(list[item],  # type: ignore[valid-type]  # a model built at runtime
+        predictions=(list[item],  # a model built at runtime
                      Field(description="one entry per uploaded file, in order")),
     )
 

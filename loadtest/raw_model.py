@@ -30,16 +30,20 @@ def images_per_second(worker: ViTWorker, batch_size: int, seconds: float) -> flo
     """Forward passes of one batch shape for about ``seconds``, after two warm-up passes."""
     import torch
 
-    size = worker.model.pretrained_cfg.get("input_size", (3, 224, 224))
+    model: Any = worker.model  # a timm model: its call and pretrained_cfg are untyped
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     batch = torch.randn(batch_size, *size).to(worker.device, worker.dtype)
-    sync = (torch.cuda.synchronize if worker.device.type == "cuda" else lambda: None)
+    def sync() -> None:
+        if worker.device.type == "cuda":
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
         for _ in range(2):
-            worker.model(batch)
+            model(batch)
         sync()
         began, done = time.perf_counter(), 0
         while time.perf_counter() - began < seconds or done < 3 * batch_size:
-            worker.model(batch)
+            model(batch)
             done += batch_size
             if worker.device.type == "cuda" and done % (batch_size * 8) == 0:
                 sync()  # keep the queue of launched kernels short so the clock stays honest

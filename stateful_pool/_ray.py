@@ -35,7 +35,7 @@ logger = logging.getLogger("stateful_pool")
 
 
 # Ray's stubs do not know concurrency_groups (a documented actor option).
-@ray.remote(max_restarts=0, concurrency_groups={"work": 1, "watch": 1})  # type: ignore[call-overload]
+@ray.remote(max_restarts=0, concurrency_groups={"work": 1, "watch": 1})
 class StatefulPoolActor:
     """Hosts one SWorker. Runs in a Ray worker process."""
 
@@ -47,7 +47,7 @@ class StatefulPoolActor:
     def spawn(self, payload: bytes) -> tuple[m.Outcome, int, dict[str, Any]]:
         self._worker, outcome = spawn_worker(self._cls, payload)
         ctx = ray.get_runtime_context()
-        location = {"host": ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+        location = {"host": ray.util.get_node_ip_address(),
                     "node": ctx.get_node_id(),
                     "gpu_ids": [int(g) for g in ray.get_gpu_ids()]}
         return outcome, os.getpid(), location

@@ -38,7 +38,7 @@ from ..images import IMAGE_KINDS, Upload, load_images, multipart_body, parse_siz
 try:
     import requests
 except ImportError:  # pragma: no cover - the GPU machines' Python has no requests
-    requests = None  # type: ignore[assignment]
+    requests = None
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _target: dict[str, Any] = {}

@@ -51,10 +51,12 @@ def build_network(name: str) -> torch.nn.Module:
     if library == "torchvision":
         import torchvision
 
-        return torchvision.models.get_model(model, weights=None)
+        built: torch.nn.Module = torchvision.models.get_model(model, weights=None)
+        return built
     import timm
 
-    return timm.create_model(model, pretrained=False)
+    built = timm.create_model(model, pretrained=False)
+    return built
 
 
 def seed_transform() -> Any:

@@ -60,14 +60,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     semaphore = asyncio.Semaphore(2 * len(workers))
     app.state.workers = len(workers)
     yield
-    for conn, process, _ in workers:
+    for conn, worker, _ in workers:
         try:
             conn.send(None)
         except OSError:  # that worker is already gone
             pass
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
+        worker.join(timeout=10)
+        if worker.is_alive():
+            worker.kill()
 
 
 app = FastAPI(lifespan=lifespan)
