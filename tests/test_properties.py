@@ -4,6 +4,7 @@ outcome its task deserves, nothing is left queued or in flight, and the counters
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import CancelledError
 
 import pytest
@@ -21,7 +22,9 @@ OPS = st.sampled_from(["echo", "raise", "sleep", "cancel", "crash", "async_echo"
 def shared_pool():
     """One pool for every example of the test (respawned workers are stopped before the
     no-leaked-children check runs)."""
-    pool = SPool(Tasks, queue_size=8, restart_backoff=0.01, max_restarts=None)
+    # Short window: crashes from earlier examples must not grow the backoff of later ones.
+    pool = SPool(Tasks, queue_size=8, restart_backoff=0.01, restart_window=0.5,
+                 max_restarts=None)
     try:
         pool.spawn()
         pool.spawn()
@@ -30,7 +33,7 @@ def shared_pool():
         pool.shutdown(cancel_futures=True, timeout=10)
 
 
-@settings(max_examples=15, deadline=None,
+@settings(max_examples=int(os.environ.get("SPOOL_EXAMPLES", "15")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(OPS, min_size=1, max_size=30))
 def test_every_call_gets_its_own_outcome(shared_pool, ops):
@@ -85,4 +88,8 @@ def test_every_call_gets_its_own_outcome(shared_pool, ops):
         was = before.completed + before.failed + before.cancelled + before.timed_out
         return s.submitted - before.submitted == done - was
 
-    assert wait_until(settled, timeout=2)
+    def counters(s):
+        return (s.submitted, s.completed, s.failed, s.cancelled, s.timed_out, s.queue_depth,
+                s.in_flight, [w.state for w in s.workers], [w.running for w in s.workers])
+
+    assert wait_until(settled, timeout=2), (ops, counters(before), counters(pool.stats()))
