@@ -205,3 +205,19 @@ def test_a_batch_never_carries_an_expired_item(make_pool):
             f.result(timeout=0)
     sizes = pool.execute(("sizes", None))
     assert sizes[:2] == [1, 3], sizes  # the second batch held the three kept items only
+
+
+def test_finished_tasks_do_not_wait_in_the_deadline_heap(make_pool):
+    """With a long timeout, finished tasks (and their results) must not stay alive until
+    their deadline: the heap is pruned as it grows."""
+    import gc
+
+    pool = make_pool(Tasks, execution_timeout=600)
+    pool.spawn()
+    futures = [pool.submit_execute("echo", b"x" * 1000) for _ in range(5000)]
+    for f in futures:
+        f.result(timeout=30)
+    del futures
+    pool.execute("echo", 1)  # one more round of the dispatcher
+    gc.collect()
+    assert len(pool._dispatcher.deadlines) <= 2048
