@@ -11,6 +11,7 @@
 #   WHEELS=.whl bash loadtest/gpu_check.sh [python -m loadtest.gpu_check options]
 #   SMOKE=1 bash loadtest/gpu_check.sh     # the same steps with vit_tiny on CPU, seconds
 #   PRESET=seed bash loadtest/gpu_check.sh # the seed's benchmark as run (issue 15), trimmed
+#   PRESET=compare bash loadtest/gpu_check.sh  # our servers vs the simple and mp baselines
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -33,5 +34,11 @@ if [ "${PRESET:-gpu}" = seed ]; then
     # all settings; fp32 ViT-L/16 at a few hundred images/s) + 4 ViT-L/16 loads: ~5 minutes.
     exec "$PYTHON" -m loadtest.compare --preset seed --images-per-request 1,8,32 --repeats 3 \
         --output "${OUT:-results/loadtest/seed-trimmed}" "$@"
+fi
+if [ "${PRESET:-gpu}" = compare ]; then
+    # 4 servers x 2 settings x 2 repeats x (15 s + locust start) + 4 ViT-L/16 starts: ~7 min.
+    exec "$PYTHON" -m loadtest.compare --preset gpu --images-per-request 1,8 --repeats 2 \
+        --duration 15 --raw-batch-sizes 1,32,64,128 \
+        --output "${OUT:-results/loadtest/gpu-trimmed}" "$@"
 fi
 exec "$PYTHON" -m loadtest.gpu_check --output "${OUT:-results/loadtest/gpu-check}" "$@"
