@@ -41,10 +41,13 @@ class WorkerConfig:
         weights: ``auto``, ``pretrained``, ``random``, ``hf-hub:org/name`` or a checkpoint
             path (``MODEL_WEIGHTS``).
         device: a torch device string, ``cpu`` or ``cuda:N``.
-        precision: ``fp32``, ``bf16`` or ``fp16`` (half precision only on CUDA).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (half precision only on CUDA;
+            ``auto``: bf16 on a GPU that has it, else fp32; ``app.runtime.resolve_precision``).
         num_threads: torch intra-op threads for this worker (CPU only; GPUs use 1).
         max_image_pixels: the decoder's pixel limit, the same one the API process checked.
         log_level: ``LOG_LEVEL`` of the server, for the worker's own log lines.
+        max_batch_size: the largest batch the pool hands this worker (``MAX_BATCH_SIZE``),
+            for warm-ups that should cover every batch size (``COMPILE=1``).
         options: the worker's own settings, an instance of its ``settings_model`` read from
             the environment in the API process (so a bad value stops the server at start-up);
             None when the worker declares none.
@@ -59,6 +62,7 @@ class WorkerConfig:
     max_image_pixels: int
     log_level: str = "info"
     options: Any = None
+    max_batch_size: int = 1
 
 
 @dataclass(frozen=True)

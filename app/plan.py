@@ -117,6 +117,7 @@ def make_plan(settings: Settings, worker_cls: type[SWorker[Any, Any]] | None = N
             max_image_pixels=settings.max_image_pixels,
             log_level=settings.log_level,
             options=options,
+            max_batch_size=settings.max_batch_size,
         )
         for index, device in enumerate(devices)
     ]

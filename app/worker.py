@@ -6,7 +6,9 @@ One file serves a model (docs/SERVE_YOUR_MODEL.md). This one declares:
 * the answer: ``Classifications``, one ``top_k`` list per file, in upload order;
 * ``to_items`` / ``to_answer``: one pool item per image, so images of different requests
   share a forward pass;
-* ``spawn`` / ``execute_batch``: load the model once, then decode and classify batches.
+* ``spawn`` / ``execute_batch``: load the model once, then decode and classify batches;
+* ``settings_model``: ``TorchSettings`` (``DECODE``, ``COMPILE``, ``TF32``, ``PREPARE_CHUNK``:
+  the GPU path, docs/GPU.md).
 
 Serve it with ``make serve`` (the default ``WORKER_CLASS=app.worker:ViTWorker``).
 """
@@ -19,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from .contract import ImageFile, ImageInput, ModelWorker, WorkerConfig
-from .runtime import TorchRuntime
+from .contract import ImageFile, ImageInput, InvalidImageError, ModelWorker, WorkerConfig
+from .runtime import ImageBatches, TorchRuntime, TorchSettings
 from .weights import hub_unreachable_reason, load_timm
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ class ViTWorker(ModelWorker):
     """A timm classifier; batches of uploaded images go through one forward pass."""
 
     default_model = "vit_large_patch16_224"
+    settings_model = TorchSettings
 
     @classmethod
     def to_items(cls, request: ClassifyRequest) -> list[ImageInput]:
@@ -71,7 +74,6 @@ class ViTWorker(ModelWorker):
 
     def spawn(self, config: WorkerConfig) -> dict[str, Any]:
         """Load the model on its device. Runs in the worker process."""
-        import torch
 
         started = time.monotonic()
         self.config = config
@@ -83,14 +85,14 @@ class ViTWorker(ModelWorker):
         self.model = model.to(self.device, self.dtype).eval()
         data_config = timm.data.resolve_data_config({}, model=self.model)
         self.transform = timm.data.create_transform(**data_config, is_training=False)
+        self.images = ImageBatches(self.runtime, self.transform)
         self.labels = class_names(self.model)
         self.num_classes = len(self.labels)
-        # One warm-up forward: the first real request should not pay for lazy initialisation.
-        with torch.inference_mode():
-            self.model(torch.zeros((1, *data_config["input_size"]), device=self.device,
-                                   dtype=self.dtype))
+        self.forward, warmup = self.runtime.prepare_model(self.model, data_config["input_size"])
         info = {
             **self.runtime.info(self.model),
+            **self.images.info(),
+            **warmup,
             "model": config.model_name,
             "weights": weights,
             "weights_source": weights_source,
@@ -104,18 +106,23 @@ class ViTWorker(ModelWorker):
         return info
 
     def execute_batch(self, items: list[ImageInput]) -> list[dict[str, Any] | Exception]:
-        """Decode each image, run one forward pass over the good ones. Runs in the worker."""
+        """Decode each image, run the good ones through the model. Runs in the worker."""
         import torch
 
-        tensors, decoded, errors = self.runtime.decode_images(items, self.transform)
+        errors: list[InvalidImageError | None] = [None] * len(items)
+        logits, decoded = [], []
+        with torch.inference_mode():
+            # On CUDA each forward only queues kernels: the next chunk is decoded meanwhile.
+            for inputs, positions in self.images.batches(items, errors):
+                logits.append(self.forward(inputs))
+                decoded.extend(positions)
+            if decoded:
+                k = min(self.num_classes, max(items[i].top_k for i in decoded))
+                probabilities = torch.cat(logits).float().softmax(dim=-1)
+                top_p, top_i = (t.cpu().tolist() for t in probabilities.topk(k, dim=-1))
         # A corrupt image fails its own item only, never its batch neighbours.
         results: list[dict[str, Any] | Exception | None] = list(errors)
-        if tensors:
-            k = min(self.num_classes, max(items[i].top_k for i in decoded))
-            with torch.inference_mode():
-                batch = torch.stack(tensors).to(self.device, self.dtype, non_blocking=True)
-                probabilities = self.model(batch).float().softmax(dim=-1)
-                top_p, top_i = (t.cpu().tolist() for t in probabilities.topk(k, dim=-1))
+        if decoded:
             for row, index in enumerate(decoded):
                 n = min(k, items[index].top_k)
                 results[index] = {"top_k": [

@@ -1,7 +1,7 @@
 """The model's own throughput: forward passes on ready-made tensors, nothing else.
 
 No HTTP, no decoding, no resizing, no pool: the ceiling the servers are measured against
-(the GPU target is "spool with batching at >= 0.8x the raw model throughput at the
+(issue 4's GPU target is "spool with batching at >= 0.8x the raw model throughput at the
 same precision"). The model is built by ``app.worker.ViTWorker.spawn``, so weights, device,
 precision and thread count are set up exactly as in a server worker.
 
@@ -9,6 +9,10 @@ Run as a subprocess, so torch's threads and CUDA context die with it::
 
     python -m loadtest.raw_model --model vit_tiny_patch16_224 --device cpu \\
         --workers 2 --batch-sizes 1,8,16 --seconds 3 --output raw_model.json
+
+``--no-tf32`` keeps fp32 matmuls in full fp32 on CUDA (the servers' default is TF32);
+``--compile`` times the model as ``COMPILE=1`` serves it (compiled, warmed at batch 1 and the
+largest batch size; docs/GPU.md).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from app.contract import WorkerConfig
+from app.runtime import PRECISIONS, TorchSettings
 from app.settings import available_cpus
 from app.worker import ViTWorker
 
@@ -30,8 +35,7 @@ def images_per_second(worker: ViTWorker, batch_size: int, seconds: float) -> flo
     """Forward passes of one batch shape for about ``seconds``, after two warm-up passes."""
     import torch
 
-    model: Any = worker.model  # a timm model: its call and pretrained_cfg are untyped
-    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    size = worker.model.pretrained_cfg.get("input_size", (3, 224, 224))
     batch = torch.randn(batch_size, *size).to(worker.device, worker.dtype)
     def sync() -> None:
         if worker.device.type == "cuda":
@@ -39,11 +43,11 @@ def images_per_second(worker: ViTWorker, batch_size: int, seconds: float) -> flo
 
     with torch.inference_mode():
         for _ in range(2):
-            model(batch)
+            worker.forward(batch)
         sync()
         began, done = time.perf_counter(), 0
         while time.perf_counter() - began < seconds or done < 3 * batch_size:
-            model(batch)
+            worker.forward(batch)
             done += batch_size
             if worker.device.type == "cuda" and done % (batch_size * 8) == 0:
                 sync()  # keep the queue of launched kernels short so the clock stays honest
@@ -52,7 +56,8 @@ def images_per_second(worker: ViTWorker, batch_size: int, seconds: float) -> flo
 
 
 def measure(model: str, device: str, precision: str, batch_sizes: list[int],
-            seconds: float, workers: int = 0) -> dict[str, Any]:
+            seconds: float, workers: int = 0, *, tf32: bool = True,
+            compile: bool = False) -> dict[str, Any]:
     """Time one worker and scale by the number of workers the servers run.
 
     One worker, as the servers configure it: a GPU (times the GPUs), or on CPU a process with
@@ -74,12 +79,17 @@ def measure(model: str, device: str, precision: str, batch_sizes: list[int],
     worker = ViTWorker()
     info = worker.spawn(WorkerConfig(worker_index=0, model_name=model, weights="random",
                                      device=device, precision=precision, num_threads=threads,
-                                     max_image_pixels=1, log_level="warning"))
+                                     max_image_pixels=1, log_level="warning",
+                                     max_batch_size=max(batch_sizes),
+                                     options=TorchSettings.model_construct(
+                                         tf32=tf32, compile=compile, decode="pillow")))
     rates = {size: images_per_second(worker, size, seconds) for size in batch_sizes}
     best = max(rates, key=rates.__getitem__)
     return {
         "model": model, "device_name": info["device_name"], "precision": info["precision"],
-        "scope": scope, "images_per_s_by_batch": {str(k): round(v, 2) for k, v in rates.items()},
+        "tf32": info["tf32"], "compiled": info["compiled"],
+        "warmup_seconds": info["warmup_seconds"], "scope": scope,
+        "images_per_s_by_batch": {str(k): round(v, 2) for k, v in rates.items()},
         "best_batch_size": best, "best_images_per_s": round(rates[best] * replicas, 2),
     }
 
@@ -88,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.raw_model", description=__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 for fp32 matmuls on CUDA (the servers' default)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile, as COMPILE=1")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--workers", type=int, default=0,
@@ -97,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: never look for a download
     result = measure(args.model, args.device, args.precision,
-                     [int(v) for v in args.batch_sizes.split(",")], args.seconds, args.workers)
+                     [int(v) for v in args.batch_sizes.split(",")], args.seconds, args.workers,
+                     tf32=args.tf32, compile=args.compile)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
