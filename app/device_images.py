@@ -176,14 +176,15 @@ class DeviceTransform:
 
         image = F.center_crop(F.resize(image, self._size, self.interpolation, self.max_size),
                               list(self.crop))
-        return F.pil_to_tensor(image)
+        tensor: torch.Tensor = F.pil_to_tensor(image)
+        return tensor
 
     def geometry_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """Resize and crop uint8 ``(N, 3, H, W)`` images of one size, on their device.
 
         Two antialiased passes, width then height, each rounded back to uint8: Pillow's own
         order and rounding. One 2-D pass in float differs from Pillow by up to 16 levels on
-        noisy images (measured on the test images, issue 16); two passes by at most 2.
+        noisy images (measured on the test images); two passes by at most 2.
         """
         from torchvision.transforms import functional as F
 
@@ -191,7 +192,8 @@ class DeviceTransform:
         new_height, new_width = self.output_size(height, width)
         wide = F.resize(images, [height, new_width], self.interpolation, antialias=True)
         resized = F.resize(wide, [new_height, new_width], self.interpolation, antialias=True)
-        return F.center_crop(resized, list(self.crop))
+        cropped: torch.Tensor = F.center_crop(resized, list(self.crop))
+        return cropped
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``Resize``'s output size for an image (torchvision's rule: an int sets the shorter

@@ -183,7 +183,7 @@ class TorchRuntime:
         forward: Callable[[torch.Tensor], torch.Tensor] = model
         sizes = [1]
         if self.settings.compile:
-            forward = torch.compile(model, dynamic=True)  # type: ignore[assignment]
+            forward = torch.compile(model, dynamic=True)
             sizes = compile_batch_sizes(self.max_batch_size)
         started = time.monotonic()
         # The first request must not pay for lazy initialisation, nor for compilation.
@@ -229,7 +229,7 @@ class ImageBatches:
                            "ToTensor, Normalize; decoding with Pillow", mode)
             self.decode_on_device = False
         self.pin = cuda
-        # 64: a chunk big enough to keep a large GPU busy (issue 16: to be measured).
+        # 64: a chunk big enough to keep a large GPU busy (to be measured on a GPU).
         self.chunk = runtime.settings.prepare_chunk or (64 if cuda else 0)
 
     def info(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``python -m loadtest.gpu_check``: issue 16's measurements, in one run of about 7 minutes.
+"""``python -m loadtest.gpu_check``: the GPU measurements, in one run of about 7 minutes.
 
 For a GPU machine lent for minutes (``loadtest/gpu_check.sh`` installs what it lacks, then
 runs this). In order, each step in a subprocess of its own, so CUDA state dies with it:
@@ -10,7 +10,7 @@ runs this). In order, each step in a subprocess of its own, so CUDA state dies w
    (``DECODE=pillow``): images/s, p50, p99, and the GPU's utilisation while it ran
    (``nvidia-smi`` sampled every 0.5 s);
 3. ``results.md`` / ``results.json``: every figure, each server figure as a ratio of the bare
-   model at bf16 (issue 16's target: >= 0.8x).
+   model at bf16 (target: >= 0.8x).
 
 A step that would end past ``--budget`` seconds is skipped and said so (the device runner
 stops a command at 10 minutes). ``--smoke``: the same steps with vit_tiny on CPU in tens of

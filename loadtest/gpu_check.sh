@@ -10,7 +10,7 @@
 #
 #   WHEELS=.whl bash loadtest/gpu_check.sh [python -m loadtest.gpu_check options]
 #   SMOKE=1 bash loadtest/gpu_check.sh     # the same steps with vit_tiny on CPU, seconds
-#   PRESET=seed bash loadtest/gpu_check.sh # the seed's benchmark as run (issue 15), trimmed
+#   PRESET=seed bash loadtest/gpu_check.sh # the seed's benchmark as run, trimmed
 #   PRESET=compare bash loadtest/gpu_check.sh  # our servers vs the simple and mp baselines
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 """The model's own throughput: forward passes on ready-made tensors, nothing else.
 
 No HTTP, no decoding, no resizing, no pool: the ceiling the servers are measured against
-(issue 4's GPU target is "spool with batching at >= 0.8x the raw model throughput at the
+(the GPU target is "spool with batching at >= 0.8x the raw model throughput at the
 same precision"). The model is built by ``app.worker.ViTWorker.spawn``, so weights, device,
 precision and thread count are set up exactly as in a server worker.
 
@@ -35,8 +35,10 @@ def images_per_second(worker: ViTWorker, batch_size: int, seconds: float) -> flo
     """Forward passes of one batch shape for about ``seconds``, after two warm-up passes."""
     import torch
 
-    size = worker.model.pretrained_cfg.get("input_size", (3, 224, 224))
+    cfg: Any = getattr(worker.model, "pretrained_cfg", {})  # timm's; untyped
+    size = cfg.get("input_size", (3, 224, 224))
     batch = torch.randn(batch_size, *size).to(worker.device, worker.dtype)
+
     def sync() -> None:
         if worker.device.type == "cuda":
             torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""The GPU path (issue 16), checked on CPU: device JPEG decoding forced with DECODE=device,
+"""The GPU path, checked on CPU: device JPEG decoding forced with DECODE=device,
 PRECISION=auto, COMPILE=1, and the chunked prepare that overlaps decoding with compute.
 
 The decode comparison runs two workers in this process (no pool) because it compares logits,

@@ -1,4 +1,4 @@
-"""loadtest/gpu_check.sh, the one script a lent GPU machine runs (issue 16), kept from rotting:
+"""loadtest/gpu_check.sh, the one script a lent GPU machine runs, kept from rotting:
 its CPU smoke mode end to end, and its wheel install in the device runner's layout."""
 
 from __future__ import annotations
