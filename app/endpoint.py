@@ -193,6 +193,24 @@ async def checked_image(upload: UploadFile, number: int, max_pixels: int) -> Ima
     return ImageFile(data, header.format, header.width, header.height, upload.filename, label)
 
 
+async def run_request(request: Request, decl: Declaration, value: Any,
+                      labels: Sequence[str] = ()) -> Any:
+    """One validated request through the pool: ``to_items``, a task per item, ``to_answer``.
+
+    Shared by ``/predict`` and the Open Inference Protocol (``app.v2``), so both get the same
+    pool, batching, limits and errors. ``labels`` name the items in error messages.
+    """
+    try:
+        items = decl.to_items(value)
+    except InvalidInputError as exc:
+        raise ImageRejected(400, str(exc)) from None
+    if len(labels) != len(items):
+        labels = [f"item {n}" for n in range(1, len(items) + 1)]
+    results = (await execute_all(server_state(request).ready_pool(), items, labels)
+               if items else [])
+    return decl.to_answer(value, results)
+
+
 def add_inference_route(router: APIRouter, decl: Declaration,
                         guards: Sequence[Callable[..., Any]] = ()) -> None:
     """Add ``POST decl.route``, typed by the declaration; ``guards``: dependencies (auth)."""
@@ -203,15 +221,8 @@ def add_inference_route(router: APIRouter, decl: Declaration,
                      and issubclass(request_type, BaseModel) else None)
 
     async def answer_request(request: Request, value: Any, labels: list[str]) -> Response:
-        try:
-            items = decl.to_items(value)
-        except InvalidInputError as exc:
-            raise ImageRejected(400, str(exc)) from None
-        if len(labels) != len(items):
-            labels = [f"item {n}" for n in range(1, len(items) + 1)]
-        results = (await execute_all(server_state(request).ready_pool(), items, labels)
-                   if items else [])
-        body = answer.dump_json(answer.validate_python(decl.to_answer(value, results)))
+        result = await run_request(request, decl, value, labels)
+        body = answer.dump_json(answer.validate_python(result))
         return Response(body, media_type="application/json")
 
     async def from_uploads(request: Request, **params: Any) -> Response:

@@ -18,6 +18,7 @@ from .plan import load_worker_class, make_plan, plan_workers
 from .routes import build_router, require_api_key
 from .settings import Settings
 from .state import ServerState
+from .v2 import build_v2_router
 
 __all__ = ["create_app", "load_worker_class", "plan_workers"]
 
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, *,
     guards = [require_api_key] if settings.api_key is not None else []
     add_inference_route(app.router, declaration, guards)
     app.include_router(build_router(guards))
+    app.include_router(build_v2_router(declaration, state.plan.model_name, guards))
     install_error_handlers(app)
     known_paths = {getattr(route, "path", "") for route in app.routes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)

@@ -76,6 +76,17 @@ class ServerState:
             return "every model worker is dead and out of restarts"
         return None
 
+    def random_weight_workers(self) -> list[int]:
+        """Indices of the started workers that report random weights (``weights: random``)."""
+        return sorted(i for i, info in self.spawn_info.items() if info.get("weights") == "random")
+
+    def weights_summary(self) -> dict[str, Any]:
+        """What the workers loaded, for ``/readyz``, ``/v1/model`` and the v2 metadata."""
+        loaded = sorted({str(info.get("weights")) for info in self.spawn_info.values()
+                         if info.get("weights") is not None})
+        return {"weights": ",".join(loaded) or self.settings.model_weights,
+                "random_weights": bool(self.random_weight_workers())}
+
     def model_info(self) -> dict[str, Any]:
         s = self.settings
         stats = self.pool_stats()
