@@ -27,7 +27,7 @@ def main() -> int:
     except ValidationError as exc:
         print(f"invalid server settings:\n{exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     fatal = False
 
     def stop_on_fatal() -> None:

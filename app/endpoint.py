@@ -36,6 +36,7 @@ from .contract import ImageFile, ImageInput, InvalidInputError, ModelWorker
 from .images import ImageRejected, inspect_image
 from .schemas import ErrorBody, predict_response_model
 from .state import server_state
+from .tracing import task_context
 
 _COMMON_ERRORS = {
     401: "API_KEY is set and the bearer token is missing or wrong",
@@ -164,7 +165,7 @@ def _plain_worker_declaration(worker_cls: type[SWorker[Any, Any]]) -> Declaratio
 
 async def execute_one(pool: SPool[Any, Any], item: Any, label: str) -> Any:
     try:
-        return await pool.async_execute(item)
+        return await pool.with_context(task_context()).async_execute(item)
     except InvalidInputError as exc:
         raise ImageRejected(400, f"{label}: {exc}") from None
 

@@ -10,12 +10,14 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 
+from . import tracing
 from .endpoint import add_inference_route, declaration_of
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
 from .plan import load_worker_class, make_plan, plan_workers
 from .routes import build_router, require_api_key
+from .served import Telemetry
 from .settings import Settings
 from .state import ServerState
 from .v2 import build_v2_router
@@ -40,6 +42,7 @@ def create_app(settings: Settings | None = None, *,
     worker_cls = load_worker_class(settings.worker_class)
     declaration = declaration_of(worker_cls)
     state = ServerState(settings, worker_cls, make_plan(settings, worker_cls), on_fatal)
+    state.telemetry = Telemetry(settings.log_format, tracing.enable())
     metrics = Metrics(state.pool_stats)
     app = FastAPI(
         title="stateful-pool inference server",
@@ -58,6 +61,8 @@ def create_app(settings: Settings | None = None, *,
     install_error_handlers(app)
     known_paths = {getattr(route, "path", "") for route in app.routes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if state.telemetry.tracing:
+        app.add_middleware(tracing.TracingMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,
                        known_paths=lambda: known_paths)
     return app

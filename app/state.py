@@ -20,6 +20,7 @@ from stateful_pool import PoolStats, SPool, SWorker
 
 from .errors import NotReadyError
 from .plan import WorkerPlan
+from .served import Telemetry, shell_for
 from .settings import Settings
 
 logger = logging.getLogger("app")
@@ -44,6 +45,7 @@ class ServerState:
         self.spawn_info: dict[int, dict[str, Any]] = {}
         self.spawning = True
         self.startup_error: str | None = None
+        self.telemetry = Telemetry(settings.log_format)
 
     def pool_stats(self) -> PoolStats | None:
         return None if self.pool is None else self.pool.stats()
@@ -116,7 +118,7 @@ class ServerState:
         s = self.settings
         configs = self.plan.configs
         self.pool = SPool(
-            self.worker_cls,
+            shell_for(self.worker_cls),
             queue_size=s.queue_size,
             submission_timeout=0,  # a full queue answers 503 at once rather than piling up
             execution_timeout=s.request_timeout_s,
@@ -142,7 +144,8 @@ class ServerState:
     async def _spawn_all(self, pool: SPool[Any, Any]) -> None:
         configs = self.plan.configs
         outcomes = await asyncio.gather(
-            *(pool.async_spawn(config) for config in configs), return_exceptions=True)
+            *(pool.async_spawn(self.worker_cls, config, self.telemetry)
+              for config in configs), return_exceptions=True)
         failures = []
         for config, outcome in zip(configs, outcomes, strict=True):
             if isinstance(outcome, BaseException):

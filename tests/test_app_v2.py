@@ -23,7 +23,8 @@ def vit(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    with served(tmp_path_factory.mktemp("v2text"), "app.examples.text:TextClassifier", MODEL_NAME=TEXT,
+    with served(tmp_path_factory.mktemp("v2text"), "app.examples.text:TextClassifier",
+                MODEL_NAME=TEXT,
                 MODEL_WEIGHTS="random") as http:
         yield http, triton.InferenceServerClient(http.base_url.netloc.decode())
 
