@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None, *,
     install_error_handlers(app)
     known_paths = {getattr(route, "path", "") for route in app.routes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    if state.telemetry.tracing:
+    if state.telemetry.tracing and not tracing.fastapi_traces_requests():
         app.add_middleware(tracing.TracingMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,
                        known_paths=lambda: known_paths)

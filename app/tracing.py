@@ -15,6 +15,7 @@ queue-wait span (submission -> the worker starts the batch) and the execution sp
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Iterator
@@ -84,6 +85,15 @@ def make_provider(attributes: dict[str, Any]) -> Any:
     return provider
 
 
+def fastapi_traces_requests() -> bool:
+    """Whether this FastAPI has native OpenTelemetry (``FastAPI(telemetry=...)``): it then
+    makes the request spans from the global tracer provider, and ``TracingMiddleware``
+    would only duplicate them."""
+    from fastapi import FastAPI
+
+    return "telemetry" in inspect.signature(FastAPI.__init__).parameters
+
+
 def task_context() -> dict[str, Any]:
     """What travels to the worker with each task: the request id, and with tracing the
     current span's ``traceparent`` and the submission time."""
@@ -97,7 +107,8 @@ def task_context() -> dict[str, Any]:
 
 
 class TracingMiddleware:
-    """A server span per HTTP request, continuing the client's ``traceparent`` if any."""
+    """A server span per HTTP request, continuing the client's ``traceparent`` if any; for a
+    FastAPI without native telemetry."""
 
     def __init__(self, app: ASGIApp) -> None:
         from opentelemetry import trace
