@@ -101,6 +101,7 @@ class ServerState:
         return {
             "model": self.plan.model_name,
             "weights": s.model_weights,
+            "random_weights": bool(self.random_weight_workers()),
             "worker_class": s.worker_class,
             "worker_settings": None if options is None else options.model_dump(mode="json"),
             "backend": s.pool_backend,

@@ -47,8 +47,12 @@ def test_make_serve_offline_starts_with_random_weights_and_serves(tmp_path):
         # The access line is written once the response has gone out: give it a moment.
         request_id = response.headers["x-request-id"]
         assert wait_until(lambda: request_id in log.read_text(), 10), log.read_text()
-        [worker] = http.get("/v1/model").json()["workers"]
-        assert worker["weights"] == "random"
+        info = http.get("/v1/model").json()
+        [worker] = info["workers"]
+        assert worker["weights"] == "random" and info["random_weights"] is True
+        ready = http.get("/readyz").json()
+        assert ready["weights"] == "random" and ready["random_weights"] is True
+        assert 'model_random_weights{worker_id="0"} 1.0' in http.get("/metrics").text
         assert "pretrained weights unavailable" in worker["weights_source"]
         text = log.read_text()
         assert "WARNING" in text and "RANDOM weights" in text
@@ -60,6 +64,16 @@ def test_make_serve_offline_starts_with_random_weights_and_serves(tmp_path):
         assert wait_until(lambda: not pid_alive(worker["pid"]), timeout=5)
         assert "workers stopped" in log.read_text()
         assert healthcheck(url) == 1
+
+
+def test_pretrained_weights_that_cannot_load_stop_the_server(tmp_path):
+    # The image's default (MODEL_WEIGHTS=pretrained): never serve random weights silently.
+    # The unreachable hub is found at once (no minute of retries) and the server exits 1.
+    with serve(tmp_path, MODEL_WEIGHTS="pretrained", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+               HF_HOME=str(tmp_path / "hf")) as (process, _, log):
+        assert process.wait(timeout=60) == 1, log.read_text()
+    text = log.read_text()
+    assert "no model worker could start" in text and "RANDOM" not in text
 
 
 def healthcheck(url: str) -> int:
