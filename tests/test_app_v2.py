@@ -4,6 +4,7 @@ not write, against the real server on a 127.0.0.1 socket."""
 from __future__ import annotations
 
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -138,6 +139,13 @@ def test_v2_requests_share_the_metrics(vit):
     metrics = http.get("/metrics").text
     assert ('http_requests_total{method="POST",route="/v2/models/{name}/infer",status="200"}'
             in metrics)
+    # The pool's own histograms: queue wait, and run time per worker.
+    count = re.search(r"^pool_queue_wait_seconds_count (\S+)$", metrics, re.M)
+    assert count and float(count[1]) >= 1
+    runs = re.search(r'^pool_task_run_seconds_bucket\{le="\+Inf",worker_id="0"\} (\S+)$',
+                     metrics, re.M)
+    assert runs and float(runs[1]) >= 1
+    assert 'model_random_weights{worker_id="0"} 1.0' in metrics
 
 
 def test_text_worker_takes_json_and_binary_bytes_tensors(text):
