@@ -81,7 +81,8 @@ class PoolCollector(Collector):
 
 def histogram_buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
     """Cumulative Prometheus buckets and the sum, from the pool's non-cumulative counts."""
-    buckets, total = [], 0
+    buckets: list[tuple[str, float]] = []
+    total = 0
     for bound, count in zip([*map(str, h.bounds), "+Inf"], h.counts, strict=True):
         total += count
         buckets.append((bound, total))

@@ -171,7 +171,7 @@ def task_spans(tracer: Tracer, contexts: list[dict[str, Any]], batch_size: int
         if "traceparent" not in context:
             continue
         parent = extract(context)
-        attributes = {"request.id": str(context.get("request_id", "-")),
+        attributes: dict[str, Any] = {"request.id": str(context.get("request_id", "-")),
                       "batch.size": batch_size}
         tracer.start_span("queue wait", context=parent, attributes=attributes,
                           start_time=int(context.get("submitted_ns", started))).end(started)
