@@ -9,9 +9,9 @@ PORT   ?= 8000
 
 # The venv is rebuilt when pyproject.toml changes. Installing torch from this machine's local
 # wheels takes about 2 minutes; the Dockerfile runs the same pip command.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[serve,dev,loadtest,ray,interactive]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[serve,otel,dev,loadtest,ray,interactive]'
 	touch $@
 
 install: $(VENV)/.installed

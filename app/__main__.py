@@ -1,4 +1,9 @@
-"""``python -m app``: one uvicorn process serving the app on HOST:PORT (``make serve``).
+"""``python -m app`` / ``spool-serve``: one uvicorn process serving the app on HOST:PORT.
+
+``spool-serve --help`` lists every setting; an option sets the environment variable of the
+same name (``--model-name X`` is ``MODEL_NAME=X``). ``spool-serve --download-weights`` loads
+the configured model once with ``MODEL_WEIGHTS=pretrained`` on CPU, which fills the local
+cache, and exits (the Dockerfile's ``BAKE_WEIGHTS``).
 
 SIGTERM or Ctrl-C: uvicorn stops accepting, lets the accepted requests finish (at most
 SHUTDOWN_TIMEOUT_S), then the lifespan stops the workers; the exit code is 0. It is 1 when
@@ -7,6 +12,7 @@ no worker could start, 2 when the settings are invalid.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -27,7 +33,7 @@ def main() -> int:
     except ValidationError as exc:
         print(f"invalid server settings:\n{exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     fatal = False
 
     def stop_on_fatal() -> None:
@@ -51,6 +57,47 @@ def main() -> int:
     return 1 if fatal or not server.started else 0
 
 
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: one option per setting (it sets the environment variable)."""
+    parser = argparse.ArgumentParser(
+        prog="spool-serve", description="Serve a model behind a stateful_pool.SPool "
+        "(FastAPI, one uvicorn process, one worker per GPU). Every option may be given as "
+        "the environment variable in brackets instead.")
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        shown = "" if default is None or name == "api_key" else (
+            f" (default: {getattr(default, 'value', default)})")
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE",
+                            help=f"[{name.upper()}] {info.description or ''}{shown}")
+    parser.add_argument("--download-weights", action="store_true",
+                        help="load the model's pretrained weights once (fills the cache), "
+                             "then exit")
+    return parser.parse_args(argv)
+
+
+def download_weights() -> int:
+    """Spawn the configured worker in this process on CPU with pretrained weights."""
+    from .plan import load_worker_class, make_plan
+
+    os.environ.update(MODEL_WEIGHTS="pretrained", DEVICE="cpu", NUM_WORKERS="1")
+    settings = Settings()
+    worker_cls = load_worker_class(settings.worker_class)
+    [config] = make_plan(settings, worker_cls).configs
+    info = worker_cls().spawn(config)
+    print(f"pretrained weights of {config.model_name} are in the cache: {info}")
+    return 0
+
+
+def run() -> NoReturn:
+    """The ``spool-serve`` console script."""
+    options = vars(parse_options())
+    download = options.pop("download_weights")
+    for name, value in options.items():
+        if value is not None:
+            os.environ[name.upper()] = str(value)
+    exit_now(download_weights() if download else main())
+
+
 def exit_now(code: int) -> NoReturn:
     """Leave without the interpreter's teardown, which takes over a second with torch loaded:
     by now the workers are stopped; flush the logs and go."""
@@ -61,4 +108,4 @@ def exit_now(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    run()

@@ -36,6 +36,7 @@ from .contract import ImageFile, ImageInput, InvalidInputError, ModelWorker
 from .images import ImageRejected, inspect_image
 from .schemas import ErrorBody, predict_response_model
 from .state import server_state
+from .tracing import task_context
 
 _COMMON_ERRORS = {
     401: "API_KEY is set and the bearer token is missing or wrong",
@@ -164,7 +165,7 @@ def _plain_worker_declaration(worker_cls: type[SWorker[Any, Any]]) -> Declaratio
 
 async def execute_one(pool: SPool[Any, Any], item: Any, label: str) -> Any:
     try:
-        return await pool.async_execute(item)
+        return await pool.with_context(task_context()).async_execute(item)
     except InvalidInputError as exc:
         raise ImageRejected(400, f"{label}: {exc}") from None
 
@@ -193,6 +194,24 @@ async def checked_image(upload: UploadFile, number: int, max_pixels: int) -> Ima
     return ImageFile(data, header.format, header.width, header.height, upload.filename, label)
 
 
+async def run_request(request: Request, decl: Declaration, value: Any,
+                      labels: Sequence[str] = ()) -> Any:
+    """One validated request through the pool: ``to_items``, a task per item, ``to_answer``.
+
+    Shared by ``/predict`` and the Open Inference Protocol (``app.v2``), so both get the same
+    pool, batching, limits and errors. ``labels`` name the items in error messages.
+    """
+    try:
+        items = decl.to_items(value)
+    except InvalidInputError as exc:
+        raise ImageRejected(400, str(exc)) from None
+    if len(labels) != len(items):
+        labels = [f"item {n}" for n in range(1, len(items) + 1)]
+    results = (await execute_all(server_state(request).ready_pool(), items, labels)
+               if items else [])
+    return decl.to_answer(value, results)
+
+
 def add_inference_route(router: APIRouter, decl: Declaration,
                         guards: Sequence[Callable[..., Any]] = ()) -> None:
     """Add ``POST decl.route``, typed by the declaration; ``guards``: dependencies (auth)."""
@@ -203,15 +222,8 @@ def add_inference_route(router: APIRouter, decl: Declaration,
                      and issubclass(request_type, BaseModel) else None)
 
     async def answer_request(request: Request, value: Any, labels: list[str]) -> Response:
-        try:
-            items = decl.to_items(value)
-        except InvalidInputError as exc:
-            raise ImageRejected(400, str(exc)) from None
-        if len(labels) != len(items):
-            labels = [f"item {n}" for n in range(1, len(items) + 1)]
-        results = (await execute_all(server_state(request).ready_pool(), items, labels)
-                   if items else [])
-        body = answer.dump_json(answer.validate_python(decl.to_answer(value, results)))
+        result = await run_request(request, decl, value, labels)
+        body = answer.dump_json(answer.validate_python(result))
         return Response(body, media_type="application/json")
 
     async def from_uploads(request: Request, **params: Any) -> Response:

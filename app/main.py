@@ -10,14 +10,17 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 
+from . import tracing
 from .endpoint import add_inference_route, declaration_of
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import BodyLimitMiddleware, RequestContextMiddleware
 from .plan import load_worker_class, make_plan, plan_workers
 from .routes import build_router, require_api_key
+from .served import Telemetry
 from .settings import Settings
 from .state import ServerState
+from .v2 import build_v2_router
 
 __all__ = ["create_app", "load_worker_class", "plan_workers"]
 
@@ -39,7 +42,8 @@ def create_app(settings: Settings | None = None, *,
     worker_cls = load_worker_class(settings.worker_class)
     declaration = declaration_of(worker_cls)
     state = ServerState(settings, worker_cls, make_plan(settings, worker_cls), on_fatal)
-    metrics = Metrics(state.pool_stats)
+    state.telemetry = Telemetry(settings.log_format, tracing.enable())
+    metrics = Metrics(state.pool_stats, state.random_weight_workers)
     app = FastAPI(
         title="stateful-pool inference server",
         summary=f"{state.plan.model_name} ({worker_cls.__name__}) behind a stateful_pool.SPool",
@@ -53,9 +57,12 @@ def create_app(settings: Settings | None = None, *,
     guards = [require_api_key] if settings.api_key is not None else []
     add_inference_route(app.router, declaration, guards)
     app.include_router(build_router(guards))
+    app.include_router(build_v2_router(declaration, state.plan.model_name, guards))
     install_error_handlers(app)
     known_paths = {getattr(route, "path", "") for route in app.routes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if state.telemetry.tracing and not tracing.fastapi_traces_requests():
+        app.add_middleware(tracing.TracingMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,
                        known_paths=lambda: known_paths)
     return app

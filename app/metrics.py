@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client import Histogram as PromHistogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -17,7 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from stateful_pool import PoolStats
+from stateful_pool import Histogram, PoolStats
 
 # Latency buckets span an echo worker (ms) to ViT-L on CPU under load (tens of seconds).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -28,8 +29,10 @@ WORKER_STATES = ("starting", "idle", "busy", "restarting", "stopping", "stopped"
 class PoolCollector(Collector):
     """Exposes a pool snapshot; ``stats`` returns None before the pool exists."""
 
-    def __init__(self, stats: Callable[[], PoolStats | None]) -> None:
+    def __init__(self, stats: Callable[[], PoolStats | None],
+                 random_weights: Callable[[], list[int]] = list) -> None:
         self._stats = stats
+        self._random = random_weights
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
@@ -56,6 +59,34 @@ class PoolCollector(Collector):
             tasks.add_metric([outcome], getattr(s, outcome))
         yield tasks
         yield batch_size_histogram(s)
+        # Queue wait against run time: a long queue and a slow model look different here.
+        wait = HistogramMetricFamily(
+            "pool_queue_wait_seconds", "Time a task waited for a worker (submission to start)")
+        wait.add_metric([], *histogram_buckets(s.queue_wait))
+        yield wait
+        run = HistogramMetricFamily(
+            "pool_task_run_seconds", "Time a task took on its worker (start to result)",
+            labels=["worker_id"])
+        for w in s.workers:
+            run.add_metric([str(w.worker_id)], *histogram_buckets(w.run_time))
+        yield run
+        random = GaugeMetricFamily(
+            "model_random_weights", "1 while a worker serves RANDOM weights (meaningless "
+            "predictions), else 0", labels=["worker_id"])
+        on_random = set(self._random())
+        for w in s.workers:
+            random.add_metric([str(w.worker_id)], int(w.worker_id in on_random))
+        yield random
+
+
+def histogram_buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative Prometheus buckets and the sum, from the pool's non-cumulative counts."""
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip([*map(str, h.bounds), "+Inf"], h.counts, strict=True):
+        total += count
+        buckets.append((bound, total))
+    return buckets, h.sum
 
 
 def batch_size_histogram(s: PoolStats) -> HistogramMetricFamily:
@@ -70,18 +101,19 @@ def batch_size_histogram(s: PoolStats) -> HistogramMetricFamily:
 class Metrics:
     """The app's registry and its HTTP instruments."""
 
-    def __init__(self, pool_stats: Callable[[], PoolStats | None]) -> None:
+    def __init__(self, pool_stats: Callable[[], PoolStats | None],
+                 random_weights: Callable[[], list[int]] = list) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "http_requests", "HTTP requests by route and status",
             ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram(
+        self.latency = PromHistogram(
             "http_request_duration_seconds", "Time from request to last response byte",
             ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.in_progress = Gauge(
             "http_requests_in_progress", "Requests being handled", registry=self.registry)
         ProcessCollector(registry=self.registry)
-        self.registry.register(PoolCollector(pool_stats))
+        self.registry.register(PoolCollector(pool_stats, random_weights))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()

@@ -56,7 +56,8 @@ def build_router(guards: Sequence[Callable[..., Any]] = ()) -> APIRouter:
         ready, total = state.worker_counts()
         if not ready:
             return unavailable(state.not_ready_reason())
-        return {"status": "ready", "workers_ready": ready, "workers": total}
+        return {"status": "ready", "workers_ready": ready, "workers": total,
+                **state.weights_summary()}
 
     @router.get("/metrics", tags=["probes"], response_class=Response)
     async def metrics(request: Request) -> Response:

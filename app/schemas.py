@@ -43,6 +43,9 @@ class Readiness(BaseModel):
     status: str
     workers_ready: int
     workers: int
+    weights: str = Field(description="what the workers loaded: pretrained, checkpoint, random")
+    random_weights: bool = Field(
+        description="true when a worker serves RANDOM weights: its answers are meaningless")
 
 
 class WorkerInfo(BaseModel):
@@ -66,6 +69,8 @@ class Batching(BaseModel):
 class ModelInfo(BaseModel):
     model: str
     weights: str = Field(description="MODEL_WEIGHTS as configured; per worker: what loaded")
+    random_weights: bool = Field(
+        False, description="true when a worker serves RANDOM weights (meaningless answers)")
     worker_class: str
     worker_settings: dict[str, Any] | None = Field(
         None, description="the worker's own settings (its settings_model), if it has any")

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None, description="the Ray cluster to join with POOL_BACKEND=ray (default: a local one)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: readable lines; json: one JSON object per line (server and "
+                            "workers)")
 
     @field_validator("model_weights")
     @classmethod

@@ -20,6 +20,7 @@ from stateful_pool import PoolStats, SPool, SWorker, WorkerState
 
 from .errors import NotReadyError
 from .plan import WorkerPlan
+from .served import Telemetry, shell_for
 from .settings import Settings
 
 logger = logging.getLogger("app")
@@ -44,6 +45,7 @@ class ServerState:
         self.spawn_info: dict[int, dict[str, Any]] = {}
         self.spawning = True
         self.startup_error: str | None = None
+        self.telemetry = Telemetry(settings.log_format)
 
     def pool_stats(self) -> PoolStats | None:
         return None if self.pool is None else self.pool.stats()
@@ -76,6 +78,17 @@ class ServerState:
             return "every model worker is dead and out of restarts"
         return None
 
+    def random_weight_workers(self) -> list[int]:
+        """Indices of the started workers that report random weights (``weights: random``)."""
+        return sorted(i for i, info in self.spawn_info.items() if info.get("weights") == "random")
+
+    def weights_summary(self) -> dict[str, Any]:
+        """What the workers loaded, for ``/readyz``, ``/v1/model`` and the v2 metadata."""
+        loaded = sorted({str(info.get("weights")) for info in self.spawn_info.values()
+                         if info.get("weights") is not None})
+        return {"weights": ",".join(loaded) or self.settings.model_weights,
+                "random_weights": bool(self.random_weight_workers())}
+
     def model_info(self) -> dict[str, Any]:
         s = self.settings
         stats = self.pool_stats()
@@ -88,6 +101,7 @@ class ServerState:
         return {
             "model": self.plan.model_name,
             "weights": s.model_weights,
+            "random_weights": bool(self.random_weight_workers()),
             "worker_class": s.worker_class,
             "worker_settings": None if options is None else options.model_dump(mode="json"),
             "backend": s.pool_backend,
@@ -105,7 +119,7 @@ class ServerState:
         s = self.settings
         configs = self.plan.configs
         self.pool = SPool(
-            self.worker_cls,
+            shell_for(self.worker_cls),
             queue_size=s.queue_size,
             submission_timeout=0,  # a full queue answers 503 at once rather than piling up
             execution_timeout=s.request_timeout_s,
@@ -131,7 +145,8 @@ class ServerState:
     async def _spawn_all(self, pool: SPool[Any, Any]) -> None:
         configs = self.plan.configs
         outcomes = await asyncio.gather(
-            *(pool.async_spawn(config) for config in configs), return_exceptions=True)
+            *(pool.async_spawn(self.worker_cls, config, self.telemetry)
+              for config in configs), return_exceptions=True)
         failures = []
         for config, outcome in zip(configs, outcomes, strict=True):
             if isinstance(outcome, BaseException):

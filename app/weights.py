@@ -56,11 +56,13 @@ def hub_unreachable_reason() -> str | None:
 
 
 def settle_offline_mode(weights: str) -> None:
-    """With ``auto`` and an unreachable hub, look in the local cache only (fails at once).
+    """With ``auto`` or ``pretrained`` and an unreachable hub, look in the local cache only:
+    weights baked into the image load at once, and missing ones fail at once instead of
+    after a minute of retries.
 
     Call before importing timm or huggingface_hub: they read ``HF_HUB_OFFLINE`` at import.
     """
-    if weights == "auto" and not os.environ.get("HF_HUB_OFFLINE"):
+    if weights in ("auto", "pretrained") and not os.environ.get("HF_HUB_OFFLINE"):
         reason = hub_unreachable_reason()
         if reason:
             os.environ["HF_HUB_OFFLINE"] = "1"

@@ -7,6 +7,7 @@ Module level, so spawned workers can import the worker classes (pytest puts ``te
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import socket
@@ -189,6 +190,14 @@ class SlowSpawnWorker(EchoWorker):
     def spawn(self, config: WorkerConfig) -> dict[str, Any]:
         time.sleep(3)
         return super().spawn(config)
+
+
+class LoggingEchoWorker(EchoWorker):
+    """Writes a log line for each batch it runs: shows the request ids the worker sees."""
+
+    def execute_batch(self, items: list[ImageInput]) -> list[dict[str, Any]]:
+        logging.getLogger("app_fixtures.worker").info("echoing %d item(s)", len(items))
+        return super().execute_batch(items)
 
 
 class BrokenSpawnWorker(EchoWorker):

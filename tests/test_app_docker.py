@@ -29,17 +29,35 @@ def test_hadolint_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_image_installs_with_the_makefile_command():
-    make = re.search(r"-m pip install -q -e '\.\[([\w,]+)\]'", (ROOT / "Makefile").read_text())
-    docker = re.search(r"-m pip install --no-cache-dir -q -e '\.\[([\w,]+)\]'", DOCKERFILE)
+def test_image_installs_the_pinned_versions_make_uses_not_editable():
+    make = re.search(r"-m pip install -q -c constraints\.txt -e '\.\[([\w,]+)\]'",
+                     (ROOT / "Makefile").read_text())
+    docker = re.search(r"-m pip install --no-cache-dir -q -c constraints\.txt \\\n\s+"
+                       r"'\.\[([\w,]+)\]'", DOCKERFILE)
     assert make and docker, "the pip install line changed in the Makefile or the Dockerfile"
-    assert docker.group(1) == "serve" and "serve" in make.group(1).split(",")
+    assert set(docker.group(1).split(",")) <= set(make.group(1).split(","))
+    assert "serve" in docker.group(1).split(",")
+    assert "-r constraints.txt" in DOCKERFILE and " -e " not in DOCKERFILE
+    pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[\w.-]+==[\w.+]+", pin) for pin in pins), pins
+    assert any(pin.startswith("torch==") for pin in pins)
+
+
+def test_image_fails_rather_than_serve_random_weights_and_drains_within_docker_stop():
+    assert re.search(r"^\s+MODEL_WEIGHTS=pretrained", DOCKERFILE, re.MULTILINE)
+    assert re.search(r"^ARG BAKE_WEIGHTS=", DOCKERFILE, re.MULTILINE)
+    assert "spool-serve --download-weights" in DOCKERFILE
+    # The HTTP drain and then the workers' stop, each bounded by SHUTDOWN_TIMEOUT_S, within
+    # docker stop's default grace of 10 s.
+    timeout = float(re.search(r"SHUTDOWN_TIMEOUT_S=(\d+)", DOCKERFILE)[1])
+    assert 2 * timeout < 10
 
 
 def test_image_runs_one_server_process_as_a_numeric_non_root_user():
     assert re.search(r"^USER \d+:\d+$", DOCKERFILE, re.MULTILINE)
     assert re.search(r"HOST=0\.0\.0\.0", DOCKERFILE)
-    assert 'CMD ["python", "-m", "app"]' in DOCKERFILE
+    assert 'CMD ["spool-serve"]' in DOCKERFILE
     assert "--workers" not in DOCKERFILE  # one model copy per GPU: the pool, not uvicorn
     assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"python\", \"-m\", \"app\.healthcheck\"\]",
                      DOCKERFILE, re.MULTILINE)

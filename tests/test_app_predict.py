@@ -132,7 +132,8 @@ def test_probes_answer_and_every_response_carries_a_request_id(client):
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "workers_ready": 2, "workers": 2}
+    assert ready.json() == {"status": "ready", "workers_ready": 2, "workers": 2,
+                            "weights": "checkpoint", "random_weights": False}
     assert re.fullmatch(r"[0-9a-f]{32}", health.headers["x-request-id"])
     echoed = client.get("/healthz", headers={"X-Request-ID": "client-id-42"})
     assert echoed.headers["x-request-id"] == "client-id-42"

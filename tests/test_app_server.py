@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -47,8 +49,12 @@ def test_make_serve_offline_starts_with_random_weights_and_serves(tmp_path):
         # The access line is written once the response has gone out: give it a moment.
         request_id = response.headers["x-request-id"]
         assert wait_until(lambda: request_id in log.read_text(), 10), log.read_text()
-        [worker] = http.get("/v1/model").json()["workers"]
-        assert worker["weights"] == "random"
+        info = http.get("/v1/model").json()
+        [worker] = info["workers"]
+        assert worker["weights"] == "random" and info["random_weights"] is True
+        ready = http.get("/readyz").json()
+        assert ready["weights"] == "random" and ready["random_weights"] is True
+        assert 'model_random_weights{worker_id="0"} 1.0' in http.get("/metrics").text
         assert "pretrained weights unavailable" in worker["weights_source"]
         text = log.read_text()
         assert "WARNING" in text and "RANDOM weights" in text
@@ -60,6 +66,16 @@ def test_make_serve_offline_starts_with_random_weights_and_serves(tmp_path):
         assert wait_until(lambda: not pid_alive(worker["pid"]), timeout=5)
         assert "workers stopped" in log.read_text()
         assert healthcheck(url) == 1
+
+
+def test_pretrained_weights_that_cannot_load_stop_the_server(tmp_path):
+    # The image's default (MODEL_WEIGHTS=pretrained): never serve random weights silently.
+    # The unreachable hub is found at once (no minute of retries) and the server exits 1.
+    with serve(tmp_path, MODEL_WEIGHTS="pretrained", HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+               HF_HOME=str(tmp_path / "hf")) as (process, _, log):
+        assert process.wait(timeout=60) == 1, log.read_text()
+    text = log.read_text()
+    assert "no model worker could start" in text and "RANDOM" not in text
 
 
 def healthcheck(url: str) -> int:
@@ -103,3 +119,36 @@ def test_server_exits_1_when_no_worker_can_start(tmp_path):
     with serve(tmp_path, WORKER_CLASS="app_fixtures:BrokenSpawnWorker") as (process, _, log):
         assert process.wait(timeout=60) == 1
         assert "no model worker could start" in log.read_text()
+
+
+def test_spool_serve_help_lists_every_setting():
+    result = subprocess.run([sys.executable, "-m", "app", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for option in ("--model-weights", "[MODEL_WEIGHTS]", "--log-format", "[LOG_FORMAT]",
+                   "--download-weights"):
+        assert option in result.stdout
+
+
+def test_the_distribution_ships_the_server_and_its_console_script(tmp_path):
+    # A wheel, as `pip install 'stateful-pool[serve]'` would install it, built from a copy
+    # (setuptools leaves build/ behind, whose stale files would leak into later wheels).
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("stateful_pool", "app"):
+        shutil.copytree(ROOT / package, source / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(source)],
+                   check=True, capture_output=True, timeout=120)
+    [wheel] = tmp_path.glob("stateful_pool-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+        assert "spool-serve = app.__main__:run" in archive.read(entry_points).decode()
+    for module in ("app/v2.py", "app/main.py", "app/examples/text.py",
+                   "stateful_pool/py.typed"):
+        assert module in names
+    assert not any(n.startswith("tests/") for n in names)

@@ -1,0 +1,75 @@
+"""The served worker inside a thin shell that sets up its logs and tracing.
+
+The pool spawns ``ServedWorker`` (or ``ServedBatchWorker`` when the worker defines
+``execute_batch``, so batching is decided as for the worker itself) with the worker's class
+and config; the shell configures the worker process's logging (``LOG_FORMAT``, worker id,
+request ids) and, when tracing is on, its tracer, then creates the worker and hands every
+call to it. A worker file needs nothing of this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stateful_pool import SWorker, current_contexts
+
+from .contract import WorkerConfig
+from .logs import LogFormat, configure_worker_logging
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    log_format: LogFormat = "text"
+    tracing: bool = False
+
+
+class ServedWorker(SWorker[Any, Any]):
+    """Runs in the worker process: logging and tracing first, then the worker itself."""
+
+    inner: SWorker[Any, Any]
+    tracer: Any = None
+    provider: Any = None
+
+    def spawn(self, worker_cls: type[SWorker[Any, Any]], config: WorkerConfig,
+              telemetry: Telemetry) -> Any:
+        configure_worker_logging(config.worker_index, config.log_level, telemetry.log_format)
+        if telemetry.tracing:
+            from .tracing import worker_tracer
+
+            self.tracer, self.provider = worker_tracer(config.worker_index)
+        self.inner = worker_cls()
+        return self.inner.spawn(config)
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        if self.tracer is None:
+            return self.inner.execute(*args, **kwargs)
+        from .tracing import task_spans
+
+        with task_spans(self.tracer, current_contexts(), 1):
+            return self.inner.execute(*args, **kwargs)
+
+    def close(self) -> None:
+        try:
+            close = getattr(getattr(self, "inner", None), "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self.provider is not None:
+                self.provider.shutdown()  # flushes the spans still batched
+
+
+class ServedBatchWorker(ServedWorker):
+    def execute_batch(self, items: list[Any]) -> list[Any]:
+        inner: Any = self.inner
+        if self.tracer is None:
+            return inner.execute_batch(items)  # type: ignore[no-any-return]
+        from .tracing import task_spans
+
+        with task_spans(self.tracer, current_contexts(), len(items)):
+            return inner.execute_batch(items)  # type: ignore[no-any-return]
+
+
+def shell_for(worker_cls: type[SWorker[Any, Any]]) -> type[ServedWorker]:
+    batching = callable(getattr(worker_cls, "execute_batch", None))
+    return ServedBatchWorker if batching else ServedWorker

@@ -1,0 +1,543 @@
+"""The Open Inference Protocol (KServe v2) for whatever worker is served.
+
+NVIDIA's ``tritonclient.http`` and KServe clients work against these routes unchanged:
+
+    GET  /v2/health/live, /v2/health/ready, /v2        server liveness, readiness, metadata
+    GET  /v2/models/{name}[/versions/{v}]              model metadata (inputs, outputs)
+    GET  /v2/models/{name}[/versions/{v}]/ready        model readiness
+    POST /v2/models/{name}[/versions/{v}]/infer        inference, JSON or binary tensors
+
+The tensors are derived from the worker's declaration (``app.endpoint.Declaration``), the
+same one ``/predict`` is built from, and an inference goes through ``run_request``: the same
+pool, batching, limits and errors.
+
+Inputs, from the request type:
+    an upload field (``ImageFile`` / ``list[ImageFile]``)  BYTES ``[N]`` of encoded images
+        (binary tensors as they are; JSON tensors as base64 strings)
+    the other fields of an upload request                  request ``parameters`` (``top_k``)
+    a field of a JSON request: ``list[str|int|float|bool]`` a tensor ``[N]``; a plain value:
+        a tensor ``[1]``; anything else: BYTES ``[1]`` holding its JSON
+Outputs, from the answer type: its first ``list[Model]`` field has one entry per item (``N``);
+each field of that entry becomes an output with first dimension ``N``: a plain value
+``[N]``, a list of numbers ``[N, D]``, a list of flat objects one ``[N, K]`` output per
+attribute (``top_k.label``), anything else BYTES ``[N]`` holding each item's JSON. The
+answer's other fields travel in the response ``parameters``.
+
+Errors are ``{"error": "..."}``: 400 bad input, 404 unknown model, and the statuses of
+``/predict`` otherwise (413, 415, 503 with Retry-After, 504, 500).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from stateful_pool import __version__
+
+from .contract import ImageFile
+from .endpoint import Declaration, run_request
+from .images import ImageRejected, inspect_image
+from .state import server_state
+
+HEADER_LENGTH = "inference-header-content-length"
+# numpy dtypes of the protocol's numeric datatypes (BYTES is handled apart).
+DTYPES = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
+          "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
+          "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+# Request parameters of the protocol itself, never a field of the worker's request.
+RESERVED_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout", "sequence_id",
+                                 "sequence_start", "sequence_end", "headers"})
+
+
+class V2Error(Exception):
+    """A protocol error: answered ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def v2_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# ---- tensor specs from the declaration -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input or output of the model's metadata.
+
+    Attributes:
+        kind: how values map: ``upload``, ``list`` (a list field), ``scalar``, ``json``
+            (BYTES holding JSON), ``flat`` (``field.attribute`` of a list of objects).
+        path: the entry's field, and the attribute for ``flat``.
+    """
+
+    name: str
+    datatype: str
+    shape: list[int]
+    kind: str
+    path: tuple[str, ...] = ()
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": self.shape}
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``Annotated[X, ...]`` -> X, ``X | None`` -> X."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    args = typing.get_args(annotation)
+    if type(None) in args and len(args) == 2:
+        return _unwrap(next(a for a in args if a is not type(None)))
+    return annotation
+
+
+def scalar_datatype(annotation: Any) -> str | None:
+    annotation = _unwrap(annotation)
+    return {str: "BYTES", bool: "BOOL", int: "INT64", float: "FP32"}.get(annotation)
+
+
+def _list_item(annotation: Any) -> Any:
+    annotation = _unwrap(annotation)
+    if typing.get_origin(annotation) is list and typing.get_args(annotation):
+        return _unwrap(typing.get_args(annotation)[0])
+    return None
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def input_tensors(decl: Declaration) -> list[Tensor]:
+    if decl.uploads:
+        return [Tensor(name, "BYTES", [-1] if many else [1], "upload")
+                for name, many in decl.uploads.items()]
+    if not _is_model(decl.request_type):
+        return [Tensor("request", "BYTES", [1], "json")]
+    tensors = []
+    for name, info in decl.request_type.model_fields.items():
+        item = _list_item(info.annotation)
+        if item is not None and scalar_datatype(item):
+            tensors.append(Tensor(name, scalar_datatype(item) or "", [-1], "list"))
+        elif scalar_datatype(info.annotation):
+            tensors.append(Tensor(name, scalar_datatype(info.annotation) or "", [1], "scalar"))
+        else:
+            tensors.append(Tensor(name, "BYTES", [1], "json"))
+    return tensors
+
+
+def per_item_field(answer_type: Any) -> tuple[str, type[BaseModel]] | None:
+    """The answer's first ``list[Model]`` field: one entry per item."""
+    if not _is_model(answer_type):
+        return None
+    for name, info in answer_type.model_fields.items():
+        item = _list_item(info.annotation)
+        if _is_model(item):
+            return name, item
+    return None
+
+
+def output_tensors(decl: Declaration) -> list[Tensor]:
+    found = per_item_field(decl.answer_type)
+    if found is None:
+        return [Tensor("answer", "BYTES", [1], "json")]
+    tensors = []
+    for name, info in found[1].model_fields.items():
+        item = _list_item(info.annotation)
+        if scalar_datatype(info.annotation):
+            tensors.append(Tensor(name, scalar_datatype(info.annotation) or "", [-1],
+                                  "scalar", (name,)))
+        elif item is not None and scalar_datatype(item) and item is not str:
+            tensors.append(Tensor(name, scalar_datatype(item) or "", [-1, -1], "list",
+                                  (name,)))
+        elif _is_model(item) and all(scalar_datatype(sub.annotation)
+                                     for sub in item.model_fields.values()):
+            tensors += [Tensor(f"{name}.{sub}", scalar_datatype(info2.annotation) or "",
+                               [-1, -1], "flat", (name, sub))
+                        for sub, info2 in item.model_fields.items()]
+        else:
+            tensors.append(Tensor(name, "BYTES", [-1], "json", (name,)))
+    return tensors
+
+
+# ---- decoding a request ---------------------------------------------------------------------
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """The JSON inference header and the binary tensor data behind it."""
+    if header_length is None:
+        header, rest = body, b""
+    else:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise V2Error(400, f"Inference-Header-Content-Length {header_length!r} does not "
+                               f"fit a body of {len(body)} bytes")
+        header, rest = body[:int(header_length)], body[int(header_length):]
+    try:
+        parsed = json.loads(header)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise V2Error(400, f"the inference request is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("inputs"), list):
+        raise V2Error(400, "the inference request must be a JSON object with an 'inputs' list")
+    return parsed, rest
+
+
+def unpack_bytes(raw: bytes, name: str) -> list[bytes]:
+    """BYTES binary data: each element is a 4-byte little-endian length, then the bytes."""
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise V2Error(400, f"input {name!r}: truncated BYTES element length")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise V2Error(400, f"input {name!r}: a BYTES element runs past the data")
+        elements.append(raw[offset:offset + length])
+        offset += length
+    return elements
+
+
+def pack_bytes(elements: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def flatten(data: Any) -> list[Any]:
+    if isinstance(data, list):
+        return [x for item in data for x in flatten(item)]
+    return [data]
+
+
+def input_elements(tensor: dict[str, Any], binary: bytes, offset: int
+                   ) -> tuple[str, list[Any], int]:
+    """``(name, flat elements, new offset into binary)`` of one request input."""
+    name = tensor.get("name")
+    datatype = tensor.get("datatype")
+    shape = tensor.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str) or not (
+            isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise V2Error(400, "each input needs a name, a datatype and a shape of "
+                           "non-negative integers")
+    if datatype != "BYTES" and datatype not in DTYPES:
+        raise V2Error(400, f"input {name!r}: unknown datatype {datatype!r}")
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise V2Error(400, f"input {name!r}: binary_data_size {size!r} runs past the "
+                               "body")
+        raw = binary[offset:offset + size]
+        offset += size
+        if datatype == "BYTES":
+            elements: list[Any] = unpack_bytes(raw, name)
+        else:
+            width = np.dtype(DTYPES[datatype]).itemsize
+            if len(raw) % width:
+                raise V2Error(400, f"input {name!r}: {len(raw)} bytes is not a whole number "
+                                   f"of {datatype} elements")
+            elements = np.frombuffer(raw, DTYPES[datatype]).tolist()
+    elif "data" in tensor:
+        elements = flatten(tensor["data"])
+    else:
+        raise V2Error(400, f"input {name!r} has neither data nor binary_data_size")
+    if len(elements) != math.prod(shape):
+        raise V2Error(400, f"input {name!r}: shape {shape} holds {math.prod(shape)} "
+                           f"elements, got {len(elements)}")
+    return name, elements, offset
+
+
+def as_text(element: Any, name: str) -> str:
+    if isinstance(element, bytes):
+        try:
+            return element.decode()
+        except UnicodeDecodeError:
+            raise V2Error(400, f"input {name!r}: an element is not UTF-8 text") from None
+    return element if isinstance(element, str) else json.dumps(element)
+
+
+def as_image_bytes(element: Any, name: str) -> bytes:
+    if isinstance(element, bytes):
+        return element
+    if isinstance(element, str):  # a JSON tensor carries an image as base64
+        try:
+            return base64.b64decode(element, validate=True)
+        except (binascii.Error, ValueError):
+            raise V2Error(400, f"input {name!r}: in a JSON tensor an image must be a base64 "
+                               "string (or send binary tensor data)") from None
+    raise V2Error(400, f"input {name!r}: an image must be BYTES")
+
+
+# ---- the router -----------------------------------------------------------------------------
+
+@dataclass
+class V2Model:
+    """What the protocol routes need of the served model; one per app."""
+
+    decl: Declaration
+    name: str
+    inputs: list[Tensor] = field(init=False)
+    outputs: list[Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = input_tensors(self.decl)
+        self.outputs = output_tensors(self.decl)
+        request_type = self.decl.request_type
+        self.request_adapter: TypeAdapter[Any] = TypeAdapter(request_type)
+        self.answer_adapter: TypeAdapter[Any] = TypeAdapter(self.decl.answer_type)
+
+    def check_name(self, name: str, version: str | None = None) -> None:
+        if name != self.name:
+            raise V2Error(404, f"unknown model {name!r}; this server serves {self.name!r}")
+        if version not in (None, "", "1"):
+            raise V2Error(404, f"unknown version {version!r} of {name!r}; it has version 1")
+
+    def metadata(self, request: Request) -> dict[str, Any]:
+        state = server_state(request)
+        return {"name": self.name, "versions": ["1"], "platform": "stateful-pool",
+                "inputs": [t.metadata() for t in self.inputs],
+                "outputs": [t.metadata() for t in self.outputs],
+                "parameters": state.weights_summary()}
+
+    def build_request(self, request: Request, header: dict[str, Any], binary: bytes
+                      ) -> tuple[Any, list[str]]:
+        """The worker's request value, and labels naming its items in errors."""
+        settings = server_state(request).settings
+        known = {t.name: t for t in self.inputs}
+        values: dict[str, Any] = {}
+        labels: list[str] = []
+        offset = 0
+        count = 0
+        for tensor in header["inputs"]:
+            if not isinstance(tensor, dict):
+                raise V2Error(400, "each input must be a JSON object")
+            name, elements, offset = input_elements(tensor, binary, offset)
+            spec = known.get(name)
+            if spec is None and self.decl.query_model is not None \
+                    and name in self.decl.query_model.model_fields and len(elements) == 1:
+                values[name] = elements[0]  # a query parameter sent as a [1] tensor
+                continue
+            if spec is None:
+                raise V2Error(400, f"unknown input {name!r}; the inputs are "
+                                   f"{', '.join(known)}")
+            if spec.kind == "upload":
+                count += len(elements)
+                if count > settings.max_files:
+                    raise ImageRejected(413, f"{count} images in one request; the limit is "
+                                             f"{settings.max_files} (MAX_FILES)")
+                images = []
+                for index, element in enumerate(elements):
+                    label = f"{name}[{index}]"
+                    data = as_image_bytes(element, name)
+                    head = inspect_image(data, max_pixels=settings.max_image_pixels,
+                                         name=label)
+                    images.append(ImageFile(data, head.format, head.width, head.height,
+                                            None, label))
+                labels += [image.label for image in images]
+                values[name] = images if self.decl.uploads[name] else (
+                    images[0] if len(images) == 1 else images)
+            elif spec.kind == "json":
+                try:
+                    values[name] = [json.loads(as_text(e, name)) for e in elements][0]
+                except (ValueError, IndexError):
+                    raise V2Error(400, f"input {name!r}: one BYTES element holding JSON "
+                                       "expected") from None
+            else:
+                if spec.datatype == "BYTES":
+                    elements = [as_text(e, name) for e in elements]
+                values[name] = elements if spec.kind == "list" else (
+                    elements[0] if len(elements) == 1 else elements)
+        for key, value in (header.get("parameters") or {}).items():
+            if key not in RESERVED_PARAMETERS:
+                values.setdefault(key, value)
+        if len(self.inputs) == 1 and self.inputs[0].name == "request":
+            values = values.get("request", {})
+        try:
+            return self.request_adapter.validate_python(values), labels
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}"
+                for e in exc.errors(include_url=False))
+            raise V2Error(400, f"invalid inference request: {problems}") from None
+
+    def output_values(self, answer: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Each output as an array with first dimension N, and the answer's other fields."""
+        dumped = self.answer_adapter.dump_python(
+            self.answer_adapter.validate_python(answer), mode="json")
+        found = per_item_field(self.decl.answer_type)
+        if found is None:
+            return {"answer": np.array([json.dumps(dumped).encode()], dtype=object)}, {}
+        entries = dumped[found[0]]
+        rest = {k: v for k, v in dumped.items() if k != found[0]}
+        arrays = {}
+        for spec in self.outputs:
+            if spec.kind == "flat":
+                field_name, attribute = spec.path
+                values: list[Any] = [[sub[attribute] for sub in e[field_name]] for e in entries]
+            elif spec.kind == "json":
+                values = [json.dumps(e[spec.path[0]]) for e in entries]
+            else:
+                values = [e[spec.path[0]] for e in entries]
+            arrays[spec.name] = to_array(spec, values)
+        return arrays, rest
+
+
+def to_array(spec: Tensor, values: list[Any]) -> np.ndarray:
+    if len(spec.shape) == 2 and len({len(v) for v in values}) > 1:
+        raise V2Error(500, f"output {spec.name!r} differs in length between items; the "
+                           "protocol needs rectangular tensors")
+    if spec.datatype == "BYTES":
+        if len(spec.shape) == 2:
+            return np.array([[_utf8(x) for x in v] for v in values], dtype=object).reshape(
+                len(values), -1)
+        return np.array([_utf8(v) for v in values], dtype=object)
+    array = np.array(values, dtype=DTYPES[spec.datatype])
+    return array.reshape(len(values), -1) if len(spec.shape) == 2 else array
+
+
+def _utf8(value: Any) -> bytes:
+    return b"" if value is None else str(value).encode()
+
+
+def encode_response(model: V2Model, request_id: str | None, arrays: dict[str, np.ndarray],
+                    parameters: dict[str, Any], header: dict[str, Any]) -> Response:
+    wanted = header.get("outputs")
+    binary_default = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    if wanted is None:
+        selected = [(name, binary_default) for name in arrays]
+    else:
+        if not isinstance(wanted, list) or not all(
+                isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted):
+            raise V2Error(400, "'outputs' must be a list of objects with a name")
+        selected = []
+        for o in wanted:
+            if o["name"] not in arrays:
+                raise V2Error(400, f"unknown output {o['name']!r}; the outputs are "
+                                   f"{', '.join(arrays)}")
+            selected.append((o["name"], bool((o.get("parameters") or {}).get(
+                "binary_data", binary_default))))
+    specs = {t.name: t for t in model.outputs}
+    outputs, chunks = [], []
+    for name, binary in selected:
+        array = arrays[name]
+        datatype = specs[name].datatype if name in specs else "BYTES"
+        entry: dict[str, Any] = {"name": name, "datatype": datatype,
+                                 "shape": list(array.shape)}
+        if binary:
+            raw = (pack_bytes(array.reshape(-1).tolist()) if datatype == "BYTES"
+                   else array.tobytes())
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [b.decode() for b in array.reshape(-1).tolist()]
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": model.name, "model_version": "1", "outputs": outputs}
+    if request_id is not None:
+        body["id"] = request_id
+    if parameters:
+        body["parameters"] = parameters
+    head = json.dumps(body).encode()
+    if not chunks:
+        return Response(head, media_type="application/json")
+    return Response(head + b"".join(chunks), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head))})
+
+
+async def as_v2_error(request: Request, exc: Exception) -> Response:
+    """Any error of an inference, answered as ``/predict`` would but in the v2 shape."""
+    if isinstance(exc, V2Error):
+        return v2_error(exc.status, exc.message)
+    handler = None
+    for cls in type(exc).__mro__:
+        handler = request.app.exception_handlers.get(cls)
+        if handler is not None:
+            break
+    if handler is None:
+        raise exc
+    response = await handler(request, exc)
+    detail = json.loads(response.body).get("detail")
+    headers = {k: v for k, v in response.headers.items()
+               if k.lower() not in ("content-length", "content-type")}
+    return v2_error(response.status_code, str(detail), headers)
+
+
+def build_v2_router(decl: Declaration, model_name: str,
+                    guards: Sequence[Callable[..., Any]] = ()) -> APIRouter:
+    """The protocol's routes for the served model; ``guards`` (the API key) on the model
+    routes, not on the server's health routes."""
+    model = V2Model(decl, model_name)
+    router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+    guarded = [Depends(g) for g in guards]
+
+    @router.get("/health/live")
+    async def live(request: Request) -> Response:
+        """Liveness: 200 while the server can serve now or recover by itself."""
+        reason = server_state(request).unrecoverable_reason()
+        return v2_error(503, reason) if reason else JSONResponse({"live": True})
+
+    @router.get("/health/ready")
+    async def ready(request: Request) -> Response:
+        """Readiness: 200 once a worker can take a task."""
+        state = server_state(request)
+        if not state.worker_counts()[0]:
+            return v2_error(503, state.not_ready_reason())
+        return JSONResponse({"ready": True})
+
+    @router.get("")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "stateful-pool", "version": __version__,
+                "extensions": ["binary_tensor_data"]}
+
+    async def model_metadata(request: Request, name: str, version: str | None = None
+                             ) -> Response:
+        try:
+            model.check_name(name, version)
+        except V2Error as exc:
+            return v2_error(exc.status, exc.message)
+        return JSONResponse(model.metadata(request))
+
+    async def model_ready(request: Request, name: str, version: str | None = None
+                          ) -> Response:
+        try:
+            model.check_name(name, version)
+        except V2Error as exc:
+            return v2_error(exc.status, exc.message)
+        state = server_state(request)
+        if not state.worker_counts()[0]:
+            return v2_error(503, state.not_ready_reason())
+        return JSONResponse({"name": name, "ready": True})
+
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        """Inference with JSON tensors, or with the binary tensor data extension."""
+        try:
+            model.check_name(name, version)
+            header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+            value, labels = model.build_request(request, header, binary)
+            answer = await run_request(request, decl, value, labels)
+            arrays, parameters = model.output_values(answer)
+            request_id = header.get("id")
+            return encode_response(model, request_id if isinstance(request_id, str) else None,
+                                   arrays, parameters, header)
+        except Exception as exc:  # every error in the protocol's shape
+            return await as_v2_error(request, exc)
+
+    for suffix in ("", "/versions/{version}"):
+        base = "/models/{name}" + suffix
+        router.add_api_route(base, model_metadata, methods=["GET"], dependencies=guarded,
+                             name=f"v2_model_metadata{suffix and '_version'}")
+        router.add_api_route(base + "/ready", model_ready, methods=["GET"],
+                             name=f"v2_model_ready{suffix and '_version'}")
+        router.add_api_route(base + "/infer", infer, methods=["POST"], dependencies=guarded,
+                             name=f"v2_infer{suffix and '_version'}")
+    return router
