@@ -80,6 +80,12 @@ class Metrics:
             ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.in_progress = Gauge(
             "http_requests_in_progress", "Requests being handled", registry=self.registry)
+        self.abandoned = Counter(
+            "http_requests_abandoned", "Inference requests whose client disconnected before "
+            "the answer (their queued tasks were withdrawn)", registry=self.registry)
+        self.expired = Counter(
+            "http_requests_expired", "Inference requests answered 504: their deadline passed",
+            registry=self.registry)
         ProcessCollector(registry=self.registry)
         self.registry.register(PoolCollector(pool_stats))
 

@@ -17,6 +17,7 @@ from fastapi import HTTPException
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .lifetime import RECEIVED_AT
 from .logs import request_id_var
 from .metrics import Metrics
 
@@ -63,6 +64,7 @@ class RequestContextMiddleware:
                       else uuid.uuid4().hex)
         token = request_id_var.set(request_id)
         started = time.perf_counter()
+        scope[RECEIVED_AT] = time.monotonic()
         status = 500
         response_started = False
 
