@@ -5,9 +5,14 @@
    processes (same worker class, configs, batching) fed by 32 concurrent submitters through
    ``SPool.async_execute``, no HTTP. Both decode, preprocess and run the model in the workers.
    Goal: server >= 0.9x raw.
-2. Echo (``WORKER_CLASS=app.examples.echo_worker:EchoWorker``): ``POST /predict`` of the
-   server against a plain FastAPI endpoint that runs the same checks and the same echo
-   in-process, without a pool. Goal: server >= 0.7x plain.
+2. Echo (``WORKER_CLASS=app.examples.echo_worker:EchoWorker``, 1 worker): ``POST /predict``
+   of the server against two baselines in the same run: a plain FastAPI endpoint that runs
+   the same checks and the same echo in-process, without a pool (goal: >= 0.5x its req/s),
+   and the seed's server shape on our library: a bare FastAPI endpoint awaiting
+   ``SPool.async_execute`` on a null worker (goal: >= 0.9x its req/s, p99 <= 2x its p99).
+3. Disconnect (issue 11): vit_tiny on 1 CPU worker, 24 clients each sending 16 images and
+   hanging up after 1 s. Reported: seconds the pool keeps working after the last client
+   left (``pool_in_flight`` in ``/metrics`` back to 0). Goal: <= 1 s.
 
 Each server runs in its own process (started like ``make serve``); the load comes from this
 process: asyncio keep-alive connections sending one prebuilt multipart request each, so the
@@ -15,7 +20,9 @@ client costs little of the 2 shared cores. Only 127.0.0.1 is used. Baseline and 
 up side by side and their phases alternate (baseline, server, baseline...); the table
 shows the medians.
 
-    python benchmarks/server_bench.py                  # both targets, about 4 minutes
+    python benchmarks/server_bench.py                  # every target, about 6 minutes
+    python benchmarks/server_bench.py --only echo      # the three echo rows
+    python benchmarks/server_bench.py --only disconnect
     python benchmarks/server_bench.py --quick          # seconds, to check that it runs
     python benchmarks/server_bench.py --only vit --model vit_large_patch16_224 --workers 1
     python benchmarks/server_bench.py --json results/server_bench.json
@@ -42,6 +49,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, UploadFile
+
+from stateful_pool import SWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -81,10 +90,10 @@ def sample_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def multipart_request(port: int, image: bytes) -> bytes:
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; "
+def multipart_request(port: int, image: bytes, copies: int = 1) -> bytes:
+    part = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; "
             f"filename=\"bench.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
-    body += image + f"\r\n--{BOUNDARY}--\r\n".encode()
+    body = (part + image + b"\r\n") * copies + f"--{BOUNDARY}--\r\n".encode()
     head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
@@ -244,6 +253,47 @@ def serve_plain() -> None:
                 log_level="warning", access_log=False)
 
 
+class NullWorker(SWorker[None, dict[str, int]]):
+    """The seed's null model: answers the size of what it was sent."""
+
+    def spawn(self) -> None:
+        return None
+
+    def execute(self, data: bytes) -> dict[str, int]:
+        return {"bytes": len(data)}
+
+
+def seed_app() -> Any:
+    """The seed's server shape on our library: one endpoint, the upload's bytes straight to
+    ``pool.async_execute``, the worker's dict back; no checks, limits or metrics."""
+    from contextlib import asynccontextmanager
+
+    from stateful_pool import SPool
+
+    pool: SPool[Any, Any] = SPool(NullWorker)  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await pool.async_spawn()
+        yield
+        pool.shutdown(cancel_futures=True, timeout=10)
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/predict")
+    async def predict(files: Annotated[UploadFile, File()]) -> Any:
+        return await pool.async_execute(await files.read())
+
+    return app
+
+
+def serve_seed() -> None:
+    import uvicorn
+
+    uvicorn.run(seed_app(), host="127.0.0.1", port=int(os.environ["PORT"]),
+                log_level="warning", access_log=False)
+
+
 # ---- the two comparisons ------------------------------------------------------------------
 
 def compare_vit(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], list[Phase]]:
@@ -283,31 +333,85 @@ def alternate_rounds(args: argparse.Namespace, baseline: tuple[str, Any],
                      candidate: tuple[str, Any]) -> tuple[list[Phase], list[Phase]]:
     """Run the baseline and the candidate in turn, round after round, so drifting load on
     the machine falls on both alike."""
-    base_phases: list[Phase] = []
-    cand_phases: list[Phase] = []
+    base, cand = rounds_of(args, [baseline, candidate])
+    return base, cand
+
+
+def rounds_of(args: argparse.Namespace, contestants: list[tuple[str, Any]]) -> list[list[Phase]]:
+    """Each contestant in turn, round after round; one list of phases per contestant."""
+    phases: list[list[Phase]] = [[] for _ in contestants]
     for round_ in range(args.rounds):
-        for (name, caller), phases in ((baseline, base_phases), (candidate, cand_phases)):
-            phases.append(asyncio.run(run_load(
+        for (name, caller), mine in zip(contestants, phases, strict=True):
+            mine.append(asyncio.run(run_load(
                 f"{name}, round {round_ + 1}", caller, args.clients, args.warmup,
                 args.duration)))
-        report_round(base_phases[-1], cand_phases[-1])
-    return base_phases, cand_phases
+        report_round(*(mine[-1] for mine in phases))
+    return phases
 
 
-def compare_echo(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], list[Phase]]:
-    """Plain in-process endpoint against /predict with the echo worker, phases alternating."""
+def compare_echo(args: argparse.Namespace, image: bytes) -> list[list[Phase]]:
+    """Plain in-process endpoint, the seed shape on our library and /predict with the echo
+    worker, phases alternating."""
     plain = Server([str(Path(__file__).resolve()), "--serve-plain"], {})
+    seed = Server([str(Path(__file__).resolve()), "--serve-seed"], {})
     server = app_server(args.model, args.echo_workers, ECHO)
     try:
         plain.wait_ready("/openapi.json")
+        seed.wait_ready("/openapi.json")
         server.wait_ready("/readyz")
-        plain_phases, server_phases = alternate_rounds(
-            args, ("plain FastAPI", http_caller(plain.port, image)),
-            ("/predict echo", http_caller(server.port, image)))
+        return rounds_of(args, [
+            ("plain FastAPI", http_caller(plain.port, image)),
+            ("seed shape (SPool)", http_caller(seed.port, image)),
+            ("/predict echo", http_caller(server.port, image))])
     finally:
         plain.close()
+        seed.close()
         server.close()
-    return plain_phases, server_phases
+
+
+# ---- clients that leave: how long the pool works for nobody -------------------------------
+
+def pool_in_flight(port: int) -> float:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("pool_in_flight "):
+                return float(line.split()[1])
+    raise RuntimeError("pool_in_flight not in /metrics")
+
+
+async def leave_after(port: int, request: bytes, seconds: float) -> None:
+    """Send ``request``, wait ``seconds`` (no answer expected by then), hang up."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    try:
+        await asyncio.wait_for(reader.read(1), seconds)
+    except TimeoutError:
+        pass
+    writer.close()
+
+
+def disconnect_scenario(args: argparse.Namespace, image: bytes, clients: int = 24,
+                        images: int = 16, patience: float = 1.0) -> float:
+    """Seconds from the last client hanging up until the pool holds no task."""
+    server = app_server(args.model, 1)
+    try:
+        server.wait_ready("/readyz")
+        request = multipart_request(server.port, image, copies=images)
+
+        async def all_leave() -> None:
+            await asyncio.gather(*(leave_after(server.port, request, patience)
+                                   for _ in range(clients)))
+
+        asyncio.run(all_leave())
+        left = time.monotonic()
+        while pool_in_flight(server.port) > 0:
+            if time.monotonic() - left > 120:
+                raise TimeoutError("the pool was still busy 120 s after the clients left")
+            time.sleep(0.05)
+        return time.monotonic() - left
+    finally:
+        server.close()
 
 
 # ---- the CPU worker-count study (what NUM_WORKERS defaults to without a GPU) --------------
@@ -357,10 +461,34 @@ def median_rate(phases: list[Phase]) -> float:
     return statistics.median(p.rate for p in phases)
 
 
+def median_p99(phases: list[Phase]) -> float:
+    return statistics.median(p.p99_ms for p in phases)
+
+
+@dataclass
+class Row:
+    target: str
+    baseline: str
+    base: list[Phase]
+    cand: list[Phase]
+    goal: float
+    p99_goal: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"target": self.target, "baseline": self.baseline,
+                "baseline_rate": median_rate(self.base), "server_rate": median_rate(self.cand),
+                "ratio": median_rate(self.cand) / median_rate(self.base), "goal": self.goal,
+                "baseline_p99_ms": median_p99(self.base), "server_p99_ms": median_p99(self.cand),
+                "p99_ratio": median_p99(self.cand) / median_p99(self.base),
+                "p99_goal": self.p99_goal,
+                "phases": [{**asdict(p), "rate": p.rate} for p in self.base + self.cand]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-plain", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["vit", "echo"])
+    parser.add_argument("--serve-seed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["vit", "echo", "disconnect"])
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--workers", type=int, default=2, help="ViT workers (CPU)")
     parser.add_argument("--echo-workers", type=int, default=1)
@@ -376,6 +504,9 @@ def main() -> None:
     if args.serve_plain:
         serve_plain()
         return
+    if args.serve_seed:
+        serve_seed()
+        return
     if args.cpu_workers:
         cpu_worker_study(args.cpu_workers)
         return
@@ -386,31 +517,43 @@ def main() -> None:
     print(f"image: 500x375 JPEG, {len(image)} bytes; {args.clients} clients, "
           f"{args.duration:g} s per phase after {args.warmup:g} s warm-up, {args.rounds} "
           f"round(s); cpus: {len(os.sched_getaffinity(0))}", flush=True)
-    rows = []
+    rows: list[Row] = []
     if args.only in (None, "vit"):
         print(f"ViT: {args.model}, {args.workers} CPU worker(s)", flush=True)
         raw, served = compare_vit(args, image)
-        rows.append((f"{args.model}, {args.workers} CPU workers, {args.clients} clients",
-                     "raw pool (no HTTP) img/s", median_rate(raw), median_rate(served), 0.9,
-                     raw + served))
+        rows.append(Row(f"{args.model}, {args.workers} CPU workers, {args.clients} clients",
+                        "raw pool (no HTTP) img/s", raw, served, 0.9))
     if args.only in (None, "echo"):
         print(f"echo: {args.echo_workers} worker(s)", flush=True)
-        plain, served = compare_echo(args, image)
-        rows.append((f"echo worker, {args.clients} clients", "plain FastAPI req/s",
-                     median_rate(plain), median_rate(served), 0.7, plain + served))
+        plain, seed, served = compare_echo(args, image)
+        target = f"echo worker, {args.clients} clients"
+        rows.append(Row(target, "plain FastAPI req/s", plain, served, 0.5))
+        rows.append(Row(target, "seed shape on SPool req/s", seed, served, 0.9, 2.0))
+    disconnect = None
+    if args.only in (None, "disconnect"):
+        print(f"disconnect: {args.model}, 1 CPU worker, 24 clients x 16 images, each "
+              "leaving after 1 s", flush=True)
+        disconnect = disconnect_scenario(args, image)
 
-    print("\n| target | baseline | baseline /s | /predict /s | ratio | goal |")
-    print("|---|---|---:|---:|---:|---:|")
-    for target, baseline, base_rate, server_rate, goal, _ in rows:
-        print(f"| {target} | {baseline} | {base_rate:.1f} | {server_rate:.1f} | "
-              f"{server_rate / base_rate:.2f} | >= {goal} |")
+    if rows:
+        print("\n| target | baseline | baseline /s | /predict /s | ratio | goal "
+              "| baseline p99 | /predict p99 | p99 ratio |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        r = row.as_json()
+        p99_goal = "" if row.p99_goal is None else f" (goal <= {row.p99_goal:g})"
+        print(f"| {row.target} | {row.baseline} | {r['baseline_rate']:.1f} | "
+              f"{r['server_rate']:.1f} | {r['ratio']:.2f} | >= {row.goal} | "
+              f"{r['baseline_p99_ms']:.1f} ms | {r['server_p99_ms']:.1f} ms | "
+              f"{r['p99_ratio']:.2f}{p99_goal} |")
+    if disconnect is not None:
+        print(f"\ndisconnect: the pool was idle {disconnect:.2f} s after the last client "
+              "left (goal <= 1 s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([
-            {"target": target, "baseline": baseline, "baseline_rate": base_rate,
-             "server_rate": server_rate, "ratio": server_rate / base_rate, "goal": goal,
-             "phases": [{**asdict(p), "rate": p.rate} for p in phases]}
-            for target, baseline, base_rate, server_rate, goal, phases in rows], indent=2))
+        args.json.write_text(json.dumps(
+            {"rows": [row.as_json() for row in rows],
+             "disconnect_idle_after_s": disconnect}, indent=2))
 
 
 if __name__ == "__main__":
