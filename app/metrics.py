@@ -7,6 +7,7 @@ pool's figures are read when scraped rather than pushed on every task.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import (
@@ -89,6 +90,18 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         self.registry.register(PoolCollector(pool_stats))
 
+        # Labelled children, looked up once: ``labels()`` takes a lock and builds a key per
+        # call, which showed in the event loop's profile (issue 11).
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
+
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
+        counter = self._counters.get((method, route, status))
+        if counter is None:
+            counter = self._counters[method, route, status] = self.requests.labels(
+                method, route, str(status))
+        latency = self._latencies.get((method, route))
+        if latency is None:
+            latency = self._latencies[method, route] = self.latency.labels(method, route)
+        counter.inc()
+        latency.observe(seconds)
