@@ -16,6 +16,7 @@ from collections import deque
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import State
 
 from stateful_pool import PoolStats
 from stateful_pool.errors import (
@@ -100,15 +101,21 @@ async def _image_rejected(request: Request, exc: Exception) -> JSONResponse:
     return error(exc.status_code, exc.detail)
 
 
-def drain_rate(request: Request) -> DrainRate:
-    drain: DrainRate | None = getattr(request.app.state, "drain_rate", None)
+# After a 503 for a full queue, how long new POSTs are checked against the queue before
+# their body is read (``middleware.shed_now``).
+SHEDDING_S = 1.0
+
+
+def drain_rate(app_state: State) -> DrainRate:
+    drain: DrainRate | None = getattr(app_state, "drain_rate", None)
     if drain is None:
-        drain = request.app.state.drain_rate = DrainRate()
+        drain = app_state.drain_rate = DrainRate()
     return drain
 
 
 async def _queue_full(request: Request, exc: Exception) -> JSONResponse:
-    seconds = drain_rate(request).retry_after(request.app.state.server.pool_stats())
+    request.app.state.shedding_until = time.monotonic() + SHEDDING_S
+    seconds = drain_rate(request.app.state).retry_after(request.app.state.server.pool_stats())
     return error(503, "the server is at capacity (request queue full); retry in about "
                       f"{seconds} s", {"Retry-After": str(seconds)})
 

@@ -13,6 +13,10 @@
 3. Disconnect (issue 11): vit_tiny on 1 CPU worker, 24 clients each sending 16 images and
    hanging up after 1 s. Reported: seconds the pool keeps working after the last client
    left (``pool_in_flight`` in ``/metrics`` back to 0). Goal: <= 1 s.
+4. Overload (``--only overload``): 512 clients against vit_tiny on 2 CPU workers with
+   ``REQUEST_TIMEOUT_S=5``; a 503 is retried after its ``Retry-After``. Reported: latency of
+   the accepted requests (goal: p99 <= 2x the 5 s bound), of the 503s (goal: < 100 ms),
+   and the 504s of requests whose deadline passed in the queue.
 
 Each server runs in its own process (started like ``make serve``); the load comes from this
 process: asyncio keep-alive connections sending one prebuilt multipart request each, so the
@@ -23,6 +27,7 @@ shows the medians.
     python benchmarks/server_bench.py                  # every target, about 6 minutes
     python benchmarks/server_bench.py --only echo      # the three echo rows
     python benchmarks/server_bench.py --only disconnect
+    python benchmarks/server_bench.py --only overload   # 512 clients, 20 s (not in the default)
     python benchmarks/server_bench.py --quick          # seconds, to check that it runs
     python benchmarks/server_bench.py --only vit --model vit_large_patch16_224 --workers 1
     python benchmarks/server_bench.py --json results/server_bench.json
@@ -216,12 +221,13 @@ class Server:
                 self.process.wait(timeout=10)
 
 
-def app_server(model: str, workers: int, worker_class: str = "app.worker:ViTWorker") -> Server:
+def app_server(model: str, workers: int, worker_class: str = "app.worker:ViTWorker",
+               extra: dict[str, str] | None = None) -> Server:
     return Server(["-m", "app"], {
         "MODEL_NAME": model, "MODEL_WEIGHTS": "random", "DEVICE": "cpu",
         "NUM_WORKERS": str(workers), "WORKER_CLASS": worker_class,
         # No per-request access log line, on both sides of each comparison.
-        "LOG_LEVEL": "warning"})
+        "LOG_LEVEL": "warning", **(extra or {})})
 
 
 def plain_app() -> Any:
@@ -369,6 +375,86 @@ def compare_echo(args: argparse.Namespace, image: bytes) -> list[list[Phase]]:
         server.close()
 
 
+# ---- overload: bounded latency for the accepted, a fast 503 for the others ----------------
+
+@dataclass
+class Overload:
+    timeout_s: float
+    ok: list[float]
+    rejected: list[float]
+    expired: list[float]
+    other: int
+    retry_after: list[int]
+
+    def summary(self) -> dict[str, Any]:
+        def q(values: list[float], p: float) -> float:
+            values = sorted(values)
+            return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
+
+        return {"request_timeout_s": self.timeout_s, "ok": len(self.ok),
+                "ok_p50_s": q(self.ok, 0.5), "ok_p99_s": q(self.ok, 0.99),
+                "rejected_503": len(self.rejected), "rejected_p99_ms": q(self.rejected, 0.99) * 1e3,
+                "rejected_max_ms": max(self.rejected, default=float("nan")) * 1e3,
+                "expired_504": len(self.expired), "other": self.other,
+                "retry_after_s": sorted(set(self.retry_after))}
+
+
+async def overload_load(port: int, image: bytes, clients: int, duration: float,
+                        timeout_s: float) -> Overload:
+    """``clients`` keep-alive connections in a closed loop for ``duration`` s; a 503 is
+    retried after its Retry-After, as a polite client would."""
+    request = multipart_request(port, image)
+    result = Overload(timeout_s, [], [], [], 0, [])
+    loop = asyncio.get_running_loop()
+    end = loop.time() + duration
+
+    async def one_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        t0 = loop.time()
+        writer.write(request)
+        status = int((await reader.readline()).split()[1])
+        length, retry = 0, 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+            elif line[:12].lower() == b"retry-after:":
+                retry = int(line[12:])
+        await reader.readexactly(length)
+        seconds = loop.time() - t0
+        if status == 200:
+            result.ok.append(seconds)
+        elif status == 503:
+            result.rejected.append(seconds)
+            result.retry_after.append(retry)
+            await asyncio.sleep(min(retry, max(0.0, end - loop.time())))
+        elif status == 504:
+            result.expired.append(seconds)
+        else:
+            result.other += 1
+
+    async def client() -> None:
+        while loop.time() < end:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                while loop.time() < end:
+                    await one_call(reader, writer)
+                writer.close()
+            except (OSError, IndexError, asyncio.IncompleteReadError):
+                result.other += 1  # the connection failed or was closed: reconnect
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return result
+
+
+def overload_scenario(args: argparse.Namespace, image: bytes, clients: int = 512,
+                      duration: float = 20.0, timeout_s: float = 5.0) -> Overload:
+    server = app_server(args.model, args.workers, extra={"REQUEST_TIMEOUT_S": str(timeout_s)})
+    try:
+        server.wait_ready("/readyz")
+        return asyncio.run(overload_load(server.port, image, clients, duration, timeout_s))
+    finally:
+        server.close()
+
+
 # ---- clients that leave: how long the pool works for nobody -------------------------------
 
 def pool_gauges(port: int) -> dict[str, float]:
@@ -495,7 +581,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-plain", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-seed", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["vit", "echo", "disconnect"])
+    parser.add_argument("--only", choices=["vit", "echo", "disconnect", "overload"])
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--workers", type=int, default=2, help="ViT workers (CPU)")
     parser.add_argument("--echo-workers", type=int, default=1)
@@ -542,6 +628,12 @@ def main() -> None:
               "leaving after 1 s", flush=True)
         disconnect = disconnect_scenario(args, image)
 
+    overload = None
+    if args.only == "overload":  # not in the default run: 20 s of 512 clients
+        print(f"overload: {args.model}, {args.workers} CPU workers, 512 clients, "
+              "REQUEST_TIMEOUT_S=5", flush=True)
+        overload = overload_scenario(args, image).summary()
+
     if rows:
         print("\n| target | baseline | baseline /s | /predict /s | ratio | goal "
               "| baseline p99 | /predict p99 | p99 ratio |")
@@ -557,10 +649,13 @@ def main() -> None:
         print(f"\ndisconnect: after the last client left, the queue was empty in "
               f"{disconnect[0]:.2f} s and the pool idle in {disconnect[1]:.2f} s "
               "(goal <= 1 s)")
+    if overload is not None:
+        print("\noverload: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in overload.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(
-            {"rows": [row.as_json() for row in rows],
+            {"rows": [row.as_json() for row in rows], "overload": overload,
              "disconnect_queue_empty_after_s": None if disconnect is None else disconnect[0],
              "disconnect_idle_after_s": None if disconnect is None else disconnect[1]},
             indent=2))

@@ -184,6 +184,10 @@ class SlowEchoWorker(EchoWorker):
         return super().execute(item)
 
 
+class SlowerEchoWorker(SlowEchoWorker):
+    DELAY = 2.0
+
+
 class RecordingSlowWorker(SlowEchoWorker):
     """A ``SlowEchoWorker`` that appends the sha256 of each image it starts to the file named
     by ``$RECORD_FILE``: what reached a worker, seen from outside the server."""

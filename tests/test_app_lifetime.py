@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from app_fixtures import http_client, image_bytes, serve, wait_ready
+from app_fixtures import http_client, image_bytes, running_app, serve, settings, wait_ready
 from conftest import wait_until
 
 pytestmark = pytest.mark.slow
@@ -53,10 +53,7 @@ def sha(data: bytes) -> str:
 
 
 def metric(http: httpx.Client, name: str) -> float:
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+    return metric_of(http, name)
 
 
 def idle(http: httpx.Client) -> bool:
@@ -142,3 +139,35 @@ def test_a_client_that_leaves_takes_its_queued_tasks_with_it(server):
         timeout=5)
     # The server keeps serving.
     assert http.post("/predict", files=files(images(27))).status_code == 200
+
+
+def test_while_the_queue_stays_full_a_post_is_refused_before_its_body_is_read():
+    with running_app(settings(worker_class="app_fixtures:SlowerEchoWorker", queue_size=1,
+                              max_batch_size=1)) as client, ThreadPoolExecutor(2) as threads:
+        def post(data: bytes) -> httpx.Response:
+            return client.post("/predict", files=files([data]))
+
+        running = threads.submit(post, images(31)[0])  # 2 s on the worker
+        assert wait_until(lambda: metric_of(client, "pool_busy_workers") == 1, timeout=10)
+        queued = threads.submit(post, images(32)[0])  # fills the queue (QUEUE_SIZE=1)
+        assert wait_until(lambda: metric_of(client, "pool_queue_depth") == 1, timeout=10)
+        refused = post(images(33)[0])
+        assert refused.status_code == 503, refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 30
+        # Not an image: read, it would be 415; refused before the read, it is 503.
+        early = client.post("/predict", files=[("files", ("x.png", b"not an image",
+                                                          "image/png"))])
+        assert early.status_code == 503, early.text
+        assert "queue full" in early.json()["detail"]
+        assert running.result(timeout=30).status_code == 200
+        assert queued.result(timeout=30).status_code == 200
+        # The queue has room again: the same bad upload gets its own answer.
+        assert client.post("/predict", files=[("files", ("x.png", b"not an image",
+                                                         "image/png"))]).status_code == 415
+
+
+def metric_of(client: Any, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
