@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -30,10 +30,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, TypeAdapter, ValidationError, create_model
 
-from stateful_pool import SPool, SWorker
+from stateful_pool import SWorker
 
 from .contract import ImageFile, ImageInput, InvalidInputError, ModelWorker
 from .images import ImageRejected, inspect_image
+from .lifetime import DEADLINE_HEADER, DeadlineHeader, request_lifetime, run_for_client
 from .schemas import ErrorBody, predict_response_model
 from .state import server_state
 from .tracing import task_context
@@ -42,21 +43,23 @@ _COMMON_ERRORS = {
     401: "API_KEY is set and the bearer token is missing or wrong",
     500: "the model worker crashed under this request (it is restarted)",
     503: "queue full or no worker ready; see Retry-After",
-    504: "no answer within REQUEST_TIMEOUT_S",
+    504: f"no answer within REQUEST_TIMEOUT_S or the client's {DEADLINE_HEADER}",
 }
 UPLOAD_ERRORS = {
     400: "empty file, corrupt or truncated image",
     413: "body over MAX_UPLOAD_MB, more than MAX_FILES files, or too many pixels",
     415: "not an image, or a format outside JPEG, PNG, WebP, BMP, GIF",
-    422: "a required file field is missing, or a parameter is out of range",
+    422: f"a required file field is missing, or a parameter (or {DEADLINE_HEADER}) is out "
+         "of range",
 }
 # The endpoint's parameter holding the query model; FastAPI flattens its fields into the
 # query string, so the name is never seen by a client (and cannot clash with a field).
 QUERY_PARAM = "_query"
+DEADLINE_PARAM = "_deadline"
 JSON_ERRORS = {
     400: "an input the model cannot take (the message names it)",
     413: "body over MAX_UPLOAD_MB",
-    422: "the JSON body does not match the request schema",
+    422: f"the JSON body does not match the request schema, or {DEADLINE_HEADER} is invalid",
 }
 
 
@@ -163,14 +166,22 @@ def _plain_worker_declaration(worker_cls: type[SWorker[Any, Any]]) -> Declaratio
 
 # ---- the route ----------------------------------------------------------------------------
 
-async def execute_one(pool: SPool[Any, Any], item: Any, label: str) -> Any:
+class PoolCalls(typing.Protocol):
+    """``SPool`` or ``pool.with_timeout(...)``: what ``execute_all`` submits through."""
+
+    def with_context(self, context: Mapping[str, Any]) -> Any: ...
+
+    async def async_execute(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+async def execute_one(pool: PoolCalls, item: Any, label: str) -> Any:
     try:
         return await pool.with_context(task_context()).async_execute(item)
     except InvalidInputError as exc:
         raise ImageRejected(400, f"{label}: {exc}") from None
 
 
-async def execute_all(pool: SPool[Any, Any], items: Sequence[Any],
+async def execute_all(pool: PoolCalls, items: Sequence[Any],
                       labels: Sequence[str]) -> list[Any]:
     """Submit each item as its own task (so it can share a batch with other clients'),
     and fail fast: the first error cancels the items of this request still queued."""
@@ -195,20 +206,25 @@ async def checked_image(upload: UploadFile, number: int, max_pixels: int) -> Ima
 
 
 async def run_request(request: Request, decl: Declaration, value: Any,
-                      labels: Sequence[str] = ()) -> Any:
+                      labels: Sequence[str] = (), deadline_s: float | None = None) -> Any:
     """One validated request through the pool: ``to_items``, a task per item, ``to_answer``.
 
     Shared by ``/predict`` and the Open Inference Protocol (``app.v2``), so both get the same
-    pool, batching, limits and errors. ``labels`` name the items in error messages.
+    pool, batching, limits, deadline (``deadline_s``: the client's ``X-Request-Timeout``, at
+    most ``REQUEST_TIMEOUT_S``), disconnect handling and errors. ``labels`` name the items in
+    error messages.
     """
+    lifetime = request_lifetime(request, deadline_s)
     try:
         items = decl.to_items(value)
     except InvalidInputError as exc:
         raise ImageRejected(400, str(exc)) from None
     if len(labels) != len(items):
         labels = [f"item {n}" for n in range(1, len(items) + 1)]
-    results = (await execute_all(server_state(request).ready_pool(), items, labels)
-               if items else [])
+    if not items:
+        return decl.to_answer(value, [])
+    calls = lifetime.pool_calls(server_state(request).ready_pool())
+    results = await run_for_client(request, execute_all(calls, items, labels))
     return decl.to_answer(value, results)
 
 
@@ -221,14 +237,16 @@ def add_inference_route(router: APIRouter, decl: Declaration,
     request_model = (request_type if isinstance(request_type, type)
                      and issubclass(request_type, BaseModel) else None)
 
-    async def answer_request(request: Request, value: Any, labels: list[str]) -> Response:
-        result = await run_request(request, decl, value, labels)
+    async def answer_request(request: Request, value: Any, labels: list[str],
+                             deadline_s: float | None) -> Response:
+        result = await run_request(request, decl, value, labels, deadline_s)
         body = answer.dump_json(answer.validate_python(result))
         return Response(body, media_type="application/json")
 
     async def from_uploads(request: Request, **params: Any) -> Response:
         settings = server_state(request).settings
         query = params.pop(QUERY_PARAM, None)
+        deadline_s = params.pop(DEADLINE_PARAM, None)
         given = sum(len(v) if isinstance(v, list) else v is not None for v in params.values())
         if given > settings.max_files:
             raise ImageRejected(
@@ -251,13 +269,15 @@ def add_inference_route(router: APIRouter, decl: Declaration,
                      else values)
         except ValidationError as exc:  # a model validator of the worker's request
             raise RequestValidationError(exc.errors(include_url=False)) from None
-        return await answer_request(request, value, labels)
+        return await answer_request(request, value, labels, deadline_s)
 
-    async def from_json(request: Request, body: Any) -> Response:
-        return await answer_request(request, body, [])
+    async def from_json(request: Request, body: Any, **params: Any) -> Response:
+        return await answer_request(request, body, [], params.get(DEADLINE_PARAM))
 
-    parameters = [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY,
-                                    annotation=Request)]
+    parameters = [
+        inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        inspect.Parameter(DEADLINE_PARAM, inspect.Parameter.KEYWORD_ONLY,
+                          annotation=DeadlineHeader, default=None)]
     if uploads:
         assert request_model is not None
         endpoint: Callable[..., Any] = from_uploads

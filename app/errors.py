@@ -9,11 +9,16 @@ No traceback ever reaches the client; the log line carries it with the request i
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import time
+from collections import deque
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import State
 
+from stateful_pool import PoolStats
 from stateful_pool.errors import (
     NoWorkersError,
     PoolClosedError,
@@ -24,12 +29,59 @@ from stateful_pool.errors import (
 )
 
 from .images import ImageRejected
+from .lifetime import CLIENT_CLOSED, ClientDisconnected
 
 logger = logging.getLogger("app.errors")
 
-# Seconds a client should wait before retrying a 503: about one batch on a GPU, and short
-# enough that a restarting worker is not starved of traffic once it is back.
+# Seconds a client should wait before retrying a 503 when nothing better is known: about one
+# batch on a GPU, and short enough that a restarting worker is not starved of traffic.
 RETRY_AFTER_S = 1
+# Bounds of the Retry-After computed from the drain rate: a client should neither hammer a
+# full server nor go away for minutes because of one slow moment.
+RETRY_AFTER_MAX_S = 30
+
+
+class DrainRate:
+    """How fast the pool empties its queue, to tell a rejected client when to come back.
+
+    ``retry_after`` samples how many tasks have left the pool (done, failed, cancelled,
+    timed out) each time it is asked, at most every 0.2 s, over the last 10 s; the answer is
+    the queue depth over that rate, rounded up and bounded. Sampled only when a 503 is
+    answered, so it costs nothing while the server keeps up. Before two samples span
+    0.5 s, the rate is estimated from the workers' mean run time and batch size.
+    """
+
+    WINDOW_S = 10.0
+    EVERY_S = 0.2
+    MIN_SPAN_S = 0.5
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def rate(self, stats: PoolStats, now: float) -> float | None:
+        """Tasks leaving the pool per second, or None when nothing is known yet."""
+        left = stats.completed + stats.failed + stats.cancelled + stats.timed_out
+        if not self._samples or now - self._samples[-1][0] >= self.EVERY_S:
+            self._samples.append((now, left))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW_S:
+            self._samples.popleft()
+        first_t, first_left = self._samples[0]
+        if now - first_t >= self.MIN_SPAN_S and left > first_left:
+            return (left - first_left) / (now - first_t)
+        run = stats.run_time
+        if run.count == 0 or run.sum <= 0 or stats.live_workers == 0:
+            return None
+        per_batch = max(1.0, stats.batch_size_mean)
+        return stats.live_workers * per_batch / (run.sum / run.count)
+
+    def retry_after(self, stats: PoolStats | None) -> int:
+        if stats is None:
+            return RETRY_AFTER_S
+        rate = self.rate(stats, time.monotonic())
+        if rate is None or rate <= 0:
+            return RETRY_AFTER_S
+        seconds = math.ceil(stats.queue_depth / rate)
+        return max(RETRY_AFTER_S, min(RETRY_AFTER_MAX_S, seconds))
 
 
 class NotReadyError(NoWorkersError):
@@ -49,8 +101,23 @@ async def _image_rejected(request: Request, exc: Exception) -> JSONResponse:
     return error(exc.status_code, exc.detail)
 
 
+# After a 503 for a full queue, how long new POSTs are checked against the queue before
+# their body is read (``middleware.shed_now``).
+SHEDDING_S = 1.0
+
+
+def drain_rate(app_state: State) -> DrainRate:
+    drain: DrainRate | None = getattr(app_state, "drain_rate", None)
+    if drain is None:
+        drain = app_state.drain_rate = DrainRate()
+    return drain
+
+
 async def _queue_full(request: Request, exc: Exception) -> JSONResponse:
-    return unavailable("the server is at capacity (request queue full); retry later")
+    request.app.state.shedding_until = time.monotonic() + SHEDDING_S
+    seconds = drain_rate(request.app.state).retry_after(request.app.state.server.pool_stats())
+    return error(503, "the server is at capacity (request queue full); retry in about "
+                      f"{seconds} s", {"Retry-After": str(seconds)})
 
 
 async def _no_workers(request: Request, exc: Exception) -> JSONResponse:
@@ -66,8 +133,19 @@ async def _closed(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _timeout(request: Request, exc: Exception) -> JSONResponse:
-    timeout = request.app.state.settings.request_timeout_s
-    return error(504, f"the model did not answer within REQUEST_TIMEOUT_S={timeout:g} s")
+    request.app.state.metrics.expired.inc()
+    lifetime = getattr(request.state, "lifetime", None)
+    if lifetime is None:
+        timeout = request.app.state.settings.request_timeout_s
+        return error(504, f"the model did not answer within REQUEST_TIMEOUT_S={timeout:g} s")
+    return error(504, f"the model did not answer within the request's deadline of "
+                      f"{lifetime.describe()}; its unstarted work was dropped")
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # Nobody reads it (uvicorn drops what is sent after a disconnect); the status is for the
+    # access log and the metrics.
+    return Response(status_code=CLIENT_CLOSED)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -103,5 +181,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NotReadyError, _not_ready)
     app.add_exception_handler(PoolClosedError, _closed)
     app.add_exception_handler(TaskTimeoutError, _timeout)
+    app.add_exception_handler(ClientDisconnected, _client_gone)
     app.add_exception_handler(WorkerCrashedError, _crashed)
     app.add_exception_handler(RemoteError, _remote)

@@ -7,6 +7,7 @@ pool's figures are read when scraped rather than pushed on every task.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client import Histogram as PromHistogram
@@ -112,9 +113,27 @@ class Metrics:
             ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.in_progress = Gauge(
             "http_requests_in_progress", "Requests being handled", registry=self.registry)
+        self.abandoned = Counter(
+            "http_requests_abandoned", "Inference requests whose client disconnected before "
+            "the answer (their queued tasks were withdrawn)", registry=self.registry)
+        self.expired = Counter(
+            "http_requests_expired", "Inference requests answered 504: their deadline passed",
+            registry=self.registry)
         ProcessCollector(registry=self.registry)
         self.registry.register(PoolCollector(pool_stats, random_weights))
 
+        # Labelled children, looked up once: ``labels()`` takes a lock and builds a key per
+        # call, which showed in the event loop's profile (issue 11).
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
+
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(method, route).observe(seconds)
+        counter = self._counters.get((method, route, status))
+        if counter is None:
+            counter = self._counters[method, route, status] = self.requests.labels(
+                method, route, str(status))
+        latency = self._latencies.get((method, route))
+        if latency is None:
+            latency = self._latencies[method, route] = self.latency.labels(method, route)
+        counter.inc()
+        latency.observe(seconds)

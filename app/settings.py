@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1)
     max_batch_wait_ms: float = Field(0.0, ge=0)
     queue_size: int = Field(256, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="each request's deadline, from its arrival; a client may "
+                                "shorten it with the X-Request-Timeout header (seconds)")
     max_upload_mb: float = Field(20.0, gt=0)
     max_files: int = Field(16, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, le=PILLOW_PIXEL_CEILING)

@@ -5,9 +5,18 @@
    processes (same worker class, configs, batching) fed by 32 concurrent submitters through
    ``SPool.async_execute``, no HTTP. Both decode, preprocess and run the model in the workers.
    Goal: server >= 0.9x raw.
-2. Echo (``WORKER_CLASS=app.examples.echo_worker:EchoWorker``): ``POST /predict`` of the
-   server against a plain FastAPI endpoint that runs the same checks and the same echo
-   in-process, without a pool. Goal: server >= 0.7x plain.
+2. Echo (``WORKER_CLASS=app.examples.echo_worker:EchoWorker``, 1 worker): ``POST /predict``
+   of the server against two baselines in the same run: a plain FastAPI endpoint that runs
+   the same checks and the same echo in-process, without a pool (goal: >= 0.5x its req/s),
+   and the seed's server shape on our library: a bare FastAPI endpoint awaiting
+   ``SPool.async_execute`` on a null worker (goal: >= 0.9x its req/s, p99 <= 2x its p99).
+3. Disconnect (issue 11): vit_tiny on 1 CPU worker, 24 clients each sending 16 images and
+   hanging up after 1 s. Reported: seconds the pool keeps working after the last client
+   left (``pool_in_flight`` in ``/metrics`` back to 0). Goal: <= 1 s.
+4. Overload (``--only overload``): 512 clients against vit_tiny on 2 CPU workers with
+   ``REQUEST_TIMEOUT_S=5``; a 503 is retried after its ``Retry-After``. Reported: latency of
+   the accepted requests (goal: p99 <= 2x the 5 s bound), of the 503s (goal: < 100 ms),
+   and the 504s of requests whose deadline passed in the queue.
 
 Each server runs in its own process (started like ``make serve``); the load comes from this
 process: asyncio keep-alive connections sending one prebuilt multipart request each, so the
@@ -15,7 +24,10 @@ client costs little of the 2 shared cores. Only 127.0.0.1 is used. Baseline and 
 up side by side and their phases alternate (baseline, server, baseline...); the table
 shows the medians.
 
-    python benchmarks/server_bench.py                  # both targets, about 4 minutes
+    python benchmarks/server_bench.py                  # every target, about 6 minutes
+    python benchmarks/server_bench.py --only echo      # the three echo rows
+    python benchmarks/server_bench.py --only disconnect
+    python benchmarks/server_bench.py --only overload   # 512 clients, 20 s (not in the default)
     python benchmarks/server_bench.py --quick          # seconds, to check that it runs
     python benchmarks/server_bench.py --only vit --model vit_large_patch16_224 --workers 1
     python benchmarks/server_bench.py --json results/server_bench.json
@@ -42,6 +54,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, UploadFile
+
+from stateful_pool import SWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -81,10 +95,10 @@ def sample_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def multipart_request(port: int, image: bytes) -> bytes:
-    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; "
+def multipart_request(port: int, image: bytes, copies: int = 1) -> bytes:
+    part = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; "
             f"filename=\"bench.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
-    body += image + f"\r\n--{BOUNDARY}--\r\n".encode()
+    body = (part + image + b"\r\n") * copies + f"--{BOUNDARY}--\r\n".encode()
     head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode()
@@ -207,12 +221,13 @@ class Server:
                 self.process.wait(timeout=10)
 
 
-def app_server(model: str, workers: int, worker_class: str = "app.worker:ViTWorker") -> Server:
+def app_server(model: str, workers: int, worker_class: str = "app.worker:ViTWorker",
+               extra: dict[str, str] | None = None) -> Server:
     return Server(["-m", "app"], {
         "MODEL_NAME": model, "MODEL_WEIGHTS": "random", "DEVICE": "cpu",
         "NUM_WORKERS": str(workers), "WORKER_CLASS": worker_class,
         # No per-request access log line, on both sides of each comparison.
-        "LOG_LEVEL": "warning"})
+        "LOG_LEVEL": "warning", **(extra or {})})
 
 
 def plain_app() -> Any:
@@ -241,6 +256,47 @@ def serve_plain() -> None:
     import uvicorn
 
     uvicorn.run(plain_app(), host="127.0.0.1", port=int(os.environ["PORT"]),
+                log_level="warning", access_log=False)
+
+
+class NullWorker(SWorker[None, dict[str, int]]):
+    """The seed's null model: answers the size of what it was sent."""
+
+    def spawn(self) -> None:
+        return None
+
+    def execute(self, data: bytes) -> dict[str, int]:
+        return {"bytes": len(data)}
+
+
+def seed_app() -> Any:
+    """The seed's server shape on our library: one endpoint, the upload's bytes straight to
+    ``pool.async_execute``, the worker's dict back; no checks, limits or metrics."""
+    from contextlib import asynccontextmanager
+
+    from stateful_pool import SPool
+
+    pool: SPool[Any, Any] = SPool(NullWorker)  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        await pool.async_spawn()
+        yield
+        pool.shutdown(cancel_futures=True, timeout=10)
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/predict")
+    async def predict(files: Annotated[UploadFile, File()]) -> Any:
+        return await pool.async_execute(await files.read())
+
+    return app
+
+
+def serve_seed() -> None:
+    import uvicorn
+
+    uvicorn.run(seed_app(), host="127.0.0.1", port=int(os.environ["PORT"]),
                 log_level="warning", access_log=False)
 
 
@@ -283,31 +339,172 @@ def alternate_rounds(args: argparse.Namespace, baseline: tuple[str, Any],
                      candidate: tuple[str, Any]) -> tuple[list[Phase], list[Phase]]:
     """Run the baseline and the candidate in turn, round after round, so drifting load on
     the machine falls on both alike."""
-    base_phases: list[Phase] = []
-    cand_phases: list[Phase] = []
+    base, cand = rounds_of(args, [baseline, candidate])
+    return base, cand
+
+
+def rounds_of(args: argparse.Namespace, contestants: list[tuple[str, Any]]) -> list[list[Phase]]:
+    """Each contestant in turn, round after round; one list of phases per contestant."""
+    phases: list[list[Phase]] = [[] for _ in contestants]
     for round_ in range(args.rounds):
-        for (name, caller), phases in ((baseline, base_phases), (candidate, cand_phases)):
-            phases.append(asyncio.run(run_load(
+        for (name, caller), mine in zip(contestants, phases, strict=True):
+            mine.append(asyncio.run(run_load(
                 f"{name}, round {round_ + 1}", caller, args.clients, args.warmup,
                 args.duration)))
-        report_round(base_phases[-1], cand_phases[-1])
-    return base_phases, cand_phases
+        report_round(*(mine[-1] for mine in phases))
+    return phases
 
 
-def compare_echo(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], list[Phase]]:
-    """Plain in-process endpoint against /predict with the echo worker, phases alternating."""
+def compare_echo(args: argparse.Namespace, image: bytes) -> list[list[Phase]]:
+    """Plain in-process endpoint, the seed shape on our library and /predict with the echo
+    worker, phases alternating."""
     plain = Server([str(Path(__file__).resolve()), "--serve-plain"], {})
+    seed = Server([str(Path(__file__).resolve()), "--serve-seed"], {})
     server = app_server(args.model, args.echo_workers, ECHO)
     try:
         plain.wait_ready("/openapi.json")
+        seed.wait_ready("/openapi.json")
         server.wait_ready("/readyz")
-        plain_phases, server_phases = alternate_rounds(
-            args, ("plain FastAPI", http_caller(plain.port, image)),
-            ("/predict echo", http_caller(server.port, image)))
+        return rounds_of(args, [
+            ("plain FastAPI", http_caller(plain.port, image)),
+            ("seed shape (SPool)", http_caller(seed.port, image)),
+            ("/predict echo", http_caller(server.port, image))])
     finally:
         plain.close()
+        seed.close()
         server.close()
-    return plain_phases, server_phases
+
+
+# ---- overload: bounded latency for the accepted, a fast 503 for the others ----------------
+
+@dataclass
+class Overload:
+    timeout_s: float
+    ok: list[float]
+    rejected: list[float]
+    expired: list[float]
+    other: int
+    retry_after: list[int]
+
+    def summary(self) -> dict[str, Any]:
+        def q(values: list[float], p: float) -> float:
+            values = sorted(values)
+            return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
+
+        return {"request_timeout_s": self.timeout_s, "ok": len(self.ok),
+                "ok_p50_s": q(self.ok, 0.5), "ok_p99_s": q(self.ok, 0.99),
+                "rejected_503": len(self.rejected), "rejected_p99_ms": q(self.rejected, 0.99) * 1e3,
+                "rejected_max_ms": max(self.rejected, default=float("nan")) * 1e3,
+                "expired_504": len(self.expired), "other": self.other,
+                "retry_after_s": sorted(set(self.retry_after))}
+
+
+async def overload_load(port: int, image: bytes, clients: int, duration: float,
+                        timeout_s: float) -> Overload:
+    """``clients`` keep-alive connections in a closed loop for ``duration`` s; a 503 is
+    retried after its Retry-After, as a polite client would."""
+    request = multipart_request(port, image)
+    result = Overload(timeout_s, [], [], [], 0, [])
+    loop = asyncio.get_running_loop()
+    end = loop.time() + duration
+
+    async def one_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        t0 = loop.time()
+        writer.write(request)
+        status = int((await reader.readline()).split()[1])
+        length, retry = 0, 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+            elif line[:12].lower() == b"retry-after:":
+                retry = int(line[12:])
+        await reader.readexactly(length)
+        seconds = loop.time() - t0
+        if status == 200:
+            result.ok.append(seconds)
+        elif status == 503:
+            result.rejected.append(seconds)
+            result.retry_after.append(retry)
+            await asyncio.sleep(min(retry, max(0.0, end - loop.time())))
+        elif status == 504:
+            result.expired.append(seconds)
+        else:
+            result.other += 1
+
+    async def client() -> None:
+        while loop.time() < end:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                while loop.time() < end:
+                    await one_call(reader, writer)
+                writer.close()
+            except (OSError, IndexError, asyncio.IncompleteReadError):
+                result.other += 1  # the connection failed or was closed: reconnect
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return result
+
+
+def overload_scenario(args: argparse.Namespace, image: bytes, clients: int = 512,
+                      duration: float = 20.0, timeout_s: float = 5.0) -> Overload:
+    server = app_server(args.model, args.workers, extra={"REQUEST_TIMEOUT_S": str(timeout_s)})
+    try:
+        server.wait_ready("/readyz")
+        return asyncio.run(overload_load(server.port, image, clients, duration, timeout_s))
+    finally:
+        server.close()
+
+
+# ---- clients that leave: how long the pool works for nobody -------------------------------
+
+def pool_gauges(port: int) -> dict[str, float]:
+    """``pool_in_flight`` and ``pool_queue_depth`` from ``/metrics``."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return {name: float(value) for name, value in (
+            line.split() for line in response.read().decode().splitlines()
+            if line.startswith(("pool_in_flight ", "pool_queue_depth ")))}
+
+
+async def leave_after(port: int, request: bytes, seconds: float) -> None:
+    """Send ``request``, wait ``seconds`` (no answer expected by then), hang up."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    try:
+        await asyncio.wait_for(reader.read(1), seconds)
+    except TimeoutError:
+        pass
+    writer.close()
+
+
+def disconnect_scenario(args: argparse.Namespace, image: bytes, clients: int = 24,
+                        images: int = 16, patience: float = 1.0) -> tuple[float, float]:
+    """Seconds from the last client hanging up until the queue is empty, and until the pool
+    holds no task (the batch running when they left runs to its end)."""
+    server = app_server(args.model, 1)
+    try:
+        server.wait_ready("/readyz")
+        request = multipart_request(server.port, image, copies=images)
+
+        async def all_leave() -> None:
+            await asyncio.gather(*(leave_after(server.port, request, patience)
+                                   for _ in range(clients)))
+
+        asyncio.run(all_leave())
+        left = time.monotonic()
+        queue_empty = None
+        while True:
+            gauges = pool_gauges(server.port)
+            now = time.monotonic() - left
+            if queue_empty is None and gauges["pool_queue_depth"] == 0:
+                queue_empty = now
+            if gauges["pool_in_flight"] == 0:
+                return queue_empty if queue_empty is not None else now, now
+            if now > 120:
+                raise TimeoutError("the pool was still busy 120 s after the clients left")
+            time.sleep(0.02)
+    finally:
+        server.close()
 
 
 # ---- the CPU worker-count study (what NUM_WORKERS defaults to without a GPU) --------------
@@ -357,10 +554,34 @@ def median_rate(phases: list[Phase]) -> float:
     return statistics.median(p.rate for p in phases)
 
 
+def median_p99(phases: list[Phase]) -> float:
+    return statistics.median(p.p99_ms for p in phases)
+
+
+@dataclass
+class Row:
+    target: str
+    baseline: str
+    base: list[Phase]
+    cand: list[Phase]
+    goal: float
+    p99_goal: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"target": self.target, "baseline": self.baseline,
+                "baseline_rate": median_rate(self.base), "server_rate": median_rate(self.cand),
+                "ratio": median_rate(self.cand) / median_rate(self.base), "goal": self.goal,
+                "baseline_p99_ms": median_p99(self.base), "server_p99_ms": median_p99(self.cand),
+                "p99_ratio": median_p99(self.cand) / median_p99(self.base),
+                "p99_goal": self.p99_goal,
+                "phases": [{**asdict(p), "rate": p.rate} for p in self.base + self.cand]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-plain", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["vit", "echo"])
+    parser.add_argument("--serve-seed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["vit", "echo", "disconnect", "overload"])
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--workers", type=int, default=2, help="ViT workers (CPU)")
     parser.add_argument("--echo-workers", type=int, default=1)
@@ -376,6 +597,9 @@ def main() -> None:
     if args.serve_plain:
         serve_plain()
         return
+    if args.serve_seed:
+        serve_seed()
+        return
     if args.cpu_workers:
         cpu_worker_study(args.cpu_workers)
         return
@@ -386,31 +610,55 @@ def main() -> None:
     print(f"image: 500x375 JPEG, {len(image)} bytes; {args.clients} clients, "
           f"{args.duration:g} s per phase after {args.warmup:g} s warm-up, {args.rounds} "
           f"round(s); cpus: {len(os.sched_getaffinity(0))}", flush=True)
-    rows = []
+    rows: list[Row] = []
     if args.only in (None, "vit"):
         print(f"ViT: {args.model}, {args.workers} CPU worker(s)", flush=True)
         raw, served = compare_vit(args, image)
-        rows.append((f"{args.model}, {args.workers} CPU workers, {args.clients} clients",
-                     "raw pool (no HTTP) img/s", median_rate(raw), median_rate(served), 0.9,
-                     raw + served))
+        rows.append(Row(f"{args.model}, {args.workers} CPU workers, {args.clients} clients",
+                        "raw pool (no HTTP) img/s", raw, served, 0.9))
     if args.only in (None, "echo"):
         print(f"echo: {args.echo_workers} worker(s)", flush=True)
-        plain, served = compare_echo(args, image)
-        rows.append((f"echo worker, {args.clients} clients", "plain FastAPI req/s",
-                     median_rate(plain), median_rate(served), 0.7, plain + served))
+        plain, seed, served = compare_echo(args, image)
+        target = f"echo worker, {args.clients} clients"
+        rows.append(Row(target, "plain FastAPI req/s", plain, served, 0.5))
+        rows.append(Row(target, "seed shape on SPool req/s", seed, served, 0.9, 2.0))
+    disconnect = None
+    if args.only in (None, "disconnect"):
+        print(f"disconnect: {args.model}, 1 CPU worker, 24 clients x 16 images, each "
+              "leaving after 1 s", flush=True)
+        disconnect = disconnect_scenario(args, image)
 
-    print("\n| target | baseline | baseline /s | /predict /s | ratio | goal |")
-    print("|---|---|---:|---:|---:|---:|")
-    for target, baseline, base_rate, server_rate, goal, _ in rows:
-        print(f"| {target} | {baseline} | {base_rate:.1f} | {server_rate:.1f} | "
-              f"{server_rate / base_rate:.2f} | >= {goal} |")
+    overload = None
+    if args.only == "overload":  # not in the default run: 20 s of 512 clients
+        print(f"overload: {args.model}, {args.workers} CPU workers, 512 clients, "
+              "REQUEST_TIMEOUT_S=5", flush=True)
+        overload = overload_scenario(args, image).summary()
+
+    if rows:
+        print("\n| target | baseline | baseline /s | /predict /s | ratio | goal "
+              "| baseline p99 | /predict p99 | p99 ratio |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        r = row.as_json()
+        p99_goal = "" if row.p99_goal is None else f" (goal <= {row.p99_goal:g})"
+        print(f"| {row.target} | {row.baseline} | {r['baseline_rate']:.1f} | "
+              f"{r['server_rate']:.1f} | {r['ratio']:.2f} | >= {row.goal} | "
+              f"{r['baseline_p99_ms']:.1f} ms | {r['server_p99_ms']:.1f} ms | "
+              f"{r['p99_ratio']:.2f}{p99_goal} |")
+    if disconnect is not None:
+        print(f"\ndisconnect: after the last client left, the queue was empty in "
+              f"{disconnect[0]:.2f} s and the pool idle in {disconnect[1]:.2f} s "
+              "(goal <= 1 s)")
+    if overload is not None:
+        print("\noverload: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in overload.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([
-            {"target": target, "baseline": baseline, "baseline_rate": base_rate,
-             "server_rate": server_rate, "ratio": server_rate / base_rate, "goal": goal,
-             "phases": [{**asdict(p), "rate": p.rate} for p in phases]}
-            for target, baseline, base_rate, server_rate, goal, phases in rows], indent=2))
+        args.json.write_text(json.dumps(
+            {"rows": [row.as_json() for row in rows], "overload": overload,
+             "disconnect_queue_empty_after_s": None if disconnect is None else disconnect[0],
+             "disconnect_idle_after_s": None if disconnect is None else disconnect[1]},
+            indent=2))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Module level, so spawned workers can import the worker classes (pytest puts ``te
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -181,6 +182,20 @@ class SlowEchoWorker(EchoWorker):
 
     def execute(self, item: ImageInput) -> dict[str, Any]:
         time.sleep(self.DELAY)
+        return super().execute(item)
+
+
+class SlowerEchoWorker(SlowEchoWorker):
+    DELAY = 2.0
+
+
+class RecordingSlowWorker(SlowEchoWorker):
+    """A ``SlowEchoWorker`` that appends the sha256 of each image it starts to the file named
+    by ``$RECORD_FILE``: what reached a worker, seen from outside the server."""
+
+    def execute(self, item: ImageInput) -> dict[str, Any]:
+        with open(os.environ["RECORD_FILE"], "a") as record:
+            record.write(hashlib.sha256(item.data).hexdigest() + "\n")
         return super().execute(item)
 
 

@@ -22,6 +22,11 @@ def test_server_bench_quick_echo_writes_its_table_and_json(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| echo worker, 8 clients | plain FastAPI req/s |" in result.stdout
-    [row] = json.loads(out.read_text())
-    assert row["goal"] == 0.7 and row["baseline_rate"] > 0 and row["server_rate"] > 0
-    assert all(phase["errors"] == 0 for phase in row["phases"])
+    assert "| echo worker, 8 clients | seed shape on SPool req/s |" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["baseline"], row["goal"]) for row in rows] == [
+        ("plain FastAPI req/s", 0.5), ("seed shape on SPool req/s", 0.9)]
+    for row in rows:
+        assert row["baseline_rate"] > 0 and row["server_rate"] > 0
+        assert row["baseline_p99_ms"] > 0 and row["server_p99_ms"] > 0
+        assert all(phase["errors"] == 0 for phase in row["phases"])
