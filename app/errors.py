@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from collections import deque
 
@@ -148,20 +147,9 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=CLIENT_CLOSED)
 
 
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "exit status unknown"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"
-
-
 async def _crashed(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, WorkerCrashedError)
-    how = describe_exit(exc.exitcode)
+    how = exc.how  # "exit code 3", "signal SIGKILL"...
     logger.error("worker %d (pid %s) crashed under this request: %s, %s",
                  exc.worker_id, exc.pid, how, exc.reason)
     return error(500, f"the model worker crashed while handling this request ({how}); "

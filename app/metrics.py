@@ -19,12 +19,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from stateful_pool import Histogram, PoolStats
+from stateful_pool import Histogram, PoolStats, WorkerState
 
 # Latency buckets span an echo worker (ms) to ViT-L on CPU under load (tens of seconds).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-WORKER_STATES = ("starting", "idle", "busy", "restarting", "stopping", "stopped", "dead")
 
 
 class PoolCollector(Collector):
@@ -43,7 +42,7 @@ class PoolCollector(Collector):
         yield GaugeMetricFamily("pool_in_flight", "Tasks queued or running", s.in_flight)
         yield GaugeMetricFamily("pool_busy_workers", "Workers running a task", s.busy_workers)
         states = GaugeMetricFamily("pool_workers", "Workers by state", labels=["state"])
-        for state in WORKER_STATES:
+        for state in WorkerState:
             states.add_metric([state], sum(w.state == state for w in s.workers))
         yield states
         info = GaugeMetricFamily(

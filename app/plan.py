@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from stateful_pool import SWorker
 
 from .contract import WorkerConfig
-from .settings import Settings, available_cpus, cpu_workers
+from .settings import CPU_WORKERS, Settings, available_cpus
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def make_plan(settings: Settings, worker_cls: type[SWorker[Any, Any]] | None = N
             if settings.device == "cuda" and gpus == 0:
                 raise ValueError("DEVICE=cuda but no CUDA device is visible")
         cpus = available_cpus()
-        count = settings.num_workers or gpus or cpu_workers(cpus)
+        count = settings.num_workers or gpus or CPU_WORKERS
         devices = [f"cuda:{index % gpus}" if gpus else "cpu" for index in range(count)]
         threads = max(1, cpus // count)
     configs = [

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .images import PILLOW_PIXEL_CEILING
 from .weights import WEIGHTS_MODES, check_weights
 
-__all__ = ["WEIGHTS_MODES", "Settings", "available_cpus", "cpu_workers"]
+__all__ = ["CPU_WORKERS", "WEIGHTS_MODES", "Settings", "available_cpus"]
 
 
 class Settings(BaseSettings):
@@ -34,9 +34,9 @@ class Settings(BaseSettings):
         "app.worker:ViTWorker", pattern=r"^[\w.]+:[\w.]+$",
         description="package.module:Class of the SWorker subclass to serve")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     num_workers: int | None = Field(
-        None, ge=1, description="workers (default: one per GPU; on CPU see cpu_workers())")
+        None, ge=1, description="workers (default: one per GPU; on CPU see CPU_WORKERS)")
     max_batch_size: int = Field(16, ge=1)
     max_batch_wait_ms: float = Field(0.0, ge=0)
     queue_size: int = Field(256, ge=1)
@@ -82,12 +82,9 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_workers(cpus: int) -> int:
-    """Default number of CPU workers.
-
-    One worker using every core. Measured on the 2-core reference machine (ViT-L/16, fp32,
-    ``server_bench.py --cpu-workers``): at batch 8 two 1-thread workers serve 8% more than one
-    2-thread worker (1.71 against 1.58 img/s), while one worker answers a lone image faster
-    (1.08 s against 1.21 s) and holds one copy of the model instead of two (1.2 GB each).
-    """
-    return 1
+# Default number of CPU workers: one, using every core. Measured on the 2-core reference
+# machine (ViT-L/16, fp32, ``server_bench.py --cpu-workers``): at batch 8 two 1-thread workers
+# serve 8% more than one 2-thread worker (1.71 against 1.58 img/s), while one worker answers a
+# lone image faster (1.08 s against 1.21 s) and holds one copy of the model instead of two
+# (1.2 GB each). NUM_WORKERS overrides it.
+CPU_WORKERS = 1
