@@ -14,7 +14,7 @@ runs this). In order, each step in a subprocess of its own, so CUDA state dies w
 
 A step that would end past ``--budget`` seconds is skipped and said so (the device runner
 stops a command at 10 minutes). ``--smoke``: the same steps with vit_tiny on CPU in tens of
-seconds (tests/test_gpu_check.py runs it), compilation disabled (TORCHDYNAMO_DISABLE=1).
+seconds (tests/tooling/test_gpu_check.py runs it), compilation disabled (TORCHDYNAMO_DISABLE=1).
 
 Writes at most six files in ``--output`` (the device runner returns 8): results.md,
 results.json, gpu_util.csv, check.log, and everything else (locust and server logs, raw JSON)

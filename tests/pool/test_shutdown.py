@@ -1,0 +1,162 @@
+"""Shutdown: drains or cancels, is idempotent, leaves nothing behind, even when the parent dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from procs import pid_alive, wait_until
+from workers import Tasks
+
+from stateful_pool import PoolClosedError, SPool
+
+TESTS = Path(__file__).resolve().parents[1] / "support"
+ROOT = TESTS.parents[1]
+
+
+def test_shutdown_finishes_accepted_tasks_by_default():
+    pool = SPool(Tasks)
+    pool.spawn()
+    pool.spawn()
+    futures = [pool.submit_execute("sleep", 0.05, i) for i in range(10)]
+    pool.shutdown()
+    assert all(f.done() for f in futures)
+    assert [f.result() for f in futures] == list(range(10))
+    assert {w.state for w in pool.stats().workers} == {"stopped"}
+
+
+def test_shutdown_is_idempotent_and_closes_submission():
+    pool = SPool(Tasks)
+    pool.spawn()
+    pool.shutdown()
+    pool.shutdown()
+    with pytest.raises(PoolClosedError):
+        pool.submit_execute("echo", 1)
+    with pytest.raises(PoolClosedError):
+        pool.spawn()
+
+    async def late():
+        await pool.async_execute("echo", 1)
+
+    with pytest.raises(PoolClosedError):
+        asyncio.run(late())
+
+
+def test_cancel_futures_drops_what_has_not_started():
+    pool = SPool(Tasks)
+    pool.spawn()
+    running = pool.submit_execute("sleep", 0.3, "ran")
+    time.sleep(0.1)
+    queued = [pool.submit_execute("echo", i) for i in range(5)]
+    pool.shutdown(cancel_futures=True)
+    assert running.result(timeout=0) == "ran"
+    assert all(f.cancelled() for f in queued)
+
+
+def test_shutdown_timeout_bounds_the_wait_for_running_tasks():
+    pool = SPool(Tasks)
+    pool.spawn()
+    stuck = pool.submit_execute("sleep", 60)
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    pool.shutdown(timeout=0.5)
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(PoolClosedError, match="shut down before this task finished"):
+        stuck.result(timeout=0)
+
+
+def test_shutdown_from_the_event_loop_thread():
+    async def main():
+        pool = SPool(Tasks)
+        await pool.async_spawn()
+        pending = [asyncio.ensure_future(pool.async_execute("sleep", 0.05, i)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        pool.shutdown()  # blocks this thread; must not deadlock on the loop
+        return await asyncio.gather(*pending)
+
+    assert asyncio.run(asyncio.wait_for(main(), 20)) == [0, 1, 2, 3]
+
+
+def test_shutdown_while_a_spawn_is_in_progress():
+    pool = SPool(Tasks)
+    spawn = pool.submit_spawn()
+    pool.shutdown()
+    assert isinstance(spawn.result(timeout=0), int)
+
+
+def _run_script(body: str, timeout: float) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}")
+    code = textwrap.dedent(body)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_forgotten_pool_is_shut_down_at_interpreter_exit():
+    proc = _run_script("""
+        from stateful_pool import SPool
+        from workers import Tasks
+        pool = SPool(Tasks)
+        pids = [pool.spawn(), pool.spawn()]
+        futures = [pool.submit_execute("sleep", 0.5, i) for i in range(4)]
+        print(*pids, flush=True)
+        # no shutdown(): at exit the pool cancels what has not started, lets the running
+        # tasks finish (bounded), stops the workers, and the interpreter exits
+    """, timeout=30)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert len(pids) == 2
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5)
+
+
+def test_workers_exit_when_the_parent_is_sigkilled():
+    proc = _run_script("""
+        import time
+        from stateful_pool import SPool
+        from workers import Tasks
+        pool = SPool(Tasks)
+        pids = [pool.spawn(), pool.spawn()]
+        pool.submit_execute("sleep", 60)  # one busy, one idle
+        print(*pids, flush=True)
+        time.sleep(60)
+    """, timeout=30)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+        t0 = time.monotonic()
+        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5)
+        assert time.monotonic() - t0 < 3
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_shutdown_deadline_during_a_slow_spawn_resolves_the_spawn_future():
+    from workers import SpawnHangs
+
+    pool = SPool(SpawnHangs)
+    spawn = pool.submit_spawn(60)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    pool.shutdown(timeout=0.5)
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(PoolClosedError, match="before this worker finished spawning"):
+        spawn.result(timeout=0)

@@ -1,0 +1,34 @@
+"""An idle server stops at once: Ctrl-C (SIGINT) and SIGTERM, started like ``make serve``
+with 1 and 2 ViT workers (torch loaded in every process). Nothing may pay for interpreter
+teardown or wait for workers with nothing to do."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from app_helpers import http_client, image_bytes, serve, wait_ready
+from procs import pid_alive
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_idle_server_exits_within_a_second_of_sigint_and_of_sigterm(tmp_path, workers):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with serve(tmp_path, NUM_WORKERS=str(workers), MODEL_WEIGHTS="random") as (
+                process, url, log):
+            with http_client(url) as http:
+                wait_ready(http, process, log)
+                answer = http.post("/predict", files={"files": ("a.png", image_bytes("PNG"))})
+                assert answer.status_code == 200
+                pids = [w["pid"] for w in http.get("/v1/model").json()["workers"]]
+            assert len(pids) == workers
+            t0 = time.monotonic()
+            process.send_signal(sig)
+            code = process.wait(timeout=10)
+            elapsed = time.monotonic() - t0
+            assert code == 0, log.read_text()
+            assert elapsed < 1.0, f"{sig.name}: exited {elapsed:.2f} s after the signal"
+            assert not any(pid_alive(p) for p in pids)
