@@ -49,8 +49,9 @@ RECEIVED_AT = "app.received_at"
 CLIENT_CLOSED = 499
 
 DeadlineHeader = Annotated[float | None, Header(
-    alias=DEADLINE_HEADER, gt=0, allow_inf_nan=False,
-    description="Seconds the client will wait for the answer (decimal, > 0). Shortens "
+    alias=DEADLINE_HEADER, ge=0.001, allow_inf_nan=False,
+    description="Seconds the client will wait for the answer (decimal, at least 0.001). "
+                "Shortens "
                 "the server's REQUEST_TIMEOUT_S, never extends it; past it the request's "
                 "queued work is dropped and the answer is 504.")]
 
