@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,8 +58,10 @@ from stateful_pool import SWorker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadtest.images import Upload, generated_images, multipart_body  # noqa: E402
+from loadtest.servers import free_port  # noqa: E402
+
 ECHO = "app.examples.echo_worker:EchoWorker"
-BOUNDARY = "server-bench-boundary"
 
 
 @dataclass
@@ -81,27 +81,15 @@ class Phase:
 # ---- the image and the request ------------------------------------------------------------
 
 def sample_jpeg() -> bytes:
-    """A 500x375 photo-like JPEG (smooth gradients, some texture), about ImageNet's size."""
-    import numpy as np
-    from PIL import Image
-
-    y, x = np.mgrid[0:375, 0:500].astype(np.float32)
-    rng = np.random.default_rng(0)
-    channels = [128 + 100 * np.sin(x / 40 + k) * np.cos(y / 55 - k) + rng.normal(0, 12, x.shape)
-                for k in range(3)]
-    pixels = np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    """A 500x375 photo-like JPEG (a gradient plus noise), about ImageNet's size."""
+    return generated_images(1, (500, 375))[0].data
 
 
 def multipart_request(port: int, image: bytes, copies: int = 1) -> bytes:
-    part = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; "
-            f"filename=\"bench.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
-    body = (part + image + b"\r\n") * copies + f"--{BOUNDARY}--\r\n".encode()
+    """A whole raw HTTP/1.1 POST /predict of ``copies`` times ``image``."""
+    body, content_type = multipart_body([Upload("bench.jpg", image, "image/jpeg")] * copies)
     head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     return head + body
 
 
@@ -172,12 +160,6 @@ def pool_caller(pool: Any, item: Any) -> Callable[[], Awaitable[Callable[[], Awa
 
 
 # ---- servers ------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def get(port: int, path: str) -> tuple[int, Any]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

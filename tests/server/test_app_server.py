@@ -22,15 +22,9 @@ from app_helpers import (
     wait_ready,
     wait_until,
 )
+from procs import pid_alive
 
 pytestmark = pytest.mark.slow
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def client(base_url: str) -> httpx.Client:

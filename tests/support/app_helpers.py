@@ -11,7 +11,6 @@ import io
 import logging
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from app.contract import ImageInput, WorkerConfig
 from app.examples.echo_worker import EchoWorker
 from app.main import create_app
 from app.settings import Settings
+from loadtest.servers import free_port
 
 TINY = "vit_tiny_patch16_224"
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,12 +69,6 @@ def all_workers_ready(client: TestClient) -> bool:
 
 
 # ---- a real server: ``python -m app`` on a 127.0.0.1 socket, as ``make serve`` runs it ----
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @contextmanager
 def serve(tmp_path: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
