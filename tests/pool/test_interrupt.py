@@ -29,7 +29,12 @@ class Interrupted:
 
     def __init__(self, body: str) -> None:
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}")
-        self.proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(body)], env=env,
+        # As in a terminal: Ctrl-C raises KeyboardInterrupt. (A test run started in the
+        # background of a non-interactive shell inherits SIGINT ignored, and so would this
+        # child.)
+        body = ("import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                + textwrap.dedent(body))
+        self.proc = subprocess.Popen([sys.executable, "-c", body], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def __enter__(self) -> Interrupted:
