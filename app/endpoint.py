@@ -288,7 +288,8 @@ def add_inference_route(router: APIRouter, decl: Declaration,
             parameters.append(inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY,
                 annotation=Annotated[kind if required else kind | None,
-                                     File(description=info.description)],
+                                     File(description=info.description,
+                                          min_length=1 if many else None)],
                 default=inspect.Parameter.empty if required else None))
         if query_model is not None:
             parameters.append(inspect.Parameter(

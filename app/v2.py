@@ -535,9 +535,34 @@ def build_v2_router(decl: Declaration, model_name: str,
     for suffix in ("", "/versions/{version}"):
         base = "/models/{name}" + suffix
         router.add_api_route(base, model_metadata, methods=["GET"], dependencies=guarded,
-                             name=f"v2_model_metadata{suffix and '_version'}")
+                             name=f"v2_model_metadata{suffix and '_version'}",
+                             responses=_errors(401, 404))
         router.add_api_route(base + "/ready", model_ready, methods=["GET"],
-                             name=f"v2_model_ready{suffix and '_version'}")
+                             name=f"v2_model_ready{suffix and '_version'}",
+                             responses=_errors(404, 503))
         router.add_api_route(base + "/infer", infer, methods=["POST"], dependencies=guarded,
-                             name=f"v2_infer{suffix and '_version'}")
+                             name=f"v2_infer{suffix and '_version'}",
+                             responses=_errors(400, 401, 404, 413, 500, 503, 504))
     return router
+
+
+_ERROR_MEANINGS = {
+    400: "the request does not follow the protocol or an input is invalid",
+    401: "API_KEY is set and the bearer token is missing or wrong",
+    404: "no such model (this server serves one model, under its MODEL_NAME)",
+    413: "the request body is larger than MAX_UPLOAD_MB",
+    500: "the model worker crashed while handling this request (it is restarted)",
+    503: "the queue is full or no worker is ready (Retry-After says when to retry)",
+    504: "the model did not answer within the request's deadline",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI description of the error answers: the protocol's ``{"error": "..."}``,
+    except 401, which the shared API-key guard answers in FastAPI's ``{"detail": ...}``."""
+    def body(key: str) -> dict[str, Any]:
+        return {"type": "object", "properties": {key: {"type": "string"}}, "required": [key]}
+
+    return {status: {"description": _ERROR_MEANINGS[status], "content": {
+                "application/json": {"schema": body("detail" if status == 401 else "error")}}}
+            for status in statuses}
