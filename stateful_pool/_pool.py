@@ -483,9 +483,14 @@ class CallOptions(Generic[ExecR]):
             args, kwargs, self._timeout, self._context)
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def _checked_context(context: Mapping[str, Any]) -> dict[str, Any]:
     """A plain dict that pickles (checked here, in the caller, like arguments)."""
     context = dict(context)
+    if all(type(v) in _PLAIN for v in context.values()):
+        return context  # the usual request id / traceparent: nothing to check (hot path)
     try:
         m.dumps(context, m.PROTOCOL)
     except Exception as exc:
