@@ -1,29 +1,28 @@
-"""The dispatcher's half that deals with worker processes: start, watch, reap, restart, stop.
+"""The dispatcher's half that deals with worker processes: start, watch, reap, restart.
 
-``WorkerLifecycle`` is a base class of ``_dispatch.Dispatcher`` and runs only on the
-dispatcher thread. The scheduling half (queue, dispatch, results, timeouts) is in
-``_dispatch.py``; the restart budget is ``_restart.RestartPolicy``; the legal state changes are
+``WorkerLifecycle`` is the base class of ``_shutdown.WorkerShutdown`` (which stops the
+workers), itself the base of ``_dispatch.Dispatcher``; all of it runs on the dispatcher
+thread only. The restart budget is ``_restart.RestartPolicy``; the legal state changes are
 in ``_states.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import select
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from . import _messages as m
 from ._batching import PendingQueue
+from ._poll import Poller
 from ._slot import WorkerSlot
-from ._states import LIVE_STATES, WorkerState
+from ._states import WorkerState
+from ._stats import Counters
 from ._task import Task, settle
 from ._transport import Transport
 from .errors import (
     NoWorkersError,
-    PoolClosedError,
     SpawnError,
     SpawnTimeoutError,
     WorkerCrashedError,
@@ -34,15 +33,6 @@ logger = logging.getLogger("stateful_pool")
 
 W = WorkerState
 
-# After shutdown asks an idle worker to stop, how long it may take before it is killed. It
-# runs its close() hook and leaves with os._exit (no interpreter teardown), so milliseconds
-# is the norm; a slow close() gets this long.
-STOP_GRACE = 10.0
-# A busy worker whose tasks nobody waits for any more is sent SIGTERM at shutdown, and
-# SIGKILL if it is still there after this long.
-TERM_GRACE = 1.0
-
-
 class WorkerLifecycle:
     # Provided by the Dispatcher.
     worker_cls: type
@@ -52,12 +42,10 @@ class WorkerLifecycle:
     slots: list[WorkerSlot]
     idle: deque[WorkerSlot]
     pending: PendingQueue[Task]
-    counts: dict[str, int]
+    counts: Counters
     closing: bool
-    kill_on_close: bool
     _timers_armed: bool
-    _poller: select.poll
-    _fd_owner: dict[int, tuple[WorkerSlot, bool]]
+    poller: Poller[tuple[WorkerSlot, bool]]
 
     def _on_message(self, slot: WorkerSlot, message: tuple[Any, ...]) -> None:
         raise NotImplementedError
@@ -92,14 +80,12 @@ class WorkerLifecycle:
     def _watch(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None
         for fd, is_pipe in ((slot.conn.fileno(), True), (slot.process.sentinel, False)):
-            self._fd_owner[fd] = (slot, is_pipe)
-            self._poller.register(fd, select.POLLIN)
+            self.poller.watch(fd, (slot, is_pipe))
 
     def _unwatch(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None
         for fd in (slot.conn.fileno(), slot.process.sentinel):
-            if self._fd_owner.pop(fd, None) is not None:
-                self._poller.unregister(fd)
+            self.poller.unwatch(fd)
 
     @staticmethod
     def _wait_writer(slot: WorkerSlot) -> None:
@@ -247,7 +233,7 @@ class WorkerLifecycle:
                 armed = True
             if state == W.RESTARTING and slot.restart_at <= now:
                 slot.restarts.record(now)
-                self.counts["restarts"] += 1
+                self.counts.restarts += 1
                 logger.info("respawning worker %d (restart %d)", slot.id, slot.restarts.total)
                 self._start_process(slot)
             elif (state == W.STARTING and slot.spawn_deadline is not None
@@ -271,83 +257,3 @@ class WorkerLifecycle:
                 times.append(slot.busy_since + self.hang_timeout)
         return times
 
-    # ---- shutdown -----------------------------------------------------------------------
-
-    def _stop_workers(self) -> None:
-        """Ask every worker to stop, kill the ones that do not, and fail whatever is left."""
-        for task in self.pending.pop_all():
-            if not task.cancel():
-                self._finish(task, exc=PoolClosedError("the pool shut down before this task ran"))
-        now = time.monotonic()
-        deadlines: dict[int, float] = {}
-        for slot in self.slots:
-            if slot.conn is not None:
-                deadlines[slot.id] = now + self._stop_one(slot)
-            if slot.state in LIVE_STATES:
-                slot.state = W.STOPPING
-        for slot in self.slots:
-            if slot.process is None or slot.conn is None:
-                slot.state = W.STOPPED if slot.state != W.DEAD else W.DEAD
-                continue
-            self._join_unless_killed(slot, deadlines[slot.id])
-            if slot.process.exitcode is None:
-                if not self.kill_on_close:
-                    logger.warning("worker %d did not stop within %.0f s; killing it",
-                                   slot.id, deadlines[slot.id] - now)
-                slot.process.kill()
-                slot.process.join()
-            self._release_stopped(slot)
-        self.idle.clear()
-        for slot in self.slots:
-            if slot.writer is not None:
-                slot.writer.close()
-
-    def _stop_one(self, slot: WorkerSlot) -> float:
-        """Tell one worker to stop; return how long it may take before it is killed."""
-        if self.kill_on_close or slot.state == W.STARTING or slot.holds_wanted_task():
-            slot.process.kill()  # a second Ctrl-C, or still working past the drain deadline
-            return 0.0
-        if slot.state == W.BUSY:  # only tasks nobody waits for: no need to be gentle
-            getattr(slot.process, "terminate", slot.process.kill)()
-            return TERM_GRACE
-        try:
-            m.send_message(slot.conn.send_bytes, m.STOP, None, None)  # type: ignore[union-attr]
-        except OSError:
-            pass
-        return STOP_GRACE
-
-    def _join_unless_killed(self, slot: WorkerSlot, deadline: float) -> None:
-        """Wait for a worker to exit until ``deadline``, or until a kill is requested."""
-        while not self.kill_on_close:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            slot.process.join(min(left, 0.05))
-            if slot.process.exitcode is not None:
-                return
-
-    def _release_stopped(self, slot: WorkerSlot) -> None:
-        """Fail what a stopped worker still held and close its connection."""
-        for task in slot.tasks.values():
-            self._finish(task, exc=PoolClosedError("the pool shut down before this task finished"))
-        slot.tasks.clear()
-        if slot.spawn_future is not None:  # killed mid-spawn at the shutdown deadline
-            settle(slot.spawn_future, exc=PoolClosedError(
-                "the pool shut down before this worker finished spawning"))
-            slot.spawn_future = None
-        self._unwatch(slot)
-        self._wait_writer(slot)
-        assert slot.conn is not None
-        slot.conn.close()
-        slot.conn = None
-        slot.state = W.STOPPED if slot.state != W.DEAD else W.DEAD
-
-    def _fail_all(self, make_error: Callable[[], BaseException]) -> None:
-        for task in self.pending.pop_all():
-            self._finish(task, exc=make_error())
-        for slot in self.slots:
-            for task in slot.tasks.values():
-                self._finish(task, exc=make_error())
-            slot.tasks.clear()
-            if slot.spawn_future is not None:
-                settle(slot.spawn_future, exc=make_error())

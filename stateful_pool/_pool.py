@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import multiprocessing
 import time
 import weakref
 from collections.abc import Mapping
@@ -12,10 +11,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic
 
 from . import _messages as m
+from ._calls import DEFAULT, CallOptions, Default, SpawnWithOptions, checked_context
+from ._config import PoolConfig, check_timeout
 from ._dispatch import Dispatcher
 from ._stats import PoolStats
 from ._task import Task
-from ._transport import ProcessTransport, Transport
+from ._transport import make_transport
 from ._waiting import Capacity, LoopBridge
 from ._worker import ExecR, SpawnR, SWorker, defines_execute_batch
 from .errors import NoWorkersError, PoolClosedError, QueueFullError, TaskTimeoutError
@@ -35,11 +36,6 @@ def _shutdown_forgotten_pools() -> None:
 # Registered at import, after multiprocessing's own exit hook, so it runs first (atexit is
 # LIFO): multiprocessing's hook would otherwise join our non-daemon workers forever.
 atexit.register(_shutdown_forgotten_pools)
-
-
-def _check_timeout(name: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"{name} must be None or > 0 seconds, got {value!r}")
 
 
 class SPool(Generic[SpawnR, ExecR]):
@@ -122,29 +118,11 @@ class SPool(Generic[SpawnR, ExecR]):
     ) -> None:
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, SWorker)):
             raise TypeError(f"worker_cls must be a subclass of SWorker, got {worker_cls!r}")
-        if queue_size is not None and queue_size < 0:
-            raise ValueError(f"queue_size must be None or >= 0, got {queue_size}")
-        if submission_timeout is not None and submission_timeout < 0:
-            raise ValueError(f"submission_timeout must be None or >= 0, got {submission_timeout}")
-        _check_timeout("execution_timeout", execution_timeout)
-        _check_timeout("spawn_timeout", spawn_timeout)
-        _check_timeout("hang_timeout", hang_timeout)
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_batch_wait < 0:
-            raise ValueError(f"max_batch_wait must be >= 0 seconds, got {max_batch_wait}")
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-        if max_restarts is not None and max_restarts < 0:
-            raise ValueError(f"max_restarts must be None or >= 0, got {max_restarts}")
-        if restart_window <= 0:
-            raise ValueError(f"restart_window must be > 0 seconds, got {restart_window}")
-        if restart_backoff < 0:
-            raise ValueError(f"restart_backoff must be >= 0 seconds, got {restart_backoff}")
-        if abort_grace < 0:
-            raise ValueError(f"abort_grace must be >= 0 seconds, got {abort_grace}")
+        config = PoolConfig(queue_size, submission_timeout, execution_timeout, max_batch_size,
+                            max_batch_wait, spawn_timeout, hang_timeout, max_restarts, prefetch,
+                            restart_window, restart_backoff, abort_grace)
         self.abort_grace = abort_grace
-        self._transport = _make_transport(backend, mp_context)
+        self._transport = make_transport(backend, mp_context)
         self.backend = backend
         self.worker_options = dict(worker_options or {})
         self._transport.check_options(self.worker_options)
@@ -163,20 +141,8 @@ class SPool(Generic[SpawnR, ExecR]):
         self._closed = False
         self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBridge] = (
             weakref.WeakKeyDictionary())
-        self._dispatcher = Dispatcher(
-            worker_cls=worker_cls,
-            transport=self._transport,
-            batching=self.batching,
-            max_batch_size=self.max_batch_size,
-            max_batch_wait=self.max_batch_wait,
-            spawn_timeout=spawn_timeout,
-            hang_timeout=hang_timeout,
-            max_restarts=max_restarts,
-            prefetch=prefetch,
-            restart_window=restart_window,
-            restart_backoff=restart_backoff,
-            release_slot=self._capacity.release,
-        )
+        self._dispatcher = Dispatcher(worker_cls, self._transport, config, self.batching,
+                                      release_slot=self._capacity.release)
         # A pool dropped without shutdown() still stops its workers.
         finalizer = weakref.finalize(self, self._dispatcher.close, True, _ATEXIT_TIMEOUT)
         finalizer.atexit = False  # at exit, _shutdown_forgotten_pools does it and waits
@@ -184,7 +150,7 @@ class SPool(Generic[SpawnR, ExecR]):
 
     # ---- spawning ---------------------------------------------------------------------------
 
-    def options(self, **worker_options: Any) -> _SpawnWithOptions[SpawnR]:
+    def options(self, **worker_options: Any) -> SpawnWithOptions[SpawnR]:
         """Spawn with per-worker backend options, e.g. for Ray
         ``pool.options(num_gpus=1, node_id=node).spawn(model="vit")``.
 
@@ -192,7 +158,7 @@ class SPool(Generic[SpawnR, ExecR]):
         """
         merged = {**self.worker_options, **worker_options}
         self._transport.check_options(merged)
-        return _SpawnWithOptions(self, merged)
+        return SpawnWithOptions(self, merged)
 
     def submit_spawn(self, *args: Any, **kwargs: Any) -> Future[SpawnR]:
         """Start one more worker process and run its ``spawn(*args, **kwargs)``.
@@ -251,8 +217,8 @@ class SPool(Generic[SpawnR, ExecR]):
             raise PoolClosedError("cannot execute: the pool is shut down")
         return task
 
-    def _deadline(self, timeout: float | None | _Default) -> float | None:
-        if isinstance(timeout, _Default):
+    def _deadline(self, timeout: float | None | Default) -> float | None:
+        if isinstance(timeout, Default):
             timeout = self.execution_timeout
         return None if timeout is None else time.monotonic() + timeout
 
@@ -271,7 +237,7 @@ class SPool(Generic[SpawnR, ExecR]):
         return self._queue_full()
 
     def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                timeout: float | None | _Default, context: dict[str, Any] | None = None
+                timeout: float | None | Default, context: dict[str, Any] | None = None
                 ) -> Task:
         payload = self._payload(args, kwargs)
         deadline = self._deadline(timeout)
@@ -283,7 +249,7 @@ class SPool(Generic[SpawnR, ExecR]):
         return self._enqueue(task)
 
     async def _async_execute(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                             timeout: float | None | _Default,
+                             timeout: float | None | Default,
                              context: dict[str, Any] | None = None) -> Any:
         payload = self._payload(args, kwargs)
         deadline = self._deadline(timeout)
@@ -310,7 +276,7 @@ class SPool(Generic[SpawnR, ExecR]):
         ``execute`` (one per item during ``execute_batch``). For a request id in the worker's
         logs, or a trace context for its spans. It must pickle (``TypeError`` here if not).
         """
-        return CallOptions(self, _DEFAULT, _checked_context(context))
+        return CallOptions(self, DEFAULT, checked_context(context))
 
     def with_timeout(self, seconds: float | None) -> CallOptions[ExecR]:
         """This pool's ``submit_execute`` / ``execute`` / ``async_execute`` with a timeout of
@@ -322,7 +288,7 @@ class SPool(Generic[SpawnR, ExecR]):
         batch); one that passes while it runs fails with ``TaskTimeoutError`` and its result is
         discarded. ``None``: no timeout.
         """
-        _check_timeout("timeout", seconds)
+        check_timeout("timeout", seconds)
         return CallOptions(self, seconds, None)
 
     def _on_cancel(self, task: Task) -> None:
@@ -351,7 +317,7 @@ class SPool(Generic[SpawnR, ExecR]):
             TypeError: with batching on, anything but exactly one positional argument.
             Exception: the arguments cannot be pickled (raised here; the pool is unaffected).
         """
-        return self._submit(args, kwargs, _DEFAULT)
+        return self._submit(args, kwargs, DEFAULT)
 
     def execute(self, *args: Any, **kwargs: Any) -> ExecR:
         """Run one task and wait for its result (``submit_execute(...).result()``).
@@ -361,7 +327,7 @@ class SPool(Generic[SpawnR, ExecR]):
                 as ``__cause__``), or any error of ``submit_execute``, ``TaskTimeoutError``,
                 ``WorkerCrashedError`` or ``RemoteError``.
         """
-        return self._submit(args, kwargs, _DEFAULT).result()  # type: ignore[no-any-return]
+        return self._submit(args, kwargs, DEFAULT).result()  # type: ignore[no-any-return]
 
     async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:
         """Run one task from asyncio. No thread waits for it: the event loop is woken when
@@ -369,7 +335,7 @@ class SPool(Generic[SpawnR, ExecR]):
         from the queue; once it runs, the pool stops waiting for it (``shutdown`` will not).
         Raises as ``execute`` does; a full queue is waited on asynchronously.
         """
-        return await self._async_execute(args, kwargs, _DEFAULT)  # type: ignore[no-any-return]
+        return await self._async_execute(args, kwargs, DEFAULT)  # type: ignore[no-any-return]
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -445,86 +411,6 @@ class SPool(Generic[SpawnR, ExecR]):
         state = "closed" if self._closed else "open"
         return (f"<SPool {self.worker_cls.__qualname__} {state} workers={s.live_workers} "
                 f"busy={s.busy_workers} queued={s.queue_depth} in_flight={s.in_flight}>")
-
-
-class _Default:
-    """Marks "the pool's execution_timeout" (``None`` means no timeout)."""
-
-
-_DEFAULT = _Default()
-
-
-class CallOptions(Generic[ExecR]):
-    """What ``pool.with_timeout(...)`` and ``pool.with_context(...)`` return: the execute
-    methods with a timeout and/or a context of their own. Chainable:
-    ``pool.with_timeout(2.0).with_context({"request_id": rid}).async_execute(x)``."""
-
-    def __init__(self, pool: SPool[Any, ExecR], timeout: float | None | _Default,
-                 context: dict[str, Any] | None) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._context = context
-
-    def with_timeout(self, seconds: float | None) -> CallOptions[ExecR]:
-        _check_timeout("timeout", seconds)
-        return CallOptions(self._pool, seconds, self._context)
-
-    def with_context(self, context: Mapping[str, Any]) -> CallOptions[ExecR]:
-        return CallOptions(self._pool, self._timeout, _checked_context(context))
-
-    def submit_execute(self, *args: Any, **kwargs: Any) -> Future[ExecR]:
-        return self._pool._submit(args, kwargs, self._timeout, self._context)
-
-    def execute(self, *args: Any, **kwargs: Any) -> ExecR:
-        return self.submit_execute(*args, **kwargs).result()
-
-    async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:
-        return await self._pool._async_execute(  # type: ignore[no-any-return]
-            args, kwargs, self._timeout, self._context)
-
-
-_PLAIN = frozenset({str, int, float, bool, type(None)})
-
-
-def _checked_context(context: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain dict that pickles (checked here, in the caller, like arguments)."""
-    context = dict(context)
-    if all(type(v) in _PLAIN for v in context.values()):
-        return context  # the usual request id / traceparent: nothing to check (hot path)
-    try:
-        m.dumps(context, m.PROTOCOL)
-    except Exception as exc:
-        raise TypeError(f"a task context must pickle: {exc!r}") from exc
-    return context
-
-
-class _SpawnWithOptions(Generic[SpawnR]):
-    """What ``pool.options(...)`` returns: the spawn methods, with backend options bound."""
-
-    def __init__(self, pool: SPool[SpawnR, Any], options: dict[str, Any]) -> None:
-        self._pool = pool
-        self._options = options
-
-    def submit_spawn(self, *args: Any, **kwargs: Any) -> Future[SpawnR]:
-        return self._pool._submit_spawn(self._options, args, kwargs)
-
-    def spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
-        return self.submit_spawn(*args, **kwargs).result()
-
-    async def async_spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
-        return await asyncio.wrap_future(self.submit_spawn(*args, **kwargs))
-
-
-def _make_transport(backend: str, mp_context: Any) -> Transport:
-    if backend == "process":
-        return ProcessTransport(mp_context or multiprocessing.get_context("spawn"))
-    if backend == "ray":
-        if mp_context is not None:
-            raise ValueError("mp_context is for backend='process'; Ray starts its own workers")
-        from ._ray import RayTransport  # Ray is an optional extra: import it only here
-
-        return RayTransport()
-    raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")
 
 
 SPool.__module__ = "stateful_pool"

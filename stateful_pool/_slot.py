@@ -12,7 +12,7 @@ from typing import Any
 from . import _messages as m
 from ._restart import RestartPolicy
 from ._states import WorkerState, check_transition
-from ._stats import TimeRecorder
+from ._stats import TimeRecorder, WorkerStats
 from ._task import Task
 
 
@@ -63,6 +63,73 @@ class WorkerSlot:
     def holds_wanted_task(self) -> bool:
         """Whether a caller still waits for one of the tasks it holds."""
         return any(task.wanted for task in self.tasks.values())
+
+    def send_tasks(self, tasks: list[Task], batch: bool, now: float) -> None:
+        """Hand tasks to this worker in one message: EXEC (one task) or BATCH
+        (``execute_batch``). It is busy from now on, if it was not already."""
+        for task in tasks:
+            self.tasks[task.id] = task
+            task.started_at = now
+        if self._state != WorkerState.BUSY:
+            self.state = WorkerState.BUSY
+            self.busy_since = now
+        self.messages += 1
+        payloads = [t.payload for t in tasks]
+        for task in tasks:
+            task.payload = b""  # the worker gets it now; free the memory with the message
+        key: Any
+        if batch:
+            kind, key = m.BATCH, [t.id for t in tasks]
+            if any(t.context is not None for t in tasks):
+                key = (key, [t.context for t in tasks])
+        else:
+            kind, key = m.EXEC, tasks[0].id
+            if tasks[0].context is not None:
+                key = (key, tasks[0].context)
+        assert self.conn is not None
+        # Messages to one worker must not interleave: once one goes through the writer, the
+        # ones queued behind it (prefetch) follow the same path.
+        if (self.writer is not None and not self.writer.idle.is_set()) or any(
+                type(p) is tuple or len(p) > m.INLINE_MAX for p in payloads):
+            # A large message takes the pipe's speed to cross (0.5 ms per MiB here): written
+            # from the dispatcher thread, it would hold every other worker's dispatch up.
+            if self.writer is None:
+                self.writer = FrameWriter(f"stateful_pool-writer-{self.id}")
+            self.writer.send(self.conn, kind, key, payloads)
+            return
+        try:
+            self.conn.send_bytes(m.dumps((kind, key, payloads), m.PROTOCOL))
+        except OSError:
+            pass  # the worker died; its sentinel fires next and fails these tasks
+
+    def take_results(self, outcomes: list[tuple[int, m.Outcome]], now: float
+                     ) -> tuple[list[tuple[Task, m.Outcome]], bool]:
+        """Take the tasks a RESULTS message answers off this worker; return them with their
+        outcomes, and whether the worker is idle now."""
+        tasks = self.tasks
+        done = [(task, outcome) for task_id, outcome in outcomes
+                if (task := tasks.pop(task_id, None)) is not None]
+        for task, _ in done:
+            self.run_time.record(now - task.started_at)
+        self.tasks_done += len(outcomes)
+        self.messages -= 1
+        if not tasks and self._state == WorkerState.BUSY:
+            self.state = WorkerState.IDLE
+            self.messages = 0
+            return done, True
+        if self.messages:
+            self.busy_since = now  # its next (prefetched) message starts now
+        return done, False
+
+    def stats(self) -> WorkerStats:
+        """This worker at about this moment (read from any thread; no lock)."""
+        where = self.location
+        return WorkerStats(worker_id=self.id, pid=self.pid, state=self.state,
+                           tasks_done=self.tasks_done, restarts=self.restarts.total,
+                           running=len(self.tasks), last_exitcode=self.last_exitcode,
+                           host=where.get("host"), node=where.get("node"),
+                           gpu_ids=tuple(where.get("gpu_ids", ())),
+                           run_time=self.run_time.snapshot())
 
 
 class FrameWriter:

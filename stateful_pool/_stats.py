@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from ._batching import BatchCounter
 from ._states import LIVE_STATES, WorkerState
 
 # Bucket upper bounds, in seconds, of the time histograms (the last bucket is +Inf).
@@ -104,6 +105,29 @@ class PoolStats:
     @property
     def busy_workers(self) -> int:
         return sum(w.state == WorkerState.BUSY for w in self.workers)
+
+
+class Counters:
+    """The pool's running totals and timings; only the dispatcher thread changes them (under
+    its scheduling lock), any thread may ``snapshot`` them."""
+
+    def __init__(self) -> None:
+        self.submitted = self.completed = self.failed = 0
+        self.cancelled = self.timed_out = self.restarts = 0
+        self.batches = BatchCounter()
+        self.queue_wait = TimeRecorder()
+        self.run_time = TimeRecorder()
+
+    def snapshot(self, workers: tuple[WorkerStats, ...], queued: int) -> PoolStats:
+        b = self.batches
+        return PoolStats(
+            workers=workers, queue_depth=queued,
+            in_flight=queued + sum(w.running for w in workers),
+            submitted=self.submitted, completed=self.completed, failed=self.failed,
+            cancelled=self.cancelled, timed_out=self.timed_out, restarts=self.restarts,
+            batches=b.batches, batch_size_mean=b.mean, batch_size_max=b.largest,
+            batch_size_hist=dict(b.histogram), queue_wait=self.queue_wait.snapshot(),
+            run_time=self.run_time.snapshot())
 
 
 Histogram.__module__ = "stateful_pool"

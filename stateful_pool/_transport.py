@@ -16,6 +16,7 @@ transport they talk to. ``ProcessTransport`` (local processes and pipes) is the 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 from multiprocessing.connection import Connection
@@ -80,3 +81,16 @@ class ProcessTransport:
             child_conn.close()
         process.location = self.location
         return parent_conn, process
+
+
+def make_transport(backend: str, mp_context: Any) -> Transport:
+    """The transport for ``SPool(backend=...)``."""
+    if backend == "process":
+        return ProcessTransport(mp_context or multiprocessing.get_context("spawn"))
+    if backend == "ray":
+        if mp_context is not None:
+            raise ValueError("mp_context is for backend='process'; Ray starts its own workers")
+        from ._ray import RayTransport  # Ray is an optional extra: import it only here
+
+        return RayTransport()
+    raise ValueError(f"backend must be 'process' or 'ray', got {backend!r}")

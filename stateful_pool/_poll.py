@@ -1,0 +1,74 @@
+"""What the dispatcher thread sleeps on: every watched fd, and a wakeup pipe for the callers."""
+
+from __future__ import annotations
+
+import os
+import select
+import weakref
+from typing import Generic, TypeVar
+
+O = TypeVar("O")  # noqa: E741 (what owns a watched fd)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class Poller(Generic[O]):
+    """``poll()`` over the fds of their owners (worker pipes and process sentinels), woken
+    early by ``wake()`` from any thread.
+
+    One poll object serves the pool's life: fds are (un)registered as workers come and go,
+    instead of a selector being built on every wakeup as ``multiprocessing``'s ``wait()``
+    does. Only the owning thread calls ``watch``, ``unwatch``, ``poll`` and ``owner``.
+    """
+
+    def __init__(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._woken = False  # a wakeup is already in the pipe: later ones need not write
+        self._poll = select.poll()
+        self._poll.register(self._wake_r, select.POLLIN)
+        self._owners: dict[int, O] = {}
+        # Closed only when nothing can reach this object any more: a caller may still call
+        # wake() after the owning thread has ended, and a closed fd number gets reused.
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w).atexit = False
+
+    def wake(self) -> None:
+        """Make the current or next ``poll`` return at once (any thread; cheap when repeated)."""
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full (poll returns anyway) or closed (the owner is gone)
+
+    def stop_waking(self) -> None:
+        """From now on ``wake()`` writes nothing (the owning thread is done)."""
+        self._woken = True
+
+    def watch(self, fd: int, owner: O) -> None:
+        self._owners[fd] = owner
+        self._poll.register(fd, select.POLLIN)
+
+    def unwatch(self, fd: int) -> None:
+        if self._owners.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+
+    def owner(self, fd: int) -> O | None:
+        """Who watches ``fd``; None if it was unwatched since ``poll`` returned it."""
+        return self._owners.get(fd)
+
+    def poll(self, timeout: float | None) -> list[int]:
+        """Sleep until a watched fd is readable (or closed), ``wake()`` is called, or
+        ``timeout`` seconds pass; return the ready watched fds."""
+        events = self._poll.poll(None if timeout is None else timeout * 1000.0)
+        ready = []
+        for fd, _ in events:
+            if fd == self._wake_r:
+                os.read(self._wake_r, 4096)
+                self._woken = False
+            else:
+                ready.append(fd)
+        return ready
