@@ -34,8 +34,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Header, Request
 from starlette.types import Receive
 
-from stateful_pool import SPool, TaskTimeoutError
-from stateful_pool._pool import CallOptions
+from stateful_pool import CallOptions, SPool, TaskTimeoutError
 
 logger = logging.getLogger("app.lifetime")
 

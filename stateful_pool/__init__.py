@@ -20,6 +20,7 @@ Quick start::
 
 from __future__ import annotations
 
+from ._calls import CallOptions
 from ._pool import SPool
 from ._states import TaskState, WorkerState
 from ._stats import Histogram, PoolStats, WorkerStats
@@ -40,10 +41,12 @@ SWorker.__module__ = "stateful_pool"
 WorkerState.__module__ = "stateful_pool"
 current_contexts.__module__ = "stateful_pool"
 TaskState.__module__ = "stateful_pool"
+CallOptions.__module__ = "stateful_pool"
 
 __version__ = "0.4.0"
 
 __all__ = [
+    "CallOptions",
     "Histogram",
     "NoWorkersError",
     "PoolClosedError",
