@@ -271,20 +271,22 @@ def build_v2_router(decl: Declaration, model_name: str,
         return {"name": "stateful-pool", "version": __version__,
                 "extensions": ["binary_tensor_data"]}
 
-    async def model_metadata(request: Request, name: str, version: str | None = None
-                             ) -> Response:
+    def unknown(name: str, version: str | None) -> Response | None:
+        """The 404 for a model name or version this server does not serve."""
         try:
             model.check_name(name, version)
         except V2Error as exc:
             return v2_error(exc.status, exc.message)
-        return JSONResponse(model.metadata(request))
+        return None
+
+    async def model_metadata(request: Request, name: str, version: str | None = None
+                             ) -> Response:
+        return unknown(name, version) or JSONResponse(model.metadata(request))
 
     async def model_ready(request: Request, name: str, version: str | None = None
                           ) -> Response:
-        try:
-            model.check_name(name, version)
-        except V2Error as exc:
-            return v2_error(exc.status, exc.message)
+        if (not_served := unknown(name, version)) is not None:
+            return not_served
         state = server_state(request)
         if not state.worker_counts()[0]:
             return v2_error(503, state.not_ready_reason())

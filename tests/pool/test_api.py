@@ -9,7 +9,7 @@ import threading
 from concurrent.futures import Future
 
 import pytest
-from workers import Echo, Tasks
+from workers import Echo, Tasks, check_work_conserving
 
 from stateful_pool import NoWorkersError, PoolStats, SPool, SWorker
 
@@ -79,11 +79,7 @@ def test_work_conserving_no_worker_idles_while_tasks_wait(make_pool):
     pool = make_pool(Tasks)
     pool.spawn()
     pool.spawn()
-    long = pool.submit_execute("sleep", 1.5, "long")
-    shorts = [pool.submit_execute("sleep", 0.05, i) for i in range(6)]
-    assert [f.result(timeout=1.2) for f in shorts] == list(range(6))
-    assert not long.done()
-    assert long.result(timeout=5) == "long"
+    check_work_conserving(pool, shorts=6, long_s=1.5, wait_s=1.2)
 
 
 def test_no_thread_is_parked_per_in_flight_task(make_pool):

@@ -27,40 +27,25 @@ def test_unpicklable_arguments_fail_in_the_caller_at_once(pool):
     assert pool.execute("echo", 1) == 1
 
 
-def test_unpicklable_result_fails_that_task_only(pool):
+@pytest.mark.parametrize(("command", "type_name", "says"), [
+    # An exception's or a result's trip back to the parent; `says` maps a RemoteError
+    # attribute ("str": its message) to a text it must contain.
+    ("unpicklable_result", "_thread.lock", {"str": "could not be pickled"}),
+    ("raise_unpicklable", "workers.UnpicklableError", {
+        "remote_message": "carries a lock", "remote_traceback": "do_raise_unpicklable",
+        "str": "workers.UnpicklableError: carries a lock"}),
+    ("raise_unrebuildable", "workers.NeedsTwoArgs", {
+        "remote_message": "first and second", "str": "could not be rebuilt"}),
+    ("unrebuildable_result", "workers.Unloadable", {"str": "refuses to be rebuilt"}),
+])
+def test_what_cannot_come_back_fails_that_task_only(pool, command, type_name, says):
+    """The caller gets a RemoteError that names the type and keeps the worker's message and
+    traceback; the worker lives on and the next task is fine."""
     with pytest.raises(RemoteError) as info:
-        pool.execute("unpicklable_result")
+        pool.execute(command)
     err = info.value
-    assert err.type_name == "_thread.lock"
-    assert "could not be pickled" in str(err)
-    assert pool.execute("echo", 2) == 2
-
-
-def test_unpicklable_exception_keeps_type_message_and_traceback(pool):
-    with pytest.raises(RemoteError) as info:
-        pool.execute("raise_unpicklable")
-    err = info.value
-    assert err.type_name == "workers.UnpicklableError"
-    assert err.remote_message == "carries a lock"
-    assert "do_raise_unpicklable" in err.remote_traceback
-    assert "workers.UnpicklableError: carries a lock" in str(err)
-    assert pool.execute("echo", 3) == 3
-
-
-def test_exception_that_cannot_be_rebuilt_in_the_parent(pool):
-    with pytest.raises(RemoteError) as info:
-        pool.execute("raise_unrebuildable")
-    err = info.value
-    assert err.type_name == "workers.NeedsTwoArgs"
-    assert "first and second" in err.remote_message
-    assert "could not be rebuilt" in str(err)
-    assert pool.execute("echo", 4) == 4
-
-
-def test_result_that_cannot_be_rebuilt_in_the_parent(pool):
-    with pytest.raises(RemoteError) as info:
-        pool.execute("unrebuildable_result")
-    assert info.value.type_name == "workers.Unloadable"
-    assert "refuses to be rebuilt" in str(info.value)
+    assert err.type_name == type_name
+    for attribute, text in says.items():
+        assert text in (str(err) if attribute == "str" else getattr(err, attribute))
     assert pool.execute("echo", 5) == 5
     assert pool.stats().restarts == 0

@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is the optional extra stateful-pool[ray]")
 
 from procs import pid_alive, wait_until  # noqa: E402
-from workers import Batcher, SpawnRaises, Tasks  # noqa: E402
+from workers import Batcher, SpawnRaises, Tasks, check_work_conserving  # noqa: E402
 
 from stateful_pool import (  # noqa: E402
     NoWorkersError,
@@ -107,10 +107,7 @@ def test_work_conserving_dispatch(ray_pool):
     pool = ray_pool(Tasks)
     pool.spawn()
     pool.spawn()
-    long = pool.submit_execute("sleep", 2.0, "long")
-    shorts = [pool.submit_execute("sleep", 0.05, i) for i in range(5)]
-    assert [f.result(timeout=1.8) for f in shorts] == list(range(5))
-    assert long.result(timeout=10) == "long"
+    check_work_conserving(pool, shorts=5, long_s=2.0, wait_s=1.8)
 
 
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])

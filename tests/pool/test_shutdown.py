@@ -60,16 +60,22 @@ def test_cancel_futures_drops_what_has_not_started():
     assert all(f.cancelled() for f in queued)
 
 
+def assert_shutdown_ends_in_time(pool, future, why):
+    """``shutdown(timeout=0.5)`` returns within 3 s, and the future still in the works then
+    fails with ``PoolClosedError`` saying ``why``."""
+    t0 = time.monotonic()
+    pool.shutdown(timeout=0.5)
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(PoolClosedError, match=why):
+        future.result(timeout=0)
+
+
 def test_shutdown_timeout_bounds_the_wait_for_running_tasks():
     pool = SPool(Tasks)
     pool.spawn()
     stuck = pool.submit_execute("sleep", 60)
     time.sleep(0.1)
-    t0 = time.monotonic()
-    pool.shutdown(timeout=0.5)
-    assert time.monotonic() - t0 < 3
-    with pytest.raises(PoolClosedError, match="shut down before this task finished"):
-        stuck.result(timeout=0)
+    assert_shutdown_ends_in_time(pool, stuck, "shut down before this task finished")
 
 
 def test_shutdown_from_the_event_loop_thread():
@@ -155,8 +161,4 @@ def test_shutdown_deadline_during_a_slow_spawn_resolves_the_spawn_future():
     pool = SPool(SpawnHangs)
     spawn = pool.submit_spawn(60)
     time.sleep(0.2)
-    t0 = time.monotonic()
-    pool.shutdown(timeout=0.5)
-    assert time.monotonic() - t0 < 3
-    with pytest.raises(PoolClosedError, match="before this worker finished spawning"):
-        spawn.result(timeout=0)
+    assert_shutdown_ends_in_time(pool, spawn, "before this worker finished spawning")

@@ -15,7 +15,6 @@ from app_helpers import (
     image_bytes,
     image_input,
     running_app,
-    save_checkpoint,
     settings,
     truncated_jpeg,
     worker_config,
@@ -57,13 +56,6 @@ def logits(worker, items):
             for index, row in zip(positions, worker.forward(inputs), strict=True):
                 out[index] = row
     return out, chunks, errors
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "vit_tiny.pth"
-    save_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from app_helpers import (
     assert_same_top_k,
     image_bytes,
     request_from_openapi,
-    save_checkpoint,
     save_detector_checkpoint,
     save_embedder_checkpoint,
     save_text_checkpoint,
@@ -35,41 +34,42 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def vit(tmp_path_factory):
+def vit(tmp_path_factory, checkpoint):
     tmp = tmp_path_factory.mktemp("vit")
-    save_checkpoint(tmp / "vit.safetensors")
-    with served(tmp, "app.worker:ViTWorker", MODEL_WEIGHTS=str(tmp / "vit.safetensors"),
+    with served(tmp, "app.worker:ViTWorker", MODEL_WEIGHTS=str(checkpoint),
                 NUM_WORKERS="1") as http:
-        yield http, Reference(tmp / "vit.safetensors")
+        yield http, Reference(checkpoint)
+
+
+def serve_model(tmp_path_factory, worker_class, save, make_reference, weights, **env):
+    """Save the worker's tiny checkpoint, serve it, yield (client, reference model)."""
+    path = tmp_path_factory.mktemp(weights.split(".")[0]) / weights
+    save(path)
+    with served(path.parent, worker_class, MODEL_WEIGHTS=str(path), **env) as http:
+        yield http, make_reference(path)
 
 
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("embedder")
-    save_embedder_checkpoint(tmp / "embedder.pth")
-    with served(tmp, "app.examples.embedder:ImageEmbedder", MODEL_NAME=TINY,
-                MODEL_WEIGHTS=str(tmp / "embedder.pth")) as http:
-        yield http, EmbedderReference(tmp / "embedder.pth")
+    yield from serve_model(tmp_path_factory, "app.examples.embedder:ImageEmbedder",
+                           save_embedder_checkpoint, EmbedderReference, "embedder.pth",
+                           MODEL_NAME=TINY)
 
 
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("detector")
-    save_detector_checkpoint(tmp / "detector.pth")
     # A batch window, so the images of one request surely share a forward pass.
-    with served(tmp, "app.examples.detector:ObjectDetector", MODEL_NAME=DETECTOR,
-                MODEL_WEIGHTS=str(tmp / "detector.pth"), MAX_BATCH_WAIT_MS="200",
-                DETECTOR_MIN_SCORE="0.05") as http:
-        yield http, DetectorReference(tmp / "detector.pth")
+    yield from serve_model(tmp_path_factory, "app.examples.detector:ObjectDetector",
+                           save_detector_checkpoint, DetectorReference, "detector.pth",
+                           MODEL_NAME=DETECTOR, MAX_BATCH_WAIT_MS="200",
+                           DETECTOR_MIN_SCORE="0.05")
 
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("text")
-    save_text_checkpoint(tmp / "text.pth")
-    with served(tmp, "app.examples.text:TextClassifier", MODEL_NAME="byte-transformer",
-                MODEL_WEIGHTS=str(tmp / "text.pth"), MAX_UPLOAD_MB="0.01") as http:
-        yield http, TextReference(tmp / "text.pth")
+    yield from serve_model(tmp_path_factory, "app.examples.text:TextClassifier",
+                           save_text_checkpoint, TextReference, "text.pth",
+                           MODEL_NAME="byte-transformer", MAX_UPLOAD_MB="0.01")
 
 
 def assert_openapi_request_served(http):

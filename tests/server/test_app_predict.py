@@ -11,19 +11,11 @@ from app_helpers import (
     assert_same_top_k,
     image_bytes,
     running_app,
-    save_checkpoint,
     settings,
     truncated_jpeg,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "vit_tiny.safetensors"
-    save_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -196,3 +196,14 @@ class Contextual(SWorker):
 
         contexts = current_contexts()
         return [(x, contexts[i], len(contexts)) for i, x in enumerate(batch)]
+
+
+def check_work_conserving(pool, shorts: int, long_s: float, wait_s: float) -> None:
+    """With two workers, one long task must not hold up the short ones queued behind it:
+    the free worker takes them all (within ``wait_s``) while the other is busy. The same
+    contract on every backend."""
+    long = pool.submit_execute("sleep", long_s, "long")
+    quick = [pool.submit_execute("sleep", 0.05, i) for i in range(shorts)]
+    assert [f.result(timeout=wait_s) for f in quick] == list(range(shorts))
+    assert not long.done()
+    assert long.result(timeout=long_s + 10) == "long"
