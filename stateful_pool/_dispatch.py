@@ -184,9 +184,12 @@ class Dispatcher(WorkerShutdown):
             self.thread.join(timeout)
 
     def has_live_worker(self) -> bool:
-        if self.idle:  # the common case, answered without a walk
+        if self.idle:
             return True
-        return any(slot.state in LIVE_STATES for slot in self.slots)
+        for slot in self.slots:  # a loop, not any(): on every submit, usually done at once
+            if slot.state in LIVE_STATES:
+                return True
+        return False
 
     def snapshot(self) -> PoolStats:
         """Workers, queue and counters at about this moment (no lock; cheap)."""
