@@ -213,11 +213,12 @@ def plain_app() -> Any:
     return app
 
 
-def serve_plain() -> None:
+def serve(app: Any) -> None:
+    """Serve ``app`` on 127.0.0.1:$PORT (ServerProcess sets it), without an access log."""
     import uvicorn
 
-    uvicorn.run(plain_app(), host="127.0.0.1", port=int(os.environ["PORT"]),
-                log_level="warning", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning",
+                access_log=False)
 
 
 class NullWorker(SWorker[None, dict[str, int]]):
@@ -252,13 +253,6 @@ def seed_app() -> Any:
         return await pool.async_execute(await files.read())
 
     return app
-
-
-def serve_seed() -> None:
-    import uvicorn
-
-    uvicorn.run(seed_app(), host="127.0.0.1", port=int(os.environ["PORT"]),
-                log_level="warning", access_log=False)
 
 
 # ---- the two comparisons ------------------------------------------------------------------
@@ -577,11 +571,8 @@ def main() -> None:
     parser.add_argument("--cpu-workers", metavar="MODEL",
                         help="only compare 1 CPU worker with all threads against N 1-thread ones")
     args = parser.parse_args()
-    if args.serve_plain:
-        serve_plain()
-        return
-    if args.serve_seed:
-        serve_seed()
+    if args.serve_plain or args.serve_seed:
+        serve(plain_app() if args.serve_plain else seed_app())
         return
     if args.cpu_workers:
         cpu_worker_study(args.cpu_workers, seconds=2.0 if args.quick else 40.0)

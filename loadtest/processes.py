@@ -27,20 +27,24 @@ def child_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes of a process group (Linux /proc)."""
-    found = []
+def live_processes() -> Iterator[tuple[int, int, int]]:
+    """``(pid, parent pid, process group)`` of every live process, zombies left out (Linux
+    /proc)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                state, _ppid, group = f.read().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(group) == pgid and state != "Z":
-            found.append(int(entry))
-    return found
+                state, parent, group = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if state != "Z":
+            yield int(entry), int(parent), int(group)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    return [pid for pid, _, group in live_processes() if group == pgid]
 
 
 def kill_group(pgid: int) -> None:
