@@ -419,15 +419,21 @@ def main() -> None:
         sides.insert(1, "seed")
     if args.ray:
         sides.append("ray")
-    # The sides alternate round after round and each figure is the median over rounds, so a
-    # burst of load from elsewhere on this 2-core machine cannot favour one side.
-    rounds: dict[str, list[dict]] = {side: [] for side in sides}
-    for r in range(1, args.rounds + 1):
-        for side in sides:
-            print(f"round {r}/{args.rounds}: {side} ...", file=sys.stderr, flush=True)
-            rounds[side].append(run_side(side, mode))
-    results = {side: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-               for side, runs in rounds.items()}
+    # loadtest is not installed: take it from this checkout. Here, not at the top: a side
+    # imports stateful_pool from its PYTHONPATH (0.3.2's for the seed), never from ROOT.
+    sys.path.append(str(ROOT))
+    from loadtest.rounds import alternate, medians
+
+    def side_run(side: str):
+        def run(round_: int) -> dict:
+            print(f"round {round_}/{args.rounds}: {side} ...", file=sys.stderr, flush=True)
+            return run_side(side, mode)
+        return run
+
+    # The sides take turns round after round and each figure is the median over rounds, so
+    # a burst of load from elsewhere on this 2-core machine cannot favour one side.
+    rounds = alternate({side: side_run(side) for side in sides}, args.rounds)
+    results = {side: medians(runs) for side, runs in rounds.items()}
 
     print(render(results, mode, args.rounds))
     if args.json:

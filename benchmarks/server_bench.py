@@ -32,6 +32,7 @@ shows the medians.
     python benchmarks/server_bench.py --only vit --model vit_large_patch16_224 --workers 1
     python benchmarks/server_bench.py --json results/server_bench.json
     python benchmarks/server_bench.py --cpu-workers vit_large_patch16_224   # NUM_WORKERS study
+    python benchmarks/server_bench.py --cpu-workers vit_tiny_patch16_224 --quick  # 2 s timings
 """
 
 from __future__ import annotations
@@ -40,13 +41,12 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import statistics
-import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,10 +58,14 @@ from stateful_pool import SWorker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loadtest import raw_model  # noqa: E402
 from loadtest.images import Upload, generated_images, multipart_body  # noqa: E402
-from loadtest.servers import free_port  # noqa: E402
+from loadtest.processes import log_tail, logged_process  # noqa: E402
+from loadtest.rounds import alternate, medians  # noqa: E402
+from loadtest.servers import ServerProcess, ServerSpec  # noqa: E402
 
 ECHO = "app.examples.echo_worker:EchoWorker"
+READY_TIMEOUT = 120.0
 
 
 @dataclass
@@ -76,6 +80,9 @@ class Phase:
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
+
+    def figures(self) -> dict[str, float]:
+        return {"rate": self.rate, "p99_ms": self.p99_ms}
 
 
 # ---- the image and the request ------------------------------------------------------------
@@ -161,55 +168,27 @@ def pool_caller(pool: Any, item: Any) -> Callable[[], Awaitable[Callable[[], Awa
 
 # ---- servers ------------------------------------------------------------------------------
 
-def get(port: int, path: str) -> tuple[int, Any]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except OSError:
-        return 0, None
+def bench_server(args: argparse.Namespace, name: str, module: str, env: dict[str, str],
+                 cli_args: tuple[str, ...] = (), ready_path: str = "/readyz") -> ServerProcess:
+    """A server subprocess on a free 127.0.0.1 port, its log in ``args.logs``; ``with`` it to
+    start it and always stop it (with any worker it left)."""
+    spec = ServerSpec(name, name, module, args=cli_args, ready_path=ready_path)
+    return ServerProcess(spec, env, args.logs / f"{name}.log")
 
 
-class Server:
-    """A server subprocess on a free 127.0.0.1 port; always stopped by ``close``."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.port = free_port()
-        full_env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port)}
-        self.process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def wait_ready(self, path: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()}")
-            status, body = get(self.port, path)
-            if status == 200 and (body is None or body.get("workers_ready", 1) ==
-                                  body.get("workers", 1)):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready within {timeout} s")
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-
-def app_server(model: str, workers: int, worker_class: str = "app.worker:ViTWorker",
-               extra: dict[str, str] | None = None) -> Server:
-    return Server(["-m", "app"], {
-        "MODEL_NAME": model, "MODEL_WEIGHTS": "random", "DEVICE": "cpu",
+def app_server(args: argparse.Namespace, name: str, workers: int,
+               worker_class: str = "app.worker:ViTWorker",
+               extra: dict[str, str] | None = None) -> ServerProcess:
+    return bench_server(args, name, "app", {
+        "MODEL_NAME": args.model, "MODEL_WEIGHTS": "random", "DEVICE": "cpu",
         "NUM_WORKERS": str(workers), "WORKER_CLASS": worker_class,
         # No per-request access log line, on both sides of each comparison.
         "LOG_LEVEL": "warning", **(extra or {})})
+
+
+def baseline_server(args: argparse.Namespace, name: str, flag: str) -> ServerProcess:
+    """One of this file's own baseline apps (``--serve-plain``, ``--serve-seed``)."""
+    return bench_server(args, name, "benchmarks.server_bench", {}, (flag,), "/openapi.json")
 
 
 def plain_app() -> Any:
@@ -234,11 +213,12 @@ def plain_app() -> Any:
     return app
 
 
-def serve_plain() -> None:
+def serve(app: Any) -> None:
+    """Serve ``app`` on 127.0.0.1:$PORT (ServerProcess sets it), without an access log."""
     import uvicorn
 
-    uvicorn.run(plain_app(), host="127.0.0.1", port=int(os.environ["PORT"]),
-                log_level="warning", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning",
+                access_log=False)
 
 
 class NullWorker(SWorker[None, dict[str, int]]):
@@ -275,13 +255,6 @@ def seed_app() -> Any:
     return app
 
 
-def serve_seed() -> None:
-    import uvicorn
-
-    uvicorn.run(seed_app(), host="127.0.0.1", port=int(os.environ["PORT"]),
-                log_level="warning", access_log=False)
-
-
 # ---- the two comparisons ------------------------------------------------------------------
 
 def compare_vit(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], list[Phase]]:
@@ -301,60 +274,41 @@ def compare_vit(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], li
                         num_workers=args.workers)
     header = inspect_image(image, max_pixels=settings.max_image_pixels)
     item = ImageInput(image, header.format, header.width, header.height, 5)
-    server = app_server(args.model, args.workers)
-    try:
-        with SPool(load_worker_class(settings.worker_class),
-                   max_batch_size=settings.max_batch_size,
-                   max_batch_wait=settings.max_batch_wait_ms / 1000) as pool:
-            for config in plan_workers(settings):
-                pool.spawn(config)
-            server.wait_ready("/readyz")
-            raw_phases, server_phases = alternate_rounds(
-                args, ("raw pool", pool_caller(pool, item)),
-                ("/predict", http_caller(server.port, image)))
-    finally:
-        server.close()
+    with app_server(args, "vit", args.workers) as server, SPool(
+            load_worker_class(settings.worker_class), max_batch_size=settings.max_batch_size,
+            max_batch_wait=settings.max_batch_wait_ms / 1000) as pool:
+        for config in plan_workers(settings):
+            pool.spawn(config)
+        server.wait_ready(READY_TIMEOUT)
+        raw_phases, server_phases = rounds_of(args, {
+            "raw pool": pool_caller(pool, item), "/predict": http_caller(server.port, image)})
     return raw_phases, server_phases
 
 
-def alternate_rounds(args: argparse.Namespace, baseline: tuple[str, Any],
-                     candidate: tuple[str, Any]) -> tuple[list[Phase], list[Phase]]:
-    """Run the baseline and the candidate in turn, round after round, so drifting load on
-    the machine falls on both alike."""
-    base, cand = rounds_of(args, [baseline, candidate])
-    return base, cand
+def rounds_of(args: argparse.Namespace, callers: dict[str, Any]) -> list[list[Phase]]:
+    """A load phase of each caller in turn, round after round (loadtest.rounds); one list of
+    phases per caller."""
+    def phase(name: str, caller: Any) -> Callable[[int], Phase]:
+        return lambda round_: asyncio.run(run_load(
+            f"{name}, round {round_}", caller, args.clients, args.warmup, args.duration))
 
-
-def rounds_of(args: argparse.Namespace, contestants: list[tuple[str, Any]]) -> list[list[Phase]]:
-    """Each contestant in turn, round after round; one list of phases per contestant."""
-    phases: list[list[Phase]] = [[] for _ in contestants]
-    for round_ in range(args.rounds):
-        for (name, caller), mine in zip(contestants, phases, strict=True):
-            mine.append(asyncio.run(run_load(
-                f"{name}, round {round_ + 1}", caller, args.clients, args.warmup,
-                args.duration)))
-        report_round(*(mine[-1] for mine in phases))
-    return phases
+    phases = alternate({name: phase(name, caller) for name, caller in callers.items()},
+                       args.rounds, after_round=lambda last: report_round(*last.values()))
+    return list(phases.values())
 
 
 def compare_echo(args: argparse.Namespace, image: bytes) -> list[list[Phase]]:
     """Plain in-process endpoint, the seed shape on our library and /predict with the echo
     worker, phases alternating."""
-    plain = Server([str(Path(__file__).resolve()), "--serve-plain"], {})
-    seed = Server([str(Path(__file__).resolve()), "--serve-seed"], {})
-    server = app_server(args.model, args.echo_workers, ECHO)
-    try:
-        plain.wait_ready("/openapi.json")
-        seed.wait_ready("/openapi.json")
-        server.wait_ready("/readyz")
-        return rounds_of(args, [
-            ("plain FastAPI", http_caller(plain.port, image)),
-            ("seed shape (SPool)", http_caller(seed.port, image)),
-            ("/predict echo", http_caller(server.port, image))])
-    finally:
-        plain.close()
-        seed.close()
-        server.close()
+    with baseline_server(args, "plain", "--serve-plain") as plain, \
+            baseline_server(args, "seed-shape", "--serve-seed") as seed, \
+            app_server(args, "echo", args.echo_workers, ECHO) as server:
+        for each in (plain, seed, server):
+            each.wait_ready(READY_TIMEOUT)
+        return rounds_of(args, {
+            "plain FastAPI": http_caller(plain.port, image),
+            "seed shape (SPool)": http_caller(seed.port, image),
+            "/predict echo": http_caller(server.port, image)})
 
 
 # ---- overload: bounded latency for the accepted, a fast 503 for the others ----------------
@@ -429,12 +383,10 @@ async def overload_load(port: int, image: bytes, clients: int, duration: float,
 
 def overload_scenario(args: argparse.Namespace, image: bytes, clients: int = 512,
                       duration: float = 20.0, timeout_s: float = 5.0) -> Overload:
-    server = app_server(args.model, args.workers, extra={"REQUEST_TIMEOUT_S": str(timeout_s)})
-    try:
-        server.wait_ready("/readyz")
+    with app_server(args, "overload", args.workers,
+                    extra={"REQUEST_TIMEOUT_S": str(timeout_s)}) as server:
+        server.wait_ready(READY_TIMEOUT)
         return asyncio.run(overload_load(server.port, image, clients, duration, timeout_s))
-    finally:
-        server.close()
 
 
 # ---- clients that leave: how long the pool works for nobody -------------------------------
@@ -463,9 +415,8 @@ def disconnect_scenario(args: argparse.Namespace, image: bytes, clients: int = 2
                         images: int = 16, patience: float = 1.0) -> tuple[float, float]:
     """Seconds from the last client hanging up until the queue is empty, and until the pool
     holds no task (the batch running when they left runs to its end)."""
-    server = app_server(args.model, 1)
-    try:
-        server.wait_ready("/readyz")
+    with app_server(args, "disconnect", 1) as server:
+        server.wait_ready(READY_TIMEOUT)
         request = multipart_request(server.port, image, copies=images)
 
         async def all_leave() -> None:
@@ -485,43 +436,37 @@ def disconnect_scenario(args: argparse.Namespace, image: bytes, clients: int = 2
             if now > 120:
                 raise TimeoutError("the pool was still busy 120 s after the clients left")
             time.sleep(0.02)
-    finally:
-        server.close()
 
 
 # ---- the CPU worker-count study (what NUM_WORKERS defaults to without a GPU) --------------
 
-def forward_rate(model: str, threads: int, batch: int, seconds: float) -> float:
-    """img/s of a bare fp32 forward pass with ``threads`` torch threads (no decode)."""
-    import timm
-    import torch
-
-    torch.set_num_threads(threads)
-    net = timm.create_model(model).eval()
-    x = torch.randn(batch, 3, 224, 224)
-    with torch.inference_mode():
-        net(x[:1])
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            net(x)
-            done += batch
-    return done / (time.perf_counter() - start)
-
-
 def cpu_worker_study(model: str, batch: int = 8, seconds: float = 40.0) -> None:
-    """One process with every core against one 1-thread process per core, run at once."""
+    """One worker with every core against one 1-thread worker per core, run at once.
+
+    Each worker is a ``loadtest.raw_model`` process timing the bare forward pass (fp32, no
+    decode) as a server worker runs it, with the threads it gets under ``NUM_WORKERS``.
+    """
     cpus = len(os.sched_getaffinity(0))
 
-    def run(threads: int, copies: int) -> float:
-        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                f"import server_bench as b; "
-                f"print(b.forward_rate({model!r}, {threads}, {batch}, {seconds}))")
-        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                  text=True) for _ in range(copies)]
-        return sum(float(p.communicate(timeout=seconds * 10)[0]) for p in procs)
+    def together(workers: int) -> float:
+        """img/s of ``workers`` raw_model processes started at once, summed."""
+        with tempfile.TemporaryDirectory(prefix="cpu_workers-") as tmp, ExitStack() as stack:
+            outputs = [Path(tmp) / f"worker{i}.json" for i in range(workers)]
+            processes = [stack.enter_context(logged_process(
+                raw_model.command_line(model, out, device="cpu", batch_sizes=[batch],
+                                       seconds=seconds, workers=workers),
+                out.with_suffix(".log"))) for out in outputs]
+            deadline = time.monotonic() + 10 * seconds + 120
+            for process, out in zip(processes, outputs, strict=True):
+                code = process.wait(max(0.0, deadline - time.monotonic()))
+                if code != 0:
+                    raise RuntimeError(f"raw_model exited with {code}:\n"
+                                       f"{log_tail(out.with_suffix('.log'))}")
+            return sum(float(json.loads(out.read_text())["images_per_s_by_batch"][str(batch)])
+                       for out in outputs)
 
-    one = run(cpus, 1)
-    many = run(1, cpus)
+    one = together(1)
+    many = together(cpus)
     print(f"{model}, batch {batch}, {cpus} cpus: 1 worker x {cpus} threads {one:.2f} img/s; "
           f"{cpus} workers x 1 thread {many:.2f} img/s together")
 
@@ -530,14 +475,6 @@ def report_round(*phases: Phase) -> None:
     for p in phases:
         print(f"  {p.name:28s} {p.rate:8.1f}/s  p50 {p.p50_ms:7.1f} ms  p99 {p.p99_ms:7.1f} ms"
               f"  errors {p.errors}", flush=True)
-
-
-def median_rate(phases: list[Phase]) -> float:
-    return statistics.median(p.rate for p in phases)
-
-
-def median_p99(phases: list[Phase]) -> float:
-    return statistics.median(p.p99_ms for p in phases)
 
 
 @dataclass
@@ -550,44 +487,18 @@ class Row:
     p99_goal: float | None = None
 
     def as_json(self) -> dict[str, Any]:
+        base = medians([p.figures() for p in self.base])
+        cand = medians([p.figures() for p in self.cand])
         return {"target": self.target, "baseline": self.baseline,
-                "baseline_rate": median_rate(self.base), "server_rate": median_rate(self.cand),
-                "ratio": median_rate(self.cand) / median_rate(self.base), "goal": self.goal,
-                "baseline_p99_ms": median_p99(self.base), "server_p99_ms": median_p99(self.cand),
-                "p99_ratio": median_p99(self.cand) / median_p99(self.base),
-                "p99_goal": self.p99_goal,
+                "baseline_rate": base["rate"], "server_rate": cand["rate"],
+                "ratio": cand["rate"] / base["rate"], "goal": self.goal,
+                "baseline_p99_ms": base["p99_ms"], "server_p99_ms": cand["p99_ms"],
+                "p99_ratio": cand["p99_ms"] / base["p99_ms"], "p99_goal": self.p99_goal,
                 "phases": [{**asdict(p), "rate": p.rate} for p in self.base + self.cand]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--serve-plain", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--serve-seed", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--only", choices=["vit", "echo", "disconnect", "overload"])
-    parser.add_argument("--model", default="vit_tiny_patch16_224")
-    parser.add_argument("--workers", type=int, default=2, help="ViT workers (CPU)")
-    parser.add_argument("--echo-workers", type=int, default=1)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="tiny phases, to check it runs")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--cpu-workers", metavar="MODEL",
-                        help="only compare 1 CPU worker with all threads against N 1-thread ones")
-    args = parser.parse_args()
-    if args.serve_plain:
-        serve_plain()
-        return
-    if args.serve_seed:
-        serve_seed()
-        return
-    if args.cpu_workers:
-        cpu_worker_study(args.cpu_workers)
-        return
-    if args.quick:
-        args.duration, args.warmup, args.rounds, args.clients = 2.0, 0.5, 1, 8
-
+def run(args: argparse.Namespace) -> None:
+    """Every comparison asked for, then the table."""
     image = sample_jpeg()
     print(f"image: 500x375 JPEG, {len(image)} bytes; {args.clients} clients, "
           f"{args.duration:g} s per phase after {args.warmup:g} s warm-up, {args.rounds} "
@@ -641,6 +552,36 @@ def main() -> None:
              "disconnect_queue_empty_after_s": None if disconnect is None else disconnect[0],
              "disconnect_idle_after_s": None if disconnect is None else disconnect[1]},
             indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve-plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-seed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["vit", "echo", "disconnect", "overload"])
+    parser.add_argument("--model", default="vit_tiny_patch16_224")
+    parser.add_argument("--workers", type=int, default=2, help="ViT workers (CPU)")
+    parser.add_argument("--echo-workers", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny phases, to check it runs")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--cpu-workers", metavar="MODEL",
+                        help="only compare 1 CPU worker with all threads against N 1-thread ones")
+    args = parser.parse_args()
+    if args.serve_plain or args.serve_seed:
+        serve(plain_app() if args.serve_plain else seed_app())
+        return
+    if args.cpu_workers:
+        cpu_worker_study(args.cpu_workers, seconds=2.0 if args.quick else 40.0)
+        return
+    if args.quick:
+        args.duration, args.warmup, args.rounds, args.clients = 2.0, 0.5, 1, 8
+    with tempfile.TemporaryDirectory(prefix="server_bench-") as logs:
+        args.logs = Path(logs)  # the servers' logs; an error about a server shows its tail
+        run(args)
 
 
 if __name__ == "__main__":

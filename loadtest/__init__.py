@@ -14,6 +14,10 @@ spool), reproducible in one command.
   fixed number of requests from blocking ``requests`` clients in processes).
 * ``compare.py``: ``python -m loadtest.compare`` starts each server, drives the load (locust,
   or the seed's client with ``--preset seed``), and writes the summary, table and chart.
+* ``servers.py``, ``processes.py``, ``rounds.py``, ``images.py``, ``raw_model.py``: the
+  harness that ``benchmarks/`` and ``tests/`` use too: server subprocesses on a free
+  127.0.0.1 port, children in process groups reaped whatever happens, contestants measured
+  in turns with medians, generated images and multipart bodies, the bare model's timing.
 
 Nothing here imports locust: it monkey-patches the process for gevent, so it only ever runs
 as a subprocess (``python -m locust -f loadtest/locustfile.py``).

@@ -38,11 +38,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import raw_model, report
 from .images import IMAGE_KINDS, Upload, load_images, parse_size, request_bodies
+from .processes import ROOT, log_tail, run_logged
 from .seed import client as seed_client
 from .seed.model import split_model_name
-from .servers import ROOT, ServerError, ServerProcess, server_specs
+from .servers import ServerError, ServerProcess, server_specs
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 DEFAULT_SERVERS = ("simple", "mp", "spool", "spool-batch")
@@ -214,24 +215,15 @@ def run_locust(url: str, ipr: int, args: argparse.Namespace,
     ]
     if args.image_dir:
         command += ["--image-dir", str(args.image_dir)]
-    with prefix.with_suffix(".log").open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = process.wait(timeout=args.duration + 60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-            raise ServerError(f"locust did not finish within {args.duration + 60:g} s") from None
-        except BaseException:  # Ctrl-C: take locust down with us
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-            raise
+    log_path = prefix.with_suffix(".log")
+    try:
+        returncode = run_logged(command, log_path, timeout=args.duration + 60)
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"locust did not finish within {args.duration + 60:g} s") from None
     # 1 means "some request failed", which the stats report; anything else is locust's own.
     json_path = prefix.parent / f"{prefix.name}.json"
     if returncode not in (0, 1) or not json_path.exists():
-        tail = prefix.with_suffix(".log").read_text(errors="replace")[-1500:]
-        raise ServerError(f"locust exited with {returncode}:\n{tail}")
+        raise ServerError(f"locust exited with {returncode}:\n{log_tail(log_path)}")
     info_path = prefix.parent / f"{prefix.name}_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     return json.loads(json_path.read_text()), info
@@ -252,50 +244,24 @@ def run_seed_client(url: str, ipr: int, args: argparse.Namespace, prefix: Path) 
     if args.image_dir:
         command += ["--image-dir", str(args.image_dir)]
     log_path = prefix.parent / f"{prefix.name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = process.wait(timeout=args.run_timeout + 30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-            raise ServerError(f"the seed client did not finish within "
-                              f"{args.run_timeout + 30:g} s") from None
-        except BaseException:  # Ctrl-C: take the client processes down with us
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-            raise
+    try:
+        returncode = run_logged(command, log_path, timeout=args.run_timeout + 30)
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"the seed client did not finish within "
+                          f"{args.run_timeout + 30:g} s") from None
     # 1 means "some request failed", which the JSON reports.
     if returncode not in (0, 1) or not output.exists():
-        tail = log_path.read_text(errors="replace")[-1500:]
-        raise ServerError(f"the seed client exited with {returncode}:\n{tail}")
+        raise ServerError(f"the seed client exited with {returncode}:\n{log_tail(log_path)}")
     return json.loads(output.read_text())
 
 
 def measure_raw_model(args: argparse.Namespace, output: Path) -> dict[str, Any]:
     """The bare model's best throughput, in a subprocess (torch and CUDA die with it)."""
-    command = [sys.executable, "-m", "loadtest.raw_model", "--model", args.model,
-               "--device", args.device, "--precision", args.precision,
-               "--batch-sizes", ",".join(map(str, args.raw_batch_sizes)),
-               "--seconds", str(args.raw_seconds), "--workers", str(args.workers or 0),
-               "--output", str(output)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    with output.with_suffix(".log").open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            returncode = process.wait(timeout=args.ready_timeout + 10 * len(args.raw_batch_sizes))
-        except BaseException:  # a time-out or Ctrl-C: take it down with us
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-            raise
-    if returncode != 0:
-        tail = output.with_suffix(".log").read_text(errors="replace")[-500:]
-        return {"error": f"exited with {returncode}: {tail}"}
-    return json.loads(output.read_text())  # type: ignore[no-any-return]
+    command = raw_model.command_line(
+        args.model, output, device=args.device, precision=args.precision,
+        batch_sizes=args.raw_batch_sizes, seconds=args.raw_seconds, workers=args.workers or 0)
+    return raw_model.run_child(command, output,
+                               timeout=args.ready_timeout + 10 * len(args.raw_batch_sizes))
 
 
 def git_commit() -> str:
@@ -468,10 +434,7 @@ def compare(args: argparse.Namespace) -> int:
                       for name, spec in specs.items()},
     }
     if args.raw_model:
-        try:
-            summary["raw_model"] = measure_raw_model(args, raw / "raw_model.json")
-        except subprocess.TimeoutExpired:
-            summary["raw_model"] = {"error": "timed out"}
+        summary["raw_model"] = measure_raw_model(args, raw / "raw_model.json")
         rm = summary["raw_model"]
         print(f"  raw model: {rm.get('best_images_per_s')} img/s at batch "
               f"{rm.get('best_batch_size')} ({rm.get('scope') or rm.get('error')})", flush=True)

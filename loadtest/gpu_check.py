@@ -40,7 +40,9 @@ from typing import Any
 from . import report
 from .compare import run_locust
 from .images import load_images, parse_size, request_bodies
-from .servers import ROOT, ServerError, ServerProcess, ServerSpec
+from .raw_model import command_line as raw_model_command
+from .raw_model import run_child
+from .servers import ServerError, ServerProcess, ServerSpec
 
 RAW_LEGS = (  # name, precision, tf32, compile
     ("fp32", "fp32", False, False),
@@ -88,8 +90,7 @@ class Check:
         return False
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+        env = {**os.environ, **extra}
         if self.args.smoke:
             env["TORCHDYNAMO_DISABLE"] = "1"  # compiling takes minutes on 2 CPU cores
         return env
@@ -101,19 +102,11 @@ def raw_model(check: Check) -> None:
         if not check.has_time(f"raw model {name}", 90 if compile_ else 40):
             continue
         output = check.work / f"raw_{name.replace('+', '_')}.json"
-        command = [sys.executable, "-m", "loadtest.raw_model", "--model", plan.model,
-                   "--device", plan.device, "--precision", precision,
-                   "--tf32" if tf32 else "--no-tf32", "--batch-sizes", plan.batch_sizes,
-                   "--seconds", str(plan.raw_seconds), "--workers", "1",
-                   "--output", str(output)] + (["--compile"] if compile_ else [])
-        try:
-            done = subprocess.run(command, cwd=ROOT, env=check.env(), capture_output=True,
-                                  text=True, timeout=plan.raw_timeout)
-            (check.work / f"{output.stem}.log").write_text(done.stdout + done.stderr)
-            result = (json.loads(output.read_text()) if done.returncode == 0
-                      else {"error": f"exit {done.returncode}: {done.stderr[-400:]}"})
-        except subprocess.TimeoutExpired:
-            result = {"error": f"timed out after {plan.raw_timeout:g} s"}
+        command = raw_model_command(
+            plan.model, output, device=plan.device, precision=precision, tf32=tf32,
+            batch_sizes=[int(v) for v in plan.batch_sizes.split(",")],
+            seconds=plan.raw_seconds, workers=1, compile=compile_)
+        result = run_child(command, output, plan.raw_timeout, env=check.env())
         check.results["raw_model"][name] = result
         check.log(f"raw model {name}: {result.get('images_per_s_by_batch') or result}")
 

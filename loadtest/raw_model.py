@@ -20,15 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.contract import WorkerConfig
-from app.runtime import PRECISIONS, TorchSettings
-from app.settings import available_cpus
-from app.worker import ViTWorker
+from .processes import log_tail, run_logged
+
+if TYPE_CHECKING:  # app/ (pydantic, torch) is imported where a measurement runs, not by callers
+    from app.worker import ViTWorker
 
 
 def images_per_second(worker: ViTWorker, batch_size: int, seconds: float) -> float:
@@ -70,6 +72,11 @@ def measure(model: str, device: str, precision: str, batch_sizes: list[int],
     """
     import torch
 
+    from app.contract import WorkerConfig
+    from app.runtime import TorchSettings
+    from app.settings import available_cpus
+    from app.worker import ViTWorker
+
     if device in ("cuda", "auto") and torch.cuda.is_available():
         replicas = workers or torch.cuda.device_count()
         device, threads = "cuda:0", 1
@@ -96,7 +103,35 @@ def measure(model: str, device: str, precision: str, batch_sizes: list[int],
     }
 
 
+def command_line(model: str, output: Path, *, device: str = "auto", precision: str = "fp32",
+                 batch_sizes: Sequence[int] = (1, 8, 32), seconds: float = 3.0,
+                 workers: int = 0, tf32: bool = True, compile: bool = False) -> list[str]:
+    """The command that runs ``measure`` in a process of its own (so torch's threads and CUDA
+    context die with it) and writes its JSON to ``output``."""
+    return [sys.executable, "-m", "loadtest.raw_model", "--model", model, "--device", device,
+            "--precision", precision, "--tf32" if tf32 else "--no-tf32",
+            "--batch-sizes", ",".join(map(str, batch_sizes)), "--seconds", f"{seconds:g}",
+            "--workers", str(workers), "--output", str(output)] + (
+                ["--compile"] if compile else [])
+
+
+def run_child(command: list[str], output: Path, timeout: float,
+              env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run a ``command_line`` (log beside ``output``); its result, or ``{"error": ...}`` when
+    it failed or ran past ``timeout`` seconds."""
+    log_path = output.with_suffix(".log")
+    try:
+        returncode = run_logged(command, log_path, timeout, env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    if returncode != 0:
+        return {"error": f"exited with {returncode}: {log_tail(log_path, lines=5)}"}
+    return json.loads(output.read_text())  # type: ignore[no-any-return]
+
+
 def main(argv: list[str] | None = None) -> int:
+    from app.runtime import PRECISIONS
+
     parser = argparse.ArgumentParser(prog="python -m loadtest.raw_model", description=__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -18,9 +18,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from .processes import ROOT, child_environment, group_members, log_tail
+
 HOST = "127.0.0.1"
 # Modules every server uses unchanged (the model, the upload checks, the settings) are not
 # counted in any server's code size; nor is the Docker HEALTHCHECK probe, a separate program.
@@ -38,6 +40,9 @@ class ServerSpec:
     # True: the seed's model code (loadtest/seed/model.py: torchvision or timm names, fp32);
     # False: app.worker.ViTWorker (timm names, any precision).
     seed_model: bool = False
+    args: tuple[str, ...] = ()  # after `python -m <module>`
+    # Ready when this answers 200 with every worker ready (or no worker counts at all).
+    ready_path: str = "/readyz"
 
 
 def app_server_files() -> tuple[str, ...]:
@@ -102,48 +107,43 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes of a process group (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, _ppid, group = f.read().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(group) == pgid and state != "Z":
-            found.append(int(entry))
-    return found
+# Requests to 127.0.0.1 never go through a proxy a developer's shell may name.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ServerProcess:
-    """One server as a subprocess: start, wait for every worker, warm up, stop."""
+    """One server as a subprocess: start, wait for every worker, warm up, stop.
+
+    Also a context manager: ``with ServerProcess(...) as server`` starts it and always stops
+    it, reaping any worker left in its process group.
+    """
 
     def __init__(self, spec: ServerSpec, env: dict[str, str], log_path: Path) -> None:
         self.spec = spec
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.env = {**inherited_environment(), **env, **spec.env, "HOST": HOST,
-                    "PORT": str(self.port),
-                    "PYTHONPATH": os.pathsep.join(
-                        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+        self.env = child_environment({**inherited_environment(), **env, **spec.env,
+                                      "HOST": HOST, "PORT": str(self.port)})
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
 
     def start(self) -> None:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.spec.module], cwd=ROOT, env=self.env,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", self.spec.module, *self.spec.args], cwd=ROOT,
+                env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     def wait_ready(self, timeout: float) -> dict[str, Any]:
         """Wait until every planned worker is ready (``/readyz`` of app/ turns 200 with the
@@ -156,7 +156,7 @@ class ServerProcess:
                 raise ServerError(f"{self.spec.name} exited with {self.process.returncode} "
                                   f"before it was ready:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as response:
+                with _LOCAL.open(f"{self.url}{self.spec.ready_path}", timeout=2) as response:
                     body = json.loads(response.read())
                 if body.get("workers_ready") == body.get("workers"):
                     return body  # type: ignore[no-any-return]
@@ -177,7 +177,7 @@ class ServerProcess:
             request = urllib.request.Request(f"{self.url}/predict", data=body[0],
                                              headers={"Content-Type": body[1]}, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=120) as response:
+                with _LOCAL.open(request, timeout=120) as response:
                     count = len(json.loads(response.read())["predictions"])
             except urllib.error.HTTPError as exc:
                 raise ServerError(f"{self.spec.name} warm-up: HTTP {exc.code} "

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from loadtest.processes import live_processes
+
 ROOT = Path(__file__).resolve().parents[2]
 SUPPORT = Path(__file__).resolve().parent
 
@@ -15,22 +17,16 @@ SUPPORT = Path(__file__).resolve().parent
 def child_pids() -> set[int]:
     """Live children of this process, excluding multiprocessing's resource tracker."""
     me = os.getpid()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != me or fields[0] == "Z":
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"resource_tracker" in f.read():
-                    continue
-        except (OSError, IndexError, ValueError):
-            continue
-        found.add(int(entry))
-    return found
+    return {pid for pid, parent, _ in live_processes() if parent == me and _counts(pid)}
+
+
+def _counts(pid: int) -> bool:
+    """Still there, and not the resource tracker (it outlives every pool by design)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" not in f.read()
+    except OSError:
+        return False
 
 
 def pid_alive(pid: int) -> bool:

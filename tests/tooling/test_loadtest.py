@@ -11,6 +11,9 @@ import email
 import io
 import json
 import math
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -19,14 +22,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
+from procs import pid_alive, wait_until
 
-from loadtest import compare, report, servers
+from loadtest import compare, processes, report, servers
 from loadtest.images import (
     generated_images,
     multipart_body,
     request_bodies,
     uni_colour_images,
 )
+from loadtest.rounds import alternate, medians
 
 ALL_SERVERS = ("simple", "mp", "spool", "spool-batch", "spool-min")
 
@@ -146,6 +151,65 @@ def test_server_settings_left_in_the_shell_do_not_reach_the_servers(monkeypatch,
     batch = servers.ServerProcess(specs["spool-batch"], env, tmp_path / "log").env
     assert "NUM_WORKERS" not in simple and "max_batch_size" not in simple
     assert batch["MAX_BATCH_SIZE"] == "16" and batch["HOST"] == "127.0.0.1"
+
+
+# ---- the harness: children in process groups, contestants in turns ------------------------
+
+# A child that starts a grandchild, says its pid, and sleeps: what locust and the seed client
+# do with their user processes.
+PARENT_OF_A_SLEEPER = ("import subprocess, sys, time\n"
+                       "child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                       "time.sleep(60)'])\n"
+                       "print(child.pid, flush=True)\n"
+                       "time.sleep(60)\n")
+
+
+class Abandoned(Exception):
+    pass
+
+
+def test_leaving_a_logged_process_early_kills_all_it_started(tmp_path):
+    log = tmp_path / "child.log"
+    with pytest.raises(Abandoned), processes.logged_process(
+            [sys.executable, "-c", PARENT_OF_A_SLEEPER], log) as child:
+        assert wait_until(lambda: log.read_text().strip(), timeout=30), log.read_text()
+        grandchild = int(log.read_text())
+        raise Abandoned  # a time-out or Ctrl-C in the caller
+    assert child.returncode == -signal.SIGKILL
+    assert wait_until(lambda: not pid_alive(grandchild), timeout=5)
+
+
+def test_run_logged_returns_the_exit_code_and_logs_both_streams(tmp_path):
+    log = tmp_path / "run.log"
+    code = processes.run_logged(
+        [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); "
+         "sys.exit(3)"], log, timeout=30)
+    assert code == 3
+    assert log.read_text().split() == ["out", "err"]
+    assert processes.log_tail(log, lines=1) == "err"
+    with pytest.raises(subprocess.TimeoutExpired):
+        processes.run_logged([sys.executable, "-c", "import time; time.sleep(60)"], log,
+                             timeout=0.5)
+
+
+def test_contestants_take_turns_and_medians_drop_the_spoilt_round():
+    calls, printed = [], []
+
+    def contestant(name, figures):
+        def measure(round_):
+            calls.append((name, round_))
+            return figures[round_ - 1]
+        return measure
+
+    results = alternate({"base": contestant("base", [10, 11, 12]),
+                         "cand": contestant("cand", [20, 2, 22])}, 3, after_round=printed.append)
+    assert calls == [("base", 1), ("cand", 1), ("base", 2), ("cand", 2), ("base", 3),
+                     ("cand", 3)]
+    assert results == {"base": [10, 11, 12], "cand": [20, 2, 22]}
+    assert printed == [{"base": 10, "cand": 20}, {"base": 11, "cand": 2},
+                       {"base": 12, "cand": 22}]
+    assert medians([{"rate": r, "p99": 100 - r} for r in results["cand"]]) == {
+        "rate": 20, "p99": 80}
 
 
 # ---- the locust user, against a stub server -----------------------------------------------
