@@ -1,7 +1,7 @@
 """Images as tensors on the worker's device: JPEG decoding there, resize/crop/normalise there.
 
-Runs in the worker process. Issue 16: at 1,000-3,000 images/s one process decoding with
-Pillow starves a GPU. On CUDA, JPEGs are decoded by ``torchvision.io.decode_jpeg`` on the GPU
+Runs in the worker process. At 1,000-3,000 images/s, one process decoding with Pillow
+starves a GPU. On CUDA, JPEGs are decoded by ``torchvision.io.decode_jpeg`` on the GPU
 (nvJPEG, a whole batch per call) and resized, cropped and normalised as tensor ops there;
 every other image is decoded and resized by Pillow in threads, and only its uint8 pixels
 cross to the device (pinned memory, ``non_blocking``), a quarter of the bytes of float32.

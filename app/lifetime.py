@@ -1,4 +1,4 @@
-"""A request's lifetime: its deadline, and what happens when its client leaves (issue 11).
+"""A request's lifetime: its deadline, and what happens when its client leaves.
 
 Every inference request carries a deadline: ``REQUEST_TIMEOUT_S`` after the request
 arrived, or sooner when the client sends ``X-Request-Timeout: SECONDS`` (it can shorten the

@@ -122,7 +122,7 @@ class Metrics:
         self.registry.register(PoolCollector(pool_stats, random_weights))
 
         # Labelled children, looked up once: ``labels()`` takes a lock and builds a key per
-        # call, which showed in the event loop's profile (issue 11).
+        # call, which showed in the event loop's profile under load.
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._latencies: dict[tuple[str, str], Any] = {}
 

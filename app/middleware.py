@@ -33,7 +33,7 @@ QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 # Request ids: a random per-process prefix and a counter. uuid4() per request cost 9% of the
-# event loop's time under load (py-spy, issue 11): os.urandom is a syscall that also drops
+# event loop's time under load (py-spy): os.urandom is a syscall that also drops
 # the GIL, and getting it back behind the dispatcher thread costs more than the call.
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count(1)
@@ -49,7 +49,7 @@ def freeze_heap() -> None:
     Under load the collector's oldest generation runs about once a second, and each run walks
     every object of the process: with the app, FastAPI, pydantic and their schemas loaded,
     that took 30-130 ms on the reference machine, during which no request moves: these
-    pauses were the p99 spikes of issue 11. Frozen objects are never walked again (they
+    pauses were the server's p99 latency spikes. Frozen objects are never walked again (they
     were going to live as long as the process anyway).
     """
     gc.collect()
@@ -62,7 +62,7 @@ def shed_now(scope: Scope) -> int | None:
     Only while shedding (a full queue answered 503 in the last second, ``app.errors``) and
     the queue is still full: a request that would be refused anyway then costs no upload
     read, no multipart parse, no image check. Under 512 clients on 2 cores those made a 503
-    take seconds (issue 11). At other times this is one attribute read.
+    take seconds. At other times this is one attribute read.
     """
     app = scope.get("app")
     if app is None or time.monotonic() >= getattr(app.state, "shedding_until", 0.0):

@@ -1,4 +1,4 @@
-"""Benchmark of the inference server against its two ceilings (issue 6), in one run.
+"""Benchmark of the inference server against its two ceilings, in one run.
 
 1. ViT (vit_tiny_patch16_224, CPU, 2 workers, 32 concurrent single-image clients):
    ``POST /predict`` of ``python -m app`` against the *raw ceiling*: the same worker
@@ -10,7 +10,7 @@
    the same checks and the same echo in-process, without a pool (goal: >= 0.5x its req/s),
    and the seed's server shape on our library: a bare FastAPI endpoint awaiting
    ``SPool.async_execute`` on a null worker (goal: >= 0.9x its req/s, p99 <= 2x its p99).
-3. Disconnect (issue 11): vit_tiny on 1 CPU worker, 24 clients each sending 16 images and
+3. Disconnect: vit_tiny on 1 CPU worker, 24 clients each sending 16 images and
    hanging up after 1 s. Reported: seconds the pool keeps working after the last client
    left (``pool_in_flight`` in ``/metrics`` back to 0). Goal: <= 1 s.
 4. Overload (``--only overload``): 512 clients against vit_tiny on 2 CPU workers with

@@ -10,7 +10,7 @@ Stop every server (SIGTERM, then SIGKILL past a deadline). Then write, in one fo
     summary.json         configuration, machine, code size, every run, mean/std per setting
     summary.csv          mean/std per (server, images per request)
     runs.csv             one row per locust run
-    results.md           the Markdown table, with the issue's target checked
+    results.md           the Markdown table, with the targets of docs/LOADTEST.md checked
     chart.png            throughput, p50 and p99 per server, error bars = std over repeats
 
 Presets: ``--preset cpu`` (default; a few minutes on 2 cores), ``--preset gpu`` (our servers

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16: everything the GPU issue measures, in about 7 minutes on a GPU machine lent briefly
+# Everything docs/GPU.md asks a GPU to measure, in about 7 minutes on a GPU machine lent briefly
 # (loadtest/gpu_check.py: the bare model at fp32/TF32/bf16/bf16+compile, then the server at
 # 64 and 256 users with GPU and Pillow decoding). docs/GPU.md says how to run it there.
 #

@@ -1,4 +1,4 @@
-"""A request's lifetime over a real socket (issue 11): deadlines and clients that leave.
+"""A request's lifetime over a real socket: deadlines and clients that leave.
 
 One server for the module: one worker that takes 0.5 s per image, one image per task
 (``MAX_BATCH_SIZE=1``), ``REQUEST_TIMEOUT_S=2``, and a record of every image that reached
