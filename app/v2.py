@@ -30,13 +30,14 @@ Errors are ``{"error": "..."}``: 400 bad input, 404 unknown model, and the statu
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 
 from stateful_pool import __version__
@@ -244,12 +245,28 @@ async def as_v2_error(request: Request, exc: Exception) -> Response:
     return v2_error(response.status_code, str(detail), headers)
 
 
+class V2Route(APIRoute):
+    """A route whose HTTP errors raised before the endpoint runs (the API-key guard's 401)
+    are answered in the protocol's ``{"error": "..."}`` shape too."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handle_in_v2_shape(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except HTTPException as exc:
+                return v2_error(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+        return handle_in_v2_shape
+
+
 def build_v2_router(decl: Declaration, model_name: str,
                     guards: Sequence[Callable[..., Any]] = ()) -> APIRouter:
     """The protocol's routes for the served model; ``guards`` (the API key) on the model
     routes, not on the server's health routes."""
     model = V2Model(decl, model_name)
-    router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+    router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=V2Route)
     guarded = [Depends(g) for g in guards]
 
     @router.get("/health/live")
@@ -332,11 +349,9 @@ _ERROR_MEANINGS = {
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI description of the error answers: the protocol's ``{"error": "..."}``,
-    except 401, which the shared API-key guard answers in FastAPI's ``{"detail": ...}``."""
-    def body(key: str) -> dict[str, Any]:
-        return {"type": "object", "properties": {key: {"type": "string"}}, "required": [key]}
-
+    """The OpenAPI description of the error answers: the protocol's ``{"error": "..."}``."""
+    body = {"type": "object", "properties": {"error": {"type": "string"}},
+            "required": ["error"]}
     return {status: {"description": _ERROR_MEANINGS[status], "content": {
-                "application/json": {"schema": body("detail" if status == 401 else "error")}}}
+                "application/json": {"schema": body}}}
             for status in statuses}

@@ -165,8 +165,16 @@ def test_api_key_guards_predict_and_model_info_but_not_the_probes():
         good = {"Authorization": "Bearer s3cret"}
         assert post_files(client, image, headers=good).status_code == 200
         assert client.get("/v1/model", headers=good).status_code == 200
-        for probe in ("/healthz", "/readyz", "/metrics"):
+        for probe in ("/healthz", "/readyz", "/metrics", "/v2/health/live"):
             assert client.get(probe).status_code == 200, probe
+        # The Open Inference Protocol routes answer a refused key in their own error shape.
+        for method, path in (("GET", "/v2/models/any"), ("POST", "/v2/models/any/infer")):
+            response = client.request(method, path, content=b"{}")
+            assert response.status_code == 401, response.text
+            assert response.json() == {"error": "missing or invalid API key"}
+            assert response.headers["www-authenticate"] == "Bearer"
+            passed = client.request(method, path, content=b"{}", headers=good)
+            assert passed.status_code == 404 and "unknown model 'any'" in passed.json()["error"]
 
 
 # ---- the pool's refusals -----------------------------------------------------------------
