@@ -22,7 +22,9 @@ Each server runs in its own process (started like ``make serve``); the load come
 process: asyncio keep-alive connections sending one prebuilt multipart request each, so the
 client costs little of the 2 shared cores. Only 127.0.0.1 is used. Baseline and server stay
 up side by side and their phases alternate (baseline, server, baseline...); the table
-shows the medians.
+shows the medians. The servers are in ``bench_servers.py``, the load in ``http_load.py``,
+the disconnect and overload scenarios in ``server_scenarios.py``; this file runs the
+comparisons and prints the table.
 
     python benchmarks/server_bench.py                  # every target, about 6 minutes
     python benchmarks/server_bench.py --only echo      # the three echo rows
@@ -44,215 +46,30 @@ import os
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
-
-from fastapi import FastAPI, File, UploadFile
-
-from stateful_pool import SWorker
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_servers import (  # noqa: E402
+    READY_TIMEOUT,
+    app_server,
+    baseline_server,
+    plain_app,
+    seed_app,
+    serve,
+)
+from benchmarks.http_load import Phase, http_caller, pool_caller, run_load, sample_jpeg  # noqa: E402
+from benchmarks.server_scenarios import disconnect_scenario, overload_scenario  # noqa: E402
 from loadtest import raw_model  # noqa: E402
-from loadtest.images import Upload, generated_images, multipart_body  # noqa: E402
 from loadtest.processes import log_tail, logged_process  # noqa: E402
 from loadtest.rounds import alternate, medians  # noqa: E402
-from loadtest.servers import ServerProcess, ServerSpec  # noqa: E402
 
 ECHO = "app.examples.echo_worker:EchoWorker"
-READY_TIMEOUT = 120.0
-
-
-@dataclass
-class Phase:
-    name: str
-    requests: int
-    seconds: float
-    errors: int
-    p50_ms: float
-    p99_ms: float
-
-    @property
-    def rate(self) -> float:
-        return self.requests / self.seconds
-
-    def figures(self) -> dict[str, float]:
-        return {"rate": self.rate, "p99_ms": self.p99_ms}
-
-
-# ---- the image and the request ------------------------------------------------------------
-
-def sample_jpeg() -> bytes:
-    """A 500x375 photo-like JPEG (a gradient plus noise), about ImageNet's size."""
-    return generated_images(1, (500, 375))[0].data
-
-
-def multipart_request(port: int, image: bytes, copies: int = 1) -> bytes:
-    """A whole raw HTTP/1.1 POST /predict of ``copies`` times ``image``."""
-    body, content_type = multipart_body([Upload("bench.jpg", image, "image/jpeg")] * copies)
-    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    return head + body
-
-
-# ---- load: N concurrent loops, counted inside a measurement window ------------------------
-
-async def run_load(name: str, make_call: Callable[[], Awaitable[Callable[[], Awaitable[bool]]]],
-                   clients: int, warmup: float, duration: float) -> Phase:
-    """Each client loops ``call()``; completions inside [warmup, warmup+duration] count."""
-    loop = asyncio.get_running_loop()
-    start = loop.time() + warmup
-    end = start + duration
-    latencies: list[float] = []
-    errors = 0
-
-    async def client() -> None:
-        nonlocal errors
-        call = await make_call()
-        while loop.time() < end:
-            t0 = loop.time()
-            ok = await call()
-            t1 = loop.time()
-            if start <= t1 <= end:
-                if ok:
-                    latencies.append(t1 - t0)
-                else:
-                    errors += 1
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    latencies.sort()
-
-    def pick(q: float) -> float:
-        return (latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
-                if latencies else float("nan"))
-
-    return Phase(name, len(latencies), duration, errors, pick(0.50), pick(0.99))
-
-
-def http_caller(port: int, image: bytes) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:
-    request = multipart_request(port, image)
-
-    async def connect() -> Callable[[], Awaitable[bool]]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-        async def call() -> bool:
-            writer.write(request)
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
-            return status == 200
-
-        return call
-
-    return connect
-
-
-def pool_caller(pool: Any, item: Any) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:
-    async def connect() -> Callable[[], Awaitable[bool]]:
-        async def call() -> bool:
-            await pool.async_execute(item)
-            return True
-
-        return call
-
-    return connect
-
-
-# ---- servers ------------------------------------------------------------------------------
-
-def bench_server(args: argparse.Namespace, name: str, module: str, env: dict[str, str],
-                 cli_args: tuple[str, ...] = (), ready_path: str = "/readyz") -> ServerProcess:
-    """A server subprocess on a free 127.0.0.1 port, its log in ``args.logs``; ``with`` it to
-    start it and always stop it (with any worker it left)."""
-    spec = ServerSpec(name, name, module, args=cli_args, ready_path=ready_path)
-    return ServerProcess(spec, env, args.logs / f"{name}.log")
-
-
-def app_server(args: argparse.Namespace, name: str, workers: int,
-               worker_class: str = "app.worker:ViTWorker",
-               extra: dict[str, str] | None = None) -> ServerProcess:
-    return bench_server(args, name, "app", {
-        "MODEL_NAME": args.model, "MODEL_WEIGHTS": "random", "DEVICE": "cpu",
-        "NUM_WORKERS": str(workers), "WORKER_CLASS": worker_class,
-        # No per-request access log line, on both sides of each comparison.
-        "LOG_LEVEL": "warning", **(extra or {})})
-
-
-def baseline_server(args: argparse.Namespace, name: str, flag: str) -> ServerProcess:
-    """One of this file's own baseline apps (``--serve-plain``, ``--serve-seed``)."""
-    return bench_server(args, name, "benchmarks.server_bench", {}, (flag,), "/openapi.json")
-
-
-def plain_app() -> Any:
-    """The echo baseline: same upload handling and checks, the echo run in-process."""
-    from app.contract import ImageInput
-    from app.examples.echo_worker import EchoWorker
-    from app.images import inspect_image
-
-    app = FastAPI()
-    worker = EchoWorker()
-
-    @app.post("/predict")
-    async def predict(files: Annotated[list[UploadFile], File()]) -> dict[str, Any]:
-        predictions = []
-        for upload in files:
-            data = await upload.read()
-            header = inspect_image(data, max_pixels=40_000_000, name=upload.filename or "")
-            item = ImageInput(data, header.format, header.width, header.height, 5)
-            predictions.append({"filename": upload.filename, **worker.execute(item)})
-        return {"predictions": predictions}
-
-    return app
-
-
-def serve(app: Any) -> None:
-    """Serve ``app`` on 127.0.0.1:$PORT (ServerProcess sets it), without an access log."""
-    import uvicorn
-
-    uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning",
-                access_log=False)
-
-
-class NullWorker(SWorker[None, dict[str, int]]):
-    """The seed's null model: answers the size of what it was sent."""
-
-    def spawn(self) -> None:
-        return None
-
-    def execute(self, data: bytes) -> dict[str, int]:
-        return {"bytes": len(data)}
-
-
-def seed_app() -> Any:
-    """The seed's server shape on our library: one endpoint, the upload's bytes straight to
-    ``pool.async_execute``, the worker's dict back; no checks, limits or metrics."""
-    from contextlib import asynccontextmanager
-
-    from stateful_pool import SPool
-
-    pool: SPool[Any, Any] = SPool(NullWorker)  # type: ignore[arg-type]
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> Any:
-        await pool.async_spawn()
-        yield
-        pool.shutdown(cancel_futures=True, timeout=10)
-
-    app = FastAPI(lifespan=lifespan)
-
-    @app.post("/predict")
-    async def predict(files: Annotated[UploadFile, File()]) -> Any:
-        return await pool.async_execute(await files.read())
-
-    return app
 
 
 # ---- the two comparisons ------------------------------------------------------------------
@@ -309,133 +126,6 @@ def compare_echo(args: argparse.Namespace, image: bytes) -> list[list[Phase]]:
             "plain FastAPI": http_caller(plain.port, image),
             "seed shape (SPool)": http_caller(seed.port, image),
             "/predict echo": http_caller(server.port, image)})
-
-
-# ---- overload: bounded latency for the accepted, a fast 503 for the others ----------------
-
-@dataclass
-class Overload:
-    timeout_s: float
-    ok: list[float]
-    rejected: list[float]
-    expired: list[float]
-    other: int
-    retry_after: list[int]
-
-    def summary(self) -> dict[str, Any]:
-        def q(values: list[float], p: float) -> float:
-            values = sorted(values)
-            return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
-
-        return {"request_timeout_s": self.timeout_s, "ok": len(self.ok),
-                "ok_p50_s": q(self.ok, 0.5), "ok_p99_s": q(self.ok, 0.99),
-                "rejected_503": len(self.rejected), "rejected_p99_ms": q(self.rejected, 0.99) * 1e3,
-                "rejected_max_ms": max(self.rejected, default=float("nan")) * 1e3,
-                "expired_504": len(self.expired), "other": self.other,
-                "retry_after_s": sorted(set(self.retry_after))}
-
-
-async def overload_load(port: int, image: bytes, clients: int, duration: float,
-                        timeout_s: float) -> Overload:
-    """``clients`` keep-alive connections in a closed loop for ``duration`` s; a 503 is
-    retried after its Retry-After, as a polite client would."""
-    request = multipart_request(port, image)
-    result = Overload(timeout_s, [], [], [], 0, [])
-    loop = asyncio.get_running_loop()
-    end = loop.time() + duration
-
-    async def one_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        t0 = loop.time()
-        writer.write(request)
-        status = int((await reader.readline()).split()[1])
-        length, retry = 0, 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-            elif line[:12].lower() == b"retry-after:":
-                retry = int(line[12:])
-        await reader.readexactly(length)
-        seconds = loop.time() - t0
-        if status == 200:
-            result.ok.append(seconds)
-        elif status == 503:
-            result.rejected.append(seconds)
-            result.retry_after.append(retry)
-            await asyncio.sleep(min(retry, max(0.0, end - loop.time())))
-        elif status == 504:
-            result.expired.append(seconds)
-        else:
-            result.other += 1
-
-    async def client() -> None:
-        while loop.time() < end:
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                while loop.time() < end:
-                    await one_call(reader, writer)
-                writer.close()
-            except (OSError, IndexError, asyncio.IncompleteReadError):
-                result.other += 1  # the connection failed or was closed: reconnect
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return result
-
-
-def overload_scenario(args: argparse.Namespace, image: bytes, clients: int = 512,
-                      duration: float = 20.0, timeout_s: float = 5.0) -> Overload:
-    with app_server(args, "overload", args.workers,
-                    extra={"REQUEST_TIMEOUT_S": str(timeout_s)}) as server:
-        server.wait_ready(READY_TIMEOUT)
-        return asyncio.run(overload_load(server.port, image, clients, duration, timeout_s))
-
-
-# ---- clients that leave: how long the pool works for nobody -------------------------------
-
-def pool_gauges(port: int) -> dict[str, float]:
-    """``pool_in_flight`` and ``pool_queue_depth`` from ``/metrics``."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return {name: float(value) for name, value in (
-            line.split() for line in response.read().decode().splitlines()
-            if line.startswith(("pool_in_flight ", "pool_queue_depth ")))}
-
-
-async def leave_after(port: int, request: bytes, seconds: float) -> None:
-    """Send ``request``, wait ``seconds`` (no answer expected by then), hang up."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    try:
-        await asyncio.wait_for(reader.read(1), seconds)
-    except TimeoutError:
-        pass
-    writer.close()
-
-
-def disconnect_scenario(args: argparse.Namespace, image: bytes, clients: int = 24,
-                        images: int = 16, patience: float = 1.0) -> tuple[float, float]:
-    """Seconds from the last client hanging up until the queue is empty, and until the pool
-    holds no task (the batch running when they left runs to its end)."""
-    with app_server(args, "disconnect", 1) as server:
-        server.wait_ready(READY_TIMEOUT)
-        request = multipart_request(server.port, image, copies=images)
-
-        async def all_leave() -> None:
-            await asyncio.gather(*(leave_after(server.port, request, patience)
-                                   for _ in range(clients)))
-
-        asyncio.run(all_leave())
-        left = time.monotonic()
-        queue_empty = None
-        while True:
-            gauges = pool_gauges(server.port)
-            now = time.monotonic() - left
-            if queue_empty is None and gauges["pool_queue_depth"] == 0:
-                queue_empty = now
-            if gauges["pool_in_flight"] == 0:
-                return queue_empty if queue_empty is not None else now, now
-            if now > 120:
-                raise TimeoutError("the pool was still busy 120 s after the clients left")
-            time.sleep(0.02)
 
 
 # ---- the CPU worker-count study (what NUM_WORKERS defaults to without a GPU) --------------

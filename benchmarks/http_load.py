@@ -1,0 +1,117 @@
+"""The load of ``server_bench.py``: concurrent callers in a closed loop, counted inside a
+measurement window.
+
+A caller is a coroutine factory: ``http_caller`` opens one keep-alive connection to a server
+on 127.0.0.1 and sends the same prebuilt multipart ``POST /predict`` again and again;
+``pool_caller`` awaits ``SPool.async_execute`` directly (the raw ceiling, no HTTP).
+``run_load`` starts N such callers and returns their ``Phase``: completions, errors and
+latency percentiles inside the window after a warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from loadtest.images import Upload, generated_images, multipart_body
+
+
+@dataclass
+class Phase:
+    name: str
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p99_ms: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+    def figures(self) -> dict[str, float]:
+        return {"rate": self.rate, "p99_ms": self.p99_ms}
+
+
+
+# ---- the image and the request ------------------------------------------------------------
+
+def sample_jpeg() -> bytes:
+    """A 500x375 photo-like JPEG (a gradient plus noise), about ImageNet's size."""
+    return generated_images(1, (500, 375))[0].data
+
+
+def multipart_request(port: int, image: bytes, copies: int = 1) -> bytes:
+    """A whole raw HTTP/1.1 POST /predict of ``copies`` times ``image``."""
+    body, content_type = multipart_body([Upload("bench.jpg", image, "image/jpeg")] * copies)
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+# ---- load: N concurrent loops, counted inside a measurement window ------------------------
+
+async def run_load(name: str, make_call: Callable[[], Awaitable[Callable[[], Awaitable[bool]]]],
+                   clients: int, warmup: float, duration: float) -> Phase:
+    """Each client loops ``call()``; completions inside [warmup, warmup+duration] count."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + warmup
+    end = start + duration
+    latencies: list[float] = []
+    errors = 0
+
+    async def client() -> None:
+        nonlocal errors
+        call = await make_call()
+        while loop.time() < end:
+            t0 = loop.time()
+            ok = await call()
+            t1 = loop.time()
+            if start <= t1 <= end:
+                if ok:
+                    latencies.append(t1 - t0)
+                else:
+                    errors += 1
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    latencies.sort()
+
+    def pick(q: float) -> float:
+        return (latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+                if latencies else float("nan"))
+
+    return Phase(name, len(latencies), duration, errors, pick(0.50), pick(0.99))
+
+
+def http_caller(port: int, image: bytes) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:
+    request = multipart_request(port, image)
+
+    async def connect() -> Callable[[], Awaitable[bool]]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def call() -> bool:
+            writer.write(request)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            return status == 200
+
+        return call
+
+    return connect
+
+
+def pool_caller(pool: Any, item: Any) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:
+    async def connect() -> Callable[[], Awaitable[bool]]:
+        async def call() -> bool:
+            await pool.async_execute(item)
+            return True
+
+        return call
+
+    return connect
