@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import raw_model, report
+from . import raw_model, report, results
 from .images import IMAGE_KINDS, Upload, load_images, parse_size, request_bodies
 from .processes import ROOT, log_tail, run_logged
 from .seed import client as seed_client
@@ -298,7 +298,7 @@ class Session:
         self.specs = server_specs(args.max_batch_size, args.max_batch_wait_ms)
         self.up: dict[str, ServerProcess] = {}
         self.launched_at: dict[str, float] = {}
-        self.runs: list[report.RunResult] = []
+        self.runs: list[results.RunResult] = []
         self.total = len(args.servers) * len(args.images_per_request) * args.repeats
         self.started = time.monotonic()
 
@@ -333,11 +333,11 @@ class Session:
         try:
             if self.args.load == "seed":
                 client = run_seed_client(self.up[name].url, ipr, self.args, prefix)
-                run = report.seed_run_result(client, server=name, repeat=repeat,
+                run = results.seed_run_result(client, server=name, repeat=repeat,
                                              load_average_1m=os.getloadavg()[0])
             else:
                 stats, run_info = run_locust(self.up[name].url, ipr, self.args, prefix)
-                run = report.run_result(
+                run = results.run_result(
                     stats, run_info, server=name, images_per_request=ipr, repeat=repeat,
                     planned_duration_s=self.args.duration, load_average_1m=os.getloadavg()[0])
         except ServerError as exc:
@@ -429,7 +429,7 @@ def compare(args: argparse.Namespace) -> int:
         # Every known server, run or not: the seed reported code size beside the benchmark.
         "code_size": {name: {"description": spec.description,
                              "code_files": list(spec.code_files),
-                             "code_lines": sum(report.code_lines(ROOT / f)
+                             "code_lines": sum(results.code_lines(ROOT / f)
                                                for f in spec.code_files)}
                       for name, spec in specs.items()},
     }
@@ -471,14 +471,14 @@ def compare(args: argparse.Namespace) -> int:
 
     summary["environment"]["load_average_after"] = load_average()
     summary["environment"]["elapsed_s"] = round(time.monotonic() - session.started, 1)
-    aggregates = report.aggregate(runs)
+    aggregates = results.aggregate(runs)
     summary["runs"] = [asdict(r) for r in runs]
     summary["aggregates"] = [asdict(a) for a in aggregates]
     summary["verdicts"] = report.verdicts(aggregates, summary.get("raw_model"),
                                           gpu=args.device != "cpu")
-    report.write_json(args.output / "summary.json", summary)
-    report.write_csv(args.output / "summary.csv", aggregates, report.Aggregate)
-    report.write_csv(args.output / "runs.csv", runs, report.RunResult)
+    results.write_json(args.output / "summary.json", summary)
+    results.write_csv(args.output / "summary.csv", aggregates, results.Aggregate)
+    results.write_csv(args.output / "runs.csv", runs, results.RunResult)
     table = report.markdown(summary, aggregates, runs)
     (args.output / "results.md").write_text(table)
     if not report.summary_chart(args.output / "chart.png", summary, aggregates):

@@ -37,11 +37,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import report
 from .compare import run_locust
 from .images import load_images, parse_size, request_bodies
 from .raw_model import command_line as raw_model_command
 from .raw_model import run_child
+from .results import run_result, write_json
 from .servers import ServerError, ServerProcess, ServerSpec
 
 RAW_LEGS = (  # name, precision, tf32, compile
@@ -140,10 +140,10 @@ def server(check: Check) -> None:
                 began = time.time()
                 stats, run_info = run_locust(process.url, 1, load,
                                              check.work / f"locust_{decode}_u{users}")
-                run = report.run_result(stats, run_info, server=f"decode={decode}",
-                                        images_per_request=1, repeat=1,
-                                        planned_duration_s=plan.duration,
-                                        load_average_1m=os.getloadavg()[0])
+                run = run_result(stats, run_info, server=f"decode={decode}",
+                                 images_per_request=1, repeat=1,
+                                 planned_duration_s=plan.duration,
+                                 load_average_1m=os.getloadavg()[0])
                 row = {"decode": decode, "users": users, "began": began, "ended": time.time(),
                        "worker_decode": info.get("decode"), **asdict(run)}
                 check.results["server"].append(row)
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["gpu_util_mean"] = sampler.mean_between(row["began"], row["ended"])
     finally:
         check.results["elapsed_s"] = round(time.monotonic() - check.started, 1)
-        report.write_json(check.output / "results.json", check.results)
+        write_json(check.output / "results.json", check.results)
         table = markdown(check.results)
         (check.output / "results.md").write_text(table)
         with tarfile.open(check.output / "details.tgz", "w:gz") as archive:

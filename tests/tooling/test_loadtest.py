@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 from procs import pid_alive, wait_until
 
-from loadtest import compare, processes, report, servers
+from loadtest import compare, processes, report, results, servers
 from loadtest.images import (
     generated_images,
     multipart_body,
@@ -40,11 +40,11 @@ ALL_SERVERS = ("simple", "mp", "spool", "spool-batch", "spool-min")
 
 def test_percentile_from_locust_histogram_with_string_keys():
     histogram = {"10": 50, "20": 45, "300": 4, "1000": 1}  # JSON keys are strings
-    assert report.percentile(histogram, 0.50) == 10
-    assert report.percentile(histogram, 0.95) == 20
-    assert report.percentile(histogram, 0.99) == 300
-    assert report.percentile(histogram, 1.00) == 1000
-    assert math.isnan(report.percentile({}, 0.5))
+    assert results.percentile(histogram, 0.50) == 10
+    assert results.percentile(histogram, 0.95) == 20
+    assert results.percentile(histogram, 0.99) == 300
+    assert results.percentile(histogram, 1.00) == 1000
+    assert math.isnan(results.percentile({}, 0.5))
 
 
 def stats_entry(**overrides):
@@ -57,7 +57,7 @@ def stats_entry(**overrides):
 
 def test_run_result_counts_only_successful_requests_over_the_measured_window():
     info = {"stopped_at": 1010.0, "errors": {"HTTP 503": 7, "HTTP 500": 3}}
-    run = report.run_result([stats_entry(last_request_timestamp=1004.0)], info, server="simple",
+    run = results.run_result([stats_entry(last_request_timestamp=1004.0)], info, server="simple",
                             images_per_request=4, repeat=1, planned_duration_s=15,
                             load_average_1m=0.5)
     # 90 answered between the stats reset and the stop: 10 s, not -t (15 s), nor the 4 s to
@@ -70,19 +70,19 @@ def test_run_result_counts_only_successful_requests_over_the_measured_window():
 
 
 def test_run_without_answers_reports_zero_throughput_not_a_crash():
-    run = report.run_result([], {}, server="mp", images_per_request=1, repeat=1,
+    run = results.run_result([], {}, server="mp", images_per_request=1, repeat=1,
                             planned_duration_s=5, load_average_1m=0.0)
     assert (run.requests, run.images_per_s) == (0, 0.0)
     assert math.isnan(run.latency_p99_ms)
 
 
 def test_aggregate_mean_and_sample_std_over_repeats():
-    runs = [report.run_result([stats_entry(num_failures=f)], {"stopped_at": 1010.0},
+    runs = [results.run_result([stats_entry(num_failures=f)], {"stopped_at": 1010.0},
                               server="spool",
                               images_per_request=1, repeat=i, planned_duration_s=10,
                               load_average_1m=0.0)
             for i, f in enumerate((0, 20), 1)]
-    (agg,) = report.aggregate(runs)
+    (agg,) = results.aggregate(runs)
     assert agg.requests_per_s == pytest.approx(9.0)  # mean of 10 and 8
     assert agg.requests_per_s_std == pytest.approx(math.sqrt(2))
     assert (agg.repeats, agg.requests, agg.failures) == (2, 200, 20)
@@ -90,7 +90,7 @@ def test_aggregate_mean_and_sample_std_over_repeats():
 
 def test_verdict_needs_both_more_throughput_and_a_lower_p99():
     def agg(server, images_per_s, p99):
-        return report.Aggregate(server, 1, 3, 100, 0, images_per_s, 0, 0, 0, 0, 0, 0, 0,
+        return results.Aggregate(server, 1, 3, 100, 0, images_per_s, 0, 0, 0, 0, 0, 0, 0,
                                 p99, 0)
 
     aggregates = [agg("simple", 40, 900), agg("mp", 50, 800), agg("spool", 55, 850),
@@ -109,7 +109,7 @@ def test_code_lines_skip_docstrings_comments_and_blank_lines(tmp_path):
     source = tmp_path / "m.py"
     source.write_text('"""Module doc\nover two lines."""\n\n# a comment\nimport os\n\n\n'
                       'def f(x):\n    """Doc."""\n    return (x +\n            1)  # why\n')
-    assert report.code_lines(source) == 4  # import, def, and the two lines of the return
+    assert results.code_lines(source) == 4  # import, def, and the two lines of the return
 
 
 def test_multipart_body_holds_every_image_under_files():
@@ -201,14 +201,14 @@ def test_contestants_take_turns_and_medians_drop_the_spoilt_round():
             return figures[round_ - 1]
         return measure
 
-    results = alternate({"base": contestant("base", [10, 11, 12]),
-                         "cand": contestant("cand", [20, 2, 22])}, 3, after_round=printed.append)
+    rounds = alternate({"base": contestant("base", [10, 11, 12]),
+                        "cand": contestant("cand", [20, 2, 22])}, 3, after_round=printed.append)
     assert calls == [("base", 1), ("cand", 1), ("base", 2), ("cand", 2), ("base", 3),
                      ("cand", 3)]
-    assert results == {"base": [10, 11, 12], "cand": [20, 2, 22]}
+    assert rounds == {"base": [10, 11, 12], "cand": [20, 2, 22]}
     assert printed == [{"base": 10, "cand": 20}, {"base": 11, "cand": 2},
                        {"base": 12, "cand": 22}]
-    assert medians([{"rate": r, "p99": 100 - r} for r in results["cand"]]) == {
+    assert medians([{"rate": r, "p99": 100 - r} for r in rounds["cand"]]) == {
         "rate": 20, "p99": 80}
 
 
@@ -440,7 +440,7 @@ def test_seed_client_keeps_its_clients_busy_and_checks_every_answer(tmp_path, mi
         assert result["errors"] == {"2 predictions for 3 images": 12}
     else:
         assert result["failures"] == 0 and result["errors"] == {}
-    run = report.seed_run_result(result, server="x", repeat=1, load_average_1m=0.0)
+    run = results.seed_run_result(result, server="x", repeat=1, load_average_1m=0.0)
     assert run.requests_per_s == pytest.approx((12 - result["failures"]) / result["wall_s"])
 
 
@@ -454,15 +454,15 @@ def test_seed_client_refuses_a_target_that_is_not_this_machine():
 def test_seed_run_figures_are_over_the_wall_time_of_a_fixed_request_count():
     doc = {"images_per_request": 4, "requests": 10, "failures": 2, "wall_s": 4.0,
            "latencies_ms": [100.0] * 8 + [400.0, 1000.0], "errors": {"HTTP 500: x": 2}}
-    run = report.seed_run_result(doc, server="seed-mp", repeat=2, load_average_1m=1.0)
+    run = results.seed_run_result(doc, server="seed-mp", repeat=2, load_average_1m=1.0)
     assert run.requests_per_s == pytest.approx(2.0)  # 8 answered in 4 s
     assert run.images_per_s == pytest.approx(8.0)
     assert run.latency_mean_ms == pytest.approx(220.0)
     assert (run.latency_p50_ms, run.latency_p95_ms, run.latency_p99_ms) == (100, 1000, 1000)
     assert run.top_error == "HTTP 500: x"
-    other = report.seed_run_result({**doc, "failures": 0, "wall_s": 2.0}, server="seed-mp",
+    other = results.seed_run_result({**doc, "failures": 0, "wall_s": 2.0}, server="seed-mp",
                                    repeat=1, load_average_1m=1.0)
-    (agg,) = report.aggregate([run, other])
+    (agg,) = results.aggregate([run, other])
     assert agg.requests_per_s == pytest.approx(3.5)  # mean of 2 and 5 requests/s
     assert agg.requests_per_s_std == pytest.approx(math.sqrt(4.5))
     assert agg.latency_mean_ms_std == 0.0
@@ -470,7 +470,7 @@ def test_seed_run_figures_are_over_the_wall_time_of_a_fixed_request_count():
 
 def test_seed_claim_is_checked_against_the_two_published_baselines():
     def agg(server, images_per_s, latency_std):
-        return report.Aggregate(server, 8, 5, 320, 0, images_per_s, 1, 0, 0, 0, 0, 0, 0, 0, 0,
+        return results.Aggregate(server, 8, 5, 320, 0, images_per_s, 1, 0, 0, 0, 0, 0, 0, 0, 0,
                                 500, latency_std)
 
     holds = report.seed_claim([agg("seed-simple", 100, 40), agg("seed-mp", 90, 30),
