@@ -37,12 +37,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .compare import run_locust
 from .images import load_images, parse_size, request_bodies
 from .raw_model import command_line as raw_model_command
 from .raw_model import run_child
 from .results import run_result, write_json
 from .servers import ServerError, ServerProcess, ServerSpec
+from .session import run_locust
 
 RAW_LEGS = (  # name, precision, tf32, compile
     ("fp32", "fp32", False, False),

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 from procs import pid_alive, wait_until
 
-from loadtest import compare, processes, report, results, servers
+from loadtest import compare, presets, processes, report, results, servers, session
 from loadtest.images import (
     generated_images,
     multipart_body,
@@ -123,18 +123,18 @@ def test_multipart_body_holds_every_image_under_files():
 
 
 def test_presets_and_overrides():
-    args = compare.parse_args(["--preset", "gpu", "--users", "7", "--servers", "mp,spool"])
+    args = presets.parse_args(["--preset", "gpu", "--users", "7", "--servers", "mp,spool"])
     assert (args.model, args.users, args.repeats) == ("vit_large_patch16_224", 7, 5)
     assert args.images_per_request == [1, 4, 8, 16, 32]
     assert args.servers == ["mp", "spool"]
-    cpu = compare.parse_args(["--images-per-request", "2,8"])
+    cpu = presets.parse_args(["--images-per-request", "2,8"])
     assert (cpu.model, cpu.workers, cpu.images_per_request) == ("vit_tiny_patch16_224", 2, [2, 8])
     with pytest.raises(SystemExit):
-        compare.parse_args(["--servers", "simple,nginx"])
+        presets.parse_args(["--servers", "simple,nginx"])
 
 
 def test_server_limits_leave_room_for_the_whole_load():
-    args = compare.parse_args(["--preset", "gpu"])
+    args = presets.parse_args(["--preset", "gpu"])
     env = compare.server_env(args, largest_upload=2**20)
     assert int(env["QUEUE_SIZE"]) >= args.users * 32  # one task per image in flight
     assert int(env["MAX_FILES"]) >= 32
@@ -145,7 +145,7 @@ def test_server_settings_left_in_the_shell_do_not_reach_the_servers(monkeypatch,
     monkeypatch.setenv("NUM_WORKERS", "7")
     monkeypatch.setenv("max_batch_size", "3")  # Settings reads names in any case
     specs = servers.server_specs(max_batch_size=16, max_batch_wait_ms=0)
-    args = compare.parse_args(["--preset", "gpu"])  # workers 0: one per GPU
+    args = presets.parse_args(["--preset", "gpu"])  # workers 0: one per GPU
     env = compare.server_env(args, largest_upload=1000)
     simple = servers.ServerProcess(specs["simple"], env, tmp_path / "log").env
     batch = servers.ServerProcess(specs["spool-batch"], env, tmp_path / "log").env
@@ -261,7 +261,7 @@ def locust_args(**overrides):
 def test_locust_user_fails_requests_without_one_prediction_per_image(
         stub_server, tmp_path, missing, all_fail):
     url = stub_server(missing)
-    stats, info = compare.run_locust(url, 3, locust_args(), tmp_path / "run")
+    stats, info = session.run_locust(url, 3, locust_args(), tmp_path / "run")
     (entry,) = stats
     errors = info["errors"]
     assert entry["num_requests"] > 0
@@ -323,7 +323,7 @@ SEED_SERVERS = ("seed-simple", "seed-mp", "seed-spool", "dp")
 
 
 def test_seed_preset_is_the_seed_benchmark_as_run():
-    args = compare.parse_args(["--preset", "seed"])
+    args = presets.parse_args(["--preset", "seed"])
     assert args.servers == list(SEED_SERVERS)
     assert (args.model, args.weights, args.precision) == ("torchvision:vit_l_16", "random",
                                                            "fp32")
@@ -335,7 +335,7 @@ def test_seed_preset_is_the_seed_benchmark_as_run():
 
 
 def test_seed_servers_and_dp_are_accepted_next_to_ours():
-    args = compare.parse_args(["--servers", "simple,dp,seed-mp", "--model",
+    args = presets.parse_args(["--servers", "simple,dp,seed-mp", "--model",
                                "timm:vit_tiny_patch16_224"])
     assert args.servers == ["simple", "dp", "seed-mp"] and args.load == "locust"
     # app/ takes bare timm names.
@@ -352,7 +352,7 @@ def test_seed_servers_and_dp_are_accepted_next_to_ours():
 ])
 def test_seed_preset_refuses_what_it_cannot_run(argv, message, capsys):
     with pytest.raises(SystemExit):
-        compare.parse_args(argv)
+        presets.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -424,7 +424,7 @@ def test_seed_client_keeps_its_clients_busy_and_checks_every_answer(tmp_path, mi
     args = SimpleNamespace(requests=12, users=4, image_kind="uni-colour", image_size="224x224",
                            run_timeout=30.0, image_dir="")
     try:
-        result = compare.run_seed_client(f"http://127.0.0.1:{server.server_address[1]}", 3,
+        result = session.run_seed_client(f"http://127.0.0.1:{server.server_address[1]}", 3,
                                          args, tmp_path / "run")
     finally:
         server.shutdown()
