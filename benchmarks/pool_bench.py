@@ -9,6 +9,8 @@ stateful-pool 0.3.2 has the same import name: it is installed with ``pip install
     python benchmarks/pool_bench.py --quick      # tiny counts, to check that it runs
     python benchmarks/pool_bench.py --no-seed    # skip 0.3.2 (no package index reachable)
     python benchmarks/pool_bench.py --json out.json
+
+The tables are drawn by ``pool_tables.py``.
 """
 
 from __future__ import annotations
@@ -274,15 +276,6 @@ COUNTS = {
               "bounded_queue": 100},
 }
 
-ROWS = [
-    ("latency_us", "trivial execute latency (us, median; lower is better)", "<= 1.0x seed", False),
-    ("submit_per_s", "20k trivial submit_execute, 2 workers (tasks/s)", ">= 1.5x seed", True),
-    ("async_per_s", "5k async_execute, 2 workers (tasks/s)", ">= 2x seed", True),
-    ("utilisation_8x10ms", "8 workers x 10 ms tasks, 100 async callers (busy share)",
-     ">= 0.95", True),
-    ("mib_per_s", "1 MiB argument, 2 workers (tasks/s)", ">= 1.0x seed", True),
-]
-
 
 def ensure_seed() -> bool:
     if (SEED_DIR / "stateful_pool").exists():
@@ -308,79 +301,6 @@ def run_side(impl: str, mode: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
-
-
-def render(results: dict, mode: str, rounds: int, cpus: int | None = None,
-           python: str | None = None) -> str:
-    """The Markdown tables of one run, from its figures (also used to render the docs from a
-    committed JSON file: ``--render FILE``)."""
-    lines: list[str] = []
-
-    def out(text: str = "") -> None:
-        lines.append(text)
-
-    cpus = cpus or os.cpu_count()
-    python = python or sys.version.split()[0]
-    spool, seed, ppe = results["spool"], results.get("seed", {}), results["ppe"]
-    out(f"\nstateful_pool vs stateful-pool {SEED_VERSION} vs ProcessPoolExecutor "
-          f"({cpus} CPUs, Python {python}, {mode} run, "
-          f"median of {rounds} interleaved rounds)\n")
-    out("| workload | stateful_pool | 0.3.2 | ProcessPoolExecutor | vs 0.3.2 | target |")
-    out("|---|---:|---:|---:|---:|---|")
-    for key, label, target, higher_better in ROWS:
-        ours, theirs = spool.get(key), seed.get(key)
-        if theirs:
-            ratio_s = f"{ours / theirs:.2f}x" + ("" if higher_better else " the time")
-        else:
-            ratio_s = "-"
-        out(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {fmt(ppe.get(key))} | {ratio_s} "
-              f"| {target} |")
-
-    if seed.get("submit_per_s") and "submit_prefetch_per_s" in spool:
-        out(f"\nWith prefetch=1 (opt-in), the 20k trivial submit_execute run gives "
-              f"{fmt(spool['submit_prefetch_per_s'])} tasks/s: "
-              f"{spool['submit_prefetch_per_s'] / seed['submit_per_s']:.2f}x 0.3.2.")
-
-    counts = COUNTS[mode]
-    if all(f"bounded{n}_per_s" in spool for n in counts["bounded"]) and counts["bounded"]:
-        out(f"\nasyncio callers over queue_size={counts['bounded_queue']}, 2 trivial workers "
-              "(asyncio.gather of async_execute; the seed's server pattern)\n")
-        out("| callers | stateful_pool (tasks/s) | us/task | 0.3.2 (tasks/s) | vs 0.3.2 |")
-        out("|---:|---:|---:|---:|---:|")
-        for n in counts["bounded"]:
-            ours, theirs = spool[f"bounded{n}_per_s"], seed.get(f"bounded{n}_per_s")
-            ratio_s = f"{ours / theirs:.2f}x" if theirs else "-"
-            out(f"| {n:,} | {fmt(ours)} | {1e6 / ours:.0f} | {fmt(theirs)} | {ratio_s} |")
-
-    if "ray" in results:
-        ray_side = results["ray"]
-        out("\nThe Ray hop: the same workloads with backend='ray' (local Ray instance; fewer "
-              "tasks)\n")
-        out("| workload | process backend | ray backend | ray / process |")
-        out("|---|---:|---:|---:|")
-        for key, label, _, _ in ROWS:
-            out(f"| {label} | {fmt(spool[key])} | {fmt(ray_side[key])} "
-                  f"| {ray_side[key] / spool[key]:.2f}x |")
-
-    base = spool["batch1_per_s"]
-    out("\nDynamic batching: execute_batch costs 10 ms + 1 ms/item, 2 workers, "
-          "64 async callers, max_batch_wait=5 ms\n")
-    out("| max_batch_size | tasks/s | mean batch | vs batching off |")
-    out("|---:|---:|---:|---:|")
-    for size in (1, 8, 32):
-        rate = spool[f"batch{size}_per_s"]
-        mean = spool.get(f"batch{size}_mean_size", 1.0)
-        out(f"| {size} | {fmt(rate)} | {mean:.1f} | {rate / base:.2f}x |")
-    lone1, lone32 = spool["lone_ms_batch1"], spool["lone_ms_batch32"]
-    out(f"\nLone task on an idle pool: {lone1:.2f} ms unbatched, {lone32:.2f} ms with "
-          f"max_batch_size=32, max_batch_wait=5 ms (+{lone32 - lone1:.2f} ms; target <= +6 ms)")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts (smoke run)")
@@ -397,12 +317,6 @@ def main() -> None:
     parser.add_argument("--mode", default="full", help=argparse.SUPPRESS)
     args = parser.parse_args()
     mode = "quick" if args.quick else args.mode
-    if args.render:
-        saved = json.loads(Path(args.render).read_text())
-        print(render(saved["median"], saved.get("mode", "full"), len(saved["rounds"]["spool"]),
-                     saved.get("cpus"), saved.get("python")))
-        return
-
     if args.side:  # one implementation, in its own interpreter
         if args.side == "ppe":
             result = bench_ppe(COUNTS[mode])
@@ -414,15 +328,25 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    # loadtest and the tables are not installed: take them from this checkout. Here, not at
+    # the top: a side imports stateful_pool from its PYTHONPATH (0.3.2's for the seed), never
+    # from ROOT.
+    sys.path.append(str(ROOT))
+    from benchmarks.pool_tables import render
+    from loadtest.rounds import alternate, medians
+
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        saved_mode = saved.get("mode", "full")
+        print(render(saved["median"], saved_mode, len(saved["rounds"]["spool"]),
+                     COUNTS[saved_mode], saved.get("cpus"), saved.get("python")))
+        return
+
     sides = ["spool", "ppe"]
     if not args.no_seed and ensure_seed():
         sides.insert(1, "seed")
     if args.ray:
         sides.append("ray")
-    # loadtest is not installed: take it from this checkout. Here, not at the top: a side
-    # imports stateful_pool from its PYTHONPATH (0.3.2's for the seed), never from ROOT.
-    sys.path.append(str(ROOT))
-    from loadtest.rounds import alternate, medians
 
     def side_run(side: str):
         def run(round_: int) -> dict:
@@ -435,7 +359,7 @@ def main() -> None:
     rounds = alternate({side: side_run(side) for side in sides}, args.rounds)
     results = {side: medians(runs) for side, runs in rounds.items()}
 
-    print(render(results, mode, args.rounds))
+    print(render(results, mode, args.rounds, COUNTS[mode]))
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"median": results, "rounds": rounds, "mode": mode, "cpus": os.cpu_count(),
