@@ -13,7 +13,12 @@ spool), reproducible in one command.
   ``mp``, ``spool`` and the DataParallel ``dp``) on its own model code, and its client (a
   fixed number of requests from blocking ``requests`` clients in processes).
 * ``compare.py``: ``python -m loadtest.compare`` starts each server, drives the load (locust,
-  or the seed's client with ``--preset seed``), and writes the summary, table and chart.
+  or the seed's client with ``--preset seed``), and writes the summary, table and chart;
+  ``presets.py`` is its command line and presets, ``session.py`` the servers of one
+  comparison and the runs against them.
+* ``results.py``: the figures (per run, mean and spread over repeats, code size) and the
+  summary files; ``report.py``: the Markdown table, the targets checked and the chart
+  (``python -m loadtest.report RESULTS_DIR`` redraws them).
 * ``servers.py``, ``processes.py``, ``rounds.py``, ``images.py``, ``raw_model.py``: the
   harness that ``benchmarks/`` and ``tests/`` use too: server subprocesses on a free
   127.0.0.1 port, children in process groups reaped whatever happens, contestants measured
