@@ -35,7 +35,6 @@ class Phase:
         return {"rate": self.rate, "p99_ms": self.p99_ms}
 
 
-
 # ---- the image and the request ------------------------------------------------------------
 
 def sample_jpeg() -> bytes:
