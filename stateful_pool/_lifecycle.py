@@ -72,10 +72,7 @@ class WorkerLifecycle:
         if self.spawn_timeout is not None:
             slot.spawn_deadline = time.monotonic() + self.spawn_timeout
             self._timers_armed = True
-        try:
-            m.send_message(parent_conn.send_bytes, m.SPAWN, None, [slot.spawn_payload])
-        except OSError:
-            pass  # died at once; the sentinel tells
+        slot.send_spawn()
 
     def _watch(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None
