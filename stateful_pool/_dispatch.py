@@ -48,7 +48,7 @@ from ._shutdown import WorkerShutdown
 from ._slot import WorkerSlot
 from ._states import LIVE_STATES, TaskState, WorkerState
 from ._stats import Counters, PoolStats
-from ._task import Task, settle
+from ._task import Task, mark_dispatcher_thread, settle
 from ._transport import Transport
 from .errors import NoWorkersError, PoolClosedError, TaskTimeoutError
 
@@ -203,6 +203,7 @@ class Dispatcher(WorkerShutdown):
     # ---- the dispatcher thread --------------------------------------------------------------
 
     def _run(self) -> None:
+        mark_dispatcher_thread()
         try:
             self._loop()
         except BaseException:
