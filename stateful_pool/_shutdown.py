@@ -75,8 +75,10 @@ class WorkerShutdown(WorkerLifecycle):
 
     def _stop_workers(self) -> None:
         """Ask every worker to stop, kill the ones that do not, and fail whatever is left."""
-        for task in self.pending.pop_all():
-            if not task.cancel():
+        for task in self.pending.pop_all():  # the close deadline passed before they ran
+            if task.cancel():
+                self.counts.cancelled += 1
+            else:
                 self._finish(task, exc=PoolClosedError("the pool shut down before this task ran"))
         now = time.monotonic()
         deadlines: dict[int, float] = {}
@@ -91,7 +93,7 @@ class WorkerShutdown(WorkerLifecycle):
                 continue
             self._join_unless_killed(slot, deadlines[slot.id])
             if slot.process.exitcode is None:
-                if not self.kill_on_close:
+                if not self.kill_on_close and deadlines[slot.id] > now:  # asked, not killed
                     logger.warning("worker %d did not stop within %.0f s; killing it",
                                    slot.id, deadlines[slot.id] - now)
                 slot.process.kill()

@@ -70,12 +70,18 @@ def assert_shutdown_ends_in_time(pool, future, why):
         future.result(timeout=0)
 
 
-def test_shutdown_timeout_bounds_the_wait_for_running_tasks():
+def test_shutdown_timeout_bounds_the_wait_for_running_tasks(caplog):
     pool = SPool(Tasks)
     pool.spawn()
     stuck = pool.submit_execute("sleep", 60)
     time.sleep(0.1)
+    queued = [pool.submit_execute("echo", i) for i in range(3)]
     assert_shutdown_ends_in_time(pool, stuck, "shut down before this task finished")
+    assert all(f.cancelled() for f in queued)
+    s = pool.stats()
+    assert (s.submitted, s.failed, s.cancelled) == (4, 1, 3)
+    # The worker was killed on purpose at the deadline: nothing to warn about.
+    assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
 
 
 def test_shutdown_from_the_event_loop_thread():
