@@ -375,6 +375,7 @@ class Dispatcher(WorkerShutdown):
                 where = "while running; its result will be discarded"
             self.counts.timed_out += 1
             task.state = T.DONE
+            task.forget_pool()
             settle(task, exc=TaskTimeoutError(f"task timed out {where}"))
 
     def _next_timer(self, now: float) -> float | None:
@@ -397,6 +398,7 @@ class Dispatcher(WorkerShutdown):
         if task.holds_slot:
             self.release_slot(task)
         task.state = T.DONE
+        task.forget_pool()
         # Counted before the caller can wake and read stats(); a task that timed out or was
         # cancelled earlier keeps that outcome, and this one is dropped (and not counted).
         counts = self.counts

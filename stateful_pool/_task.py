@@ -73,7 +73,10 @@ class Task(PoolFuture):
         self.state = TaskState.QUEUED
         self.holds_slot = holds_slot
         self.abandoned = False  # its caller stopped waiting while it ran (asyncio cancel)
-        self._on_cancel = on_cancel
+        # Reaches the pool; dropped once the task is done (forget_pool), so that a finished
+        # task, kept in the deadline heap until its deadline or by its caller, does not keep
+        # a pool its owner dropped (and its workers) alive.
+        self.on_cancel = on_cancel
 
     @property
     def wanted(self) -> bool:
@@ -83,8 +86,17 @@ class Task(PoolFuture):
     def cancel(self) -> bool:
         cancelled = super().cancel()
         if cancelled:
-            self._on_cancel(self)
+            on_cancel, self.on_cancel = self.on_cancel, _done
+            on_cancel(self)
         return cancelled
+
+    def forget_pool(self) -> None:
+        """The task is done: it needs its pool no more."""
+        self.on_cancel = _done
+
+
+def _done(task: Task) -> None:
+    """A finished task's ``on_cancel``: nothing is left to tell the pool."""
 
 
 def settle(future: Future[Any], result: Any = None, exc: BaseException | None = None) -> bool:

@@ -103,6 +103,19 @@ def test_shutdown_while_a_spawn_is_in_progress():
     assert isinstance(spawn.result(timeout=0), int)
 
 
+def test_a_dropped_pool_stops_its_workers_even_with_an_execution_timeout():
+    """A notebook cell run twice (``pool = SPool(...)`` again) drops the first pool: its
+    workers, and the GPU memory they hold, must go now, not when the deadline of its last
+    task (still in the deadline heap) comes up."""
+    pool = SPool(Tasks, execution_timeout=600)
+    pids = [pool.spawn(), pool.spawn()]
+    assert pool.execute("echo", 1) == 1
+    done = [pool.submit_execute("echo", i) for i in range(3)]
+    assert [f.result(timeout=10) for f in done] == [0, 1, 2]  # futures kept: they are done
+    del pool
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5)
+
+
 def _run_script(body: str, timeout: float) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}")
     code = textwrap.dedent(body)
