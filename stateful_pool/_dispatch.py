@@ -400,7 +400,7 @@ class Dispatcher(WorkerShutdown):
         task.state = T.DONE
         task.forget_pool()
         # Counted before the caller can wake and read stats(); a task that timed out or was
-        # cancelled earlier keeps that outcome, and this one is dropped (and not counted).
+        # cancelled earlier keeps that outcome, and this one is dropped.
         counts = self.counts
         if exc is None:
             counts.completed += 1
@@ -410,4 +410,8 @@ class Dispatcher(WorkerShutdown):
             counts.failed += 1
             if not settle(task, exc=exc):
                 counts.failed -= 1
+                if task.cancelled():
+                    # Taken off the queue (no worker left, shutdown) before the news of its
+                    # cancel was drained: that news will find nothing to count.
+                    counts.cancelled += 1
 

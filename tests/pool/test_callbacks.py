@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from procs import wait_until
 from workers import Tasks
 
-from stateful_pool import QueueFullError
+from stateful_pool import QueueFullError, WorkerCrashedError
 
 
 def test_a_callback_that_submits_into_a_full_queue_gets_queue_full_at_once(make_pool):
@@ -70,3 +71,22 @@ def test_waiting_for_the_pool_inside_a_callback_raises_instead_of_deadlocking(ma
     assert wait_until(lambda: pool.stats().live_workers == 2 and pool.stats().in_flight == 0)
     stats = pool.stats()
     assert stats.submitted == 3 and len(stats.workers) == 2
+
+
+def test_cancelling_the_siblings_when_the_last_worker_dies_counts_them_cancelled(make_pool):
+    """Fail fast: the first failure cancels the tasks still queued. Here the failure is the
+    death of the pool's last worker (no restarts left), which also fails the queue."""
+    pool = make_pool(Tasks, max_restarts=0)
+    pool.spawn()
+    doomed = pool.submit_execute("sleep_then_exit", 0.2)
+    queued = [pool.submit_execute("echo", i) for i in range(3)]
+    doomed.add_done_callback(lambda _f: [f.cancel() for f in queued])
+    with pytest.raises(WorkerCrashedError):
+        doomed.result(timeout=10)
+    assert all(f.cancelled() for f in queued)
+
+    def counted():
+        s = pool.stats()
+        return (s.submitted, s.failed, s.cancelled) == (4, 1, 3)
+
+    assert wait_until(counted, timeout=2), pool.stats()
