@@ -126,7 +126,9 @@ class SPool(Generic[SpawnR, ExecR]):
         self.backend = backend
         self.worker_options = dict(worker_options or {})
         self._transport.check_options(self.worker_options)
-        self._transport.check_class(worker_cls)
+        # A class that travels by value (notebook, python -c): the types defined beside it
+        # must too, so its arguments are pickled with cloudpickle.
+        self._dumps = m.by_value_dumps() if self._transport.check_class(worker_cls) else None
 
         self.worker_cls = worker_cls
         self.queue_size = queue_size or None
@@ -176,7 +178,7 @@ class SPool(Generic[SpawnR, ExecR]):
 
     def _submit_spawn(self, options: dict[str, Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any]) -> Future[SpawnR]:
-        payload = m.dumps((args, kwargs), m.PROTOCOL)
+        payload = (self._dumps or m.dumps)((args, kwargs), m.PROTOCOL)
         future: Future[SpawnR] = PoolFuture()
         future.set_running_or_notify_cancel()  # a spawn cannot be cancelled once submitted
         if self._closed or not self._dispatcher.add_worker(payload, future, options):
@@ -204,9 +206,9 @@ class SPool(Generic[SpawnR, ExecR]):
                     "with batching on (max_batch_size > 1), execute takes exactly one "
                     f"positional argument, got {len(args)} positional and "
                     f"{len(kwargs)} keyword arguments")
-            payload = m.dumps_payload(args[0])
+            payload = m.dumps_payload(args[0], self._dumps)
         else:
-            payload = m.dumps_payload((args, kwargs))
+            payload = m.dumps_payload((args, kwargs), self._dumps)
         if not self._dispatcher.has_live_worker():
             raise NoWorkersError("cannot execute: the pool has no live worker; call spawn() first")
         return payload
