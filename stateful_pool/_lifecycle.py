@@ -216,6 +216,9 @@ class WorkerLifecycle:
             slot.spawn_future = None
         if forget and slot in self.slots:
             self.slots.remove(slot)
+            if slot.writer is not None:  # it sent the spawn arguments; shutdown will not see it
+                slot.writer.close()
+                slot.writer = None
         if not self.has_live_worker():
             for task in self.pending.pop_all():
                 self._finish(task, exc=NoWorkersError(

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import wait_until
 from workers import Echo, SpawnDies, SpawnHangs, SpawnRaises
 
 from stateful_pool import NoWorkersError, SpawnError, SpawnTimeoutError
@@ -115,3 +116,15 @@ def test_large_spawn_arguments_hold_up_neither_the_pool_nor_spawn_timeout(tmp_pa
     assert float(served.split()[-1]) < 0.5, out.stdout
     assert timed_out.startswith("spawn timed out") and float(timed_out.split()[-1]) < 3, (
         out.stdout)
+
+
+def test_failed_spawns_with_large_arguments_leave_no_thread_behind(make_pool):
+    """A service that retries a failing spawn (weights sent as bytes) must not grow a thread
+    per attempt."""
+    pool = make_pool(SpawnRaises)
+    before = threading.active_count()
+    for _ in range(3):
+        with pytest.raises(TypeError):  # SpawnRaises.spawn takes no argument
+            pool.spawn(b"w" * 200_000)
+    assert wait_until(lambda: threading.active_count() <= before, timeout=2), (
+        threading.enumerate())
