@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic
 
 from . import _messages as m
 from ._config import check_timeout
+from ._task import on_dispatcher_thread, refuse_to_wait
 from ._worker import ExecR, SpawnR
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class CallOptions(Generic[ExecR]):
         return self._pool._submit(args, kwargs, self._timeout, self._context)
 
     def execute(self, *args: Any, **kwargs: Any) -> ExecR:
+        if on_dispatcher_thread():
+            raise refuse_to_wait("pool.execute()")
         return self.submit_execute(*args, **kwargs).result()
 
     async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:
@@ -79,6 +82,8 @@ class SpawnWithOptions(Generic[SpawnR]):
         return self._pool._submit_spawn(self._options, args, kwargs)
 
     def spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
+        if on_dispatcher_thread():
+            raise refuse_to_wait("pool.spawn()")
         return self.submit_spawn(*args, **kwargs).result()
 
     async def async_spawn(self, *args: Any, **kwargs: Any) -> SpawnR:

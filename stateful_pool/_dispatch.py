@@ -48,7 +48,7 @@ from ._shutdown import WorkerShutdown
 from ._slot import WorkerSlot
 from ._states import LIVE_STATES, TaskState, WorkerState
 from ._stats import Counters, PoolStats
-from ._task import Task, settle
+from ._task import Task, mark_dispatcher_thread, settle
 from ._transport import Transport
 from .errors import NoWorkersError, PoolClosedError, TaskTimeoutError
 
@@ -203,6 +203,7 @@ class Dispatcher(WorkerShutdown):
     # ---- the dispatcher thread --------------------------------------------------------------
 
     def _run(self) -> None:
+        mark_dispatcher_thread()
         try:
             self._loop()
         except BaseException:
@@ -374,6 +375,7 @@ class Dispatcher(WorkerShutdown):
                 where = "while running; its result will be discarded"
             self.counts.timed_out += 1
             task.state = T.DONE
+            task.forget_pool()
             settle(task, exc=TaskTimeoutError(f"task timed out {where}"))
 
     def _next_timer(self, now: float) -> float | None:
@@ -396,8 +398,9 @@ class Dispatcher(WorkerShutdown):
         if task.holds_slot:
             self.release_slot(task)
         task.state = T.DONE
+        task.forget_pool()
         # Counted before the caller can wake and read stats(); a task that timed out or was
-        # cancelled earlier keeps that outcome, and this one is dropped (and not counted).
+        # cancelled earlier keeps that outcome, and this one is dropped.
         counts = self.counts
         if exc is None:
             counts.completed += 1
@@ -407,4 +410,8 @@ class Dispatcher(WorkerShutdown):
             counts.failed += 1
             if not settle(task, exc=exc):
                 counts.failed -= 1
+                if task.cancelled():
+                    # Taken off the queue (no worker left, shutdown) before the news of its
+                    # cancel was drained: that news will find nothing to count.
+                    counts.cancelled += 1
 

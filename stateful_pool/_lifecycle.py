@@ -72,10 +72,7 @@ class WorkerLifecycle:
         if self.spawn_timeout is not None:
             slot.spawn_deadline = time.monotonic() + self.spawn_timeout
             self._timers_armed = True
-        try:
-            m.send_message(parent_conn.send_bytes, m.SPAWN, None, [slot.spawn_payload])
-        except OSError:
-            pass  # died at once; the sentinel tells
+        slot.send_spawn()
 
     def _watch(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None
@@ -219,6 +216,9 @@ class WorkerLifecycle:
             slot.spawn_future = None
         if forget and slot in self.slots:
             self.slots.remove(slot)
+            if slot.writer is not None:  # it sent the spawn arguments; shutdown will not see it
+                slot.writer.close()
+                slot.writer = None
         if not self.has_live_worker():
             for task in self.pending.pop_all():
                 self._finish(task, exc=NoWorkersError(

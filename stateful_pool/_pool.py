@@ -15,7 +15,7 @@ from ._calls import DEFAULT, CallOptions, Default, SpawnWithOptions, checked_con
 from ._config import PoolConfig, check_timeout
 from ._dispatch import Dispatcher
 from ._stats import PoolStats
-from ._task import Task
+from ._task import PoolFuture, Task, on_dispatcher_thread, refuse_to_wait
 from ._transport import make_transport
 from ._waiting import Capacity, LoopBridge
 from ._worker import ExecR, SpawnR, SWorker, defines_execute_batch
@@ -126,7 +126,9 @@ class SPool(Generic[SpawnR, ExecR]):
         self.backend = backend
         self.worker_options = dict(worker_options or {})
         self._transport.check_options(self.worker_options)
-        self._transport.check_class(worker_cls)
+        # A class that travels by value (notebook, python -c): the types defined beside it
+        # must too, so its arguments are pickled with cloudpickle.
+        self._dumps = m.by_value_dumps() if self._transport.check_class(worker_cls) else None
 
         self.worker_cls = worker_cls
         self.queue_size = queue_size or None
@@ -176,8 +178,8 @@ class SPool(Generic[SpawnR, ExecR]):
 
     def _submit_spawn(self, options: dict[str, Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any]) -> Future[SpawnR]:
-        payload = m.dumps((args, kwargs), m.PROTOCOL)
-        future: Future[SpawnR] = Future()
+        payload = (self._dumps or m.dumps)((args, kwargs), m.PROTOCOL)
+        future: Future[SpawnR] = PoolFuture()
         future.set_running_or_notify_cancel()  # a spawn cannot be cancelled once submitted
         if self._closed or not self._dispatcher.add_worker(payload, future, options):
             raise PoolClosedError("cannot spawn: the pool is shut down")
@@ -185,6 +187,8 @@ class SPool(Generic[SpawnR, ExecR]):
 
     def spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
         """Add a worker and wait until its ``spawn`` returned; return what it returned."""
+        if on_dispatcher_thread():
+            raise refuse_to_wait("pool.spawn()")
         return self.submit_spawn(*args, **kwargs).result()
 
     async def async_spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
@@ -202,9 +206,9 @@ class SPool(Generic[SpawnR, ExecR]):
                     "with batching on (max_batch_size > 1), execute takes exactly one "
                     f"positional argument, got {len(args)} positional and "
                     f"{len(kwargs)} keyword arguments")
-            payload = m.dumps_payload(args[0])
+            payload = m.dumps_payload(args[0], self._dumps)
         else:
-            payload = m.dumps_payload((args, kwargs))
+            payload = m.dumps_payload((args, kwargs), self._dumps)
         if not self._dispatcher.has_live_worker():
             raise NoWorkersError("cannot execute: the pool has no live worker; call spawn() first")
         return payload
@@ -244,8 +248,15 @@ class SPool(Generic[SpawnR, ExecR]):
         task = Task(self._ids(), payload, deadline, False, self._on_cancel, context)
         if self._dispatcher.try_run_now(task):  # a worker was idle: it has the task already
             return task
-        if self.queue_size is not None and not self._capacity.acquire(self._room_wait(deadline)):
-            raise self._no_room(deadline)
+        if self.queue_size is not None:
+            if on_dispatcher_thread():  # a done-callback: room is made on this very thread
+                if not self._capacity.acquire(0):
+                    raise QueueFullError(
+                        f"the pool's queue is full ({self.queue_size} tasks waiting), and this "
+                        "submit runs in a done-callback, on the pool's dispatcher thread, which "
+                        "cannot wait for room: it is the thread that makes room")
+            elif not self._capacity.acquire(self._room_wait(deadline)):
+                raise self._no_room(deadline)
         return self._enqueue(task)
 
     async def _async_execute(self, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -327,6 +338,8 @@ class SPool(Generic[SpawnR, ExecR]):
                 as ``__cause__``), or any error of ``submit_execute``, ``TaskTimeoutError``,
                 ``WorkerCrashedError`` or ``RemoteError``.
         """
+        if on_dispatcher_thread():  # before submitting: the task would run for nobody
+            raise refuse_to_wait("pool.execute()")
         return self._submit(args, kwargs, DEFAULT).result()  # type: ignore[no-any-return]
 
     async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:

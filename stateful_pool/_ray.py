@@ -128,8 +128,9 @@ class RayTransport:
             raise ValueError(f"unknown Ray worker options {sorted(unknown)}; valid: "
                              f"{sorted(self.ACTOR_OPTIONS | {'node_id'})}")
 
-    def check_class(self, worker_cls: type) -> None:
+    def check_class(self, worker_cls: type) -> bool:
         """Ray sends classes by value itself (cloudpickle); nothing to check here."""
+        return False
 
     def start(self, worker_cls: type, worker_id: int, options: dict[str, Any]
               ) -> tuple[Any, RayWorkerHandle]:

@@ -48,8 +48,8 @@ class WorkerShutdown(WorkerLifecycle):
                 self.close_deadline = deadline
         if self.cancel_on_close:
             for task in self.pending.pop_all():
-                if task.cancel():
-                    self.counts.cancelled += 1
+                task.cancel()  # or its caller did, and the news waits in the inbox
+                self.counts.cancelled += 1
                 task.state = TaskState.DONE
 
     def _drained(self, now: float) -> bool:
@@ -69,15 +69,16 @@ class WorkerShutdown(WorkerLifecycle):
         while self.inbox:
             item = self.inbox.popleft()
             if type(item) is Task:
+                self.counts.submitted += 1
                 self._finish(item, exc=PoolClosedError("the pool is shut down"))
             elif isinstance(item, StartWorker) and item.slot.spawn_future is not None:
                 settle(item.slot.spawn_future, exc=PoolClosedError("the pool is shut down"))
 
     def _stop_workers(self) -> None:
         """Ask every worker to stop, kill the ones that do not, and fail whatever is left."""
-        for task in self.pending.pop_all():
-            if not task.cancel():
-                self._finish(task, exc=PoolClosedError("the pool shut down before this task ran"))
+        for task in self.pending.pop_all():  # the close deadline passed before they ran
+            task.cancel()  # or its caller did, and the news waits in the inbox
+            self.counts.cancelled += 1
         now = time.monotonic()
         deadlines: dict[int, float] = {}
         for slot in self.slots:
@@ -91,7 +92,7 @@ class WorkerShutdown(WorkerLifecycle):
                 continue
             self._join_unless_killed(slot, deadlines[slot.id])
             if slot.process.exitcode is None:
-                if not self.kill_on_close:
+                if not self.kill_on_close and deadlines[slot.id] > now:  # asked, not killed
                     logger.warning("worker %d did not stop within %.0f s; killing it",
                                    slot.id, deadlines[slot.id] - now)
                 slot.process.kill()

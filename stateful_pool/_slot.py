@@ -64,6 +64,22 @@ class WorkerSlot:
         """Whether a caller still waits for one of the tasks it holds."""
         return any(task.wanted for task in self.tasks.values())
 
+    def send_spawn(self) -> None:
+        """Send the SPAWN message to its new process."""
+        assert self.conn is not None
+        if m.is_large(self.spawn_payload):
+            # The process reads it only after re-importing the user's __main__ (seconds with
+            # torch): written from the dispatcher thread, arguments larger than the pipe's
+            # buffer would stall every other worker and spawn_timeout meanwhile.
+            if self.writer is None:
+                self.writer = FrameWriter(f"stateful_pool-writer-{self.id}")
+            self.writer.send(self.conn, m.SPAWN, None, [self.spawn_payload])
+            return
+        try:
+            m.send_message(self.conn.send_bytes, m.SPAWN, None, [self.spawn_payload])
+        except OSError:
+            pass  # died at once; the sentinel tells
+
     def send_tasks(self, tasks: list[Task], batch: bool, now: float) -> None:
         """Hand tasks to this worker in one message: EXEC (one task) or BATCH
         (``execute_batch``). It is busy from now on, if it was not already."""

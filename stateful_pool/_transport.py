@@ -38,8 +38,9 @@ class Transport(Protocol):
         """Raise ``ValueError`` for per-worker options this transport does not understand."""
         ...
 
-    def check_class(self, worker_cls: type) -> None:
-        """Raise ``TypeError`` if the workers could not rebuild ``worker_cls``."""
+    def check_class(self, worker_cls: type) -> bool:
+        """Raise ``TypeError`` if the workers could not rebuild ``worker_cls``; return whether
+        the user's objects must be pickled by value (with cloudpickle) for them to follow."""
         ...
 
 
@@ -53,8 +54,9 @@ class ProcessTransport:
         self.location = {"host": socket.gethostname(), "node": None}
         self._class_refs: dict[type, ClassRef] = {}
 
-    def check_class(self, worker_cls: type) -> None:
-        self._class_refs[worker_cls] = class_ref(worker_cls)
+    def check_class(self, worker_cls: type) -> bool:
+        ref = self._class_refs[worker_cls] = class_ref(worker_cls)
+        return isinstance(ref, bytes)
 
     def check_options(self, options: dict[str, Any]) -> None:
         if options:

@@ -144,6 +144,8 @@ def spawn_worker(worker_cls: type[SWorker[Any, Any]] | ClassRef, payload: m.Payl
     Runs in the worker process (or Ray actor).
     """
     try:
+        if isinstance(worker_cls, bytes):
+            m.pickle_by_value()
         cls = worker_cls if isinstance(worker_cls, type) else load_class(worker_cls)
         args, kwargs = m.loads_payload(payload)
         worker = cls()

@@ -75,6 +75,47 @@ def test_class_defined_inside_a_function(make_pool):
     assert pool.execute(1) == 1001
 
 
+TYPES_PROGRAM = textwrap.dedent("""
+    from dataclasses import dataclass
+    from stateful_pool import SPool, SWorker
+
+    @dataclass
+    class Request:
+        text: str
+
+    @dataclass
+    class Prediction:
+        label: str
+        score: float
+
+    class Refused(Exception):
+        pass
+
+    class Classifier(SWorker):
+        def execute(self, request):
+            if request.text == "":
+                raise Refused("empty text")
+            return Prediction(request.text.upper(), 0.5)
+
+    with SPool(Classifier) as pool:
+        pool.spawn()
+        answer = pool.execute(Request("cat"))
+        print(type(answer) is Prediction, answer.label, flush=True)
+        try:
+            pool.execute(Request(""))
+        except Refused as exc:
+            print("refused:", exc, flush=True)
+""")
+
+
+def test_types_defined_beside_the_worker_class_cross_both_ways():
+    """In a notebook the request and answer types live in the notebook too: they must reach
+    the worker and come back as the very classes the caller defined."""
+    out = run_python(["-c", TYPES_PROGRAM])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["True CAT", "refused: empty text"]
+
+
 def test_without_cloudpickle_the_error_names_the_class_and_the_fix():
     program = "import sys; sys.modules['cloudpickle'] = None\n" + PROGRAM
     out = run_python(["-c", program])

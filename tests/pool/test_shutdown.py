@@ -70,12 +70,18 @@ def assert_shutdown_ends_in_time(pool, future, why):
         future.result(timeout=0)
 
 
-def test_shutdown_timeout_bounds_the_wait_for_running_tasks():
+def test_shutdown_timeout_bounds_the_wait_for_running_tasks(caplog):
     pool = SPool(Tasks)
     pool.spawn()
     stuck = pool.submit_execute("sleep", 60)
     time.sleep(0.1)
+    queued = [pool.submit_execute("echo", i) for i in range(3)]
     assert_shutdown_ends_in_time(pool, stuck, "shut down before this task finished")
+    assert all(f.cancelled() for f in queued)
+    s = pool.stats()
+    assert (s.submitted, s.failed, s.cancelled) == (4, 1, 3)
+    # The worker was killed on purpose at the deadline: nothing to warn about.
+    assert not [r for r in caplog.records if "did not stop" in r.getMessage()]
 
 
 def test_shutdown_from_the_event_loop_thread():
@@ -95,6 +101,19 @@ def test_shutdown_while_a_spawn_is_in_progress():
     spawn = pool.submit_spawn()
     pool.shutdown()
     assert isinstance(spawn.result(timeout=0), int)
+
+
+def test_a_dropped_pool_stops_its_workers_even_with_an_execution_timeout():
+    """A notebook cell run twice (``pool = SPool(...)`` again) drops the first pool: its
+    workers, and the GPU memory they hold, must go now, not when the deadline of its last
+    task (still in the deadline heap) comes up."""
+    pool = SPool(Tasks, execution_timeout=600)
+    pids = [pool.spawn(), pool.spawn()]
+    assert pool.execute("echo", 1) == 1
+    done = [pool.submit_execute("echo", i) for i in range(3)]
+    assert [f.result(timeout=10) for f in done] == [0, 1, 2]  # futures kept: they are done
+    del pool
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5)
 
 
 def _run_script(body: str, timeout: float) -> subprocess.Popen[str]:
