@@ -19,7 +19,7 @@ from ._task import PoolFuture, Task, on_dispatcher_thread, refuse_to_wait
 from ._transport import make_transport
 from ._waiting import Capacity, LoopBridge
 from ._worker import ExecR, SpawnR, SWorker, defines_execute_batch
-from .errors import NoWorkersError, PoolClosedError, QueueFullError, TaskTimeoutError
+from .errors import NoWorkersError, PoolClosedError
 
 _live_pools: weakref.WeakSet[SPool[Any, Any]] = weakref.WeakSet()
 # Bound on how long interpreter exit waits for a pool its owner forgot to shut down.
@@ -226,20 +226,6 @@ class SPool(Generic[SpawnR, ExecR]):
             timeout = self.execution_timeout
         return None if timeout is None else time.monotonic() + timeout
 
-    def _room_wait(self, deadline: float | None) -> float | None:
-        """How long a submit may wait for room: ``submission_timeout``, and never past the
-        task's own deadline."""
-        if deadline is None:
-            return self.submission_timeout
-        left = max(0.0, deadline - time.monotonic())
-        return left if self.submission_timeout is None else min(left, self.submission_timeout)
-
-    def _no_room(self, deadline: float | None) -> Exception:
-        if deadline is not None and time.monotonic() >= deadline:
-            return TaskTimeoutError("task timed out waiting for room in the queue; it will "
-                                    "not run")
-        return self._queue_full()
-
     def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                 timeout: float | None | Default, context: dict[str, Any] | None = None
                 ) -> Task:
@@ -249,14 +235,7 @@ class SPool(Generic[SpawnR, ExecR]):
         if self._dispatcher.try_run_now(task):  # a worker was idle: it has the task already
             return task
         if self.queue_size is not None:
-            if on_dispatcher_thread():  # a done-callback: room is made on this very thread
-                if not self._capacity.acquire(0):
-                    raise QueueFullError(
-                        f"the pool's queue is full ({self.queue_size} tasks waiting), and this "
-                        "submit runs in a done-callback, on the pool's dispatcher thread, which "
-                        "cannot wait for room: it is the thread that makes room")
-            elif not self._capacity.acquire(self._room_wait(deadline)):
-                raise self._no_room(deadline)
+            self._capacity.admit(self.submission_timeout, deadline)
         return self._enqueue(task)
 
     async def _async_execute(self, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -270,9 +249,8 @@ class SPool(Generic[SpawnR, ExecR]):
             bridge = self._bridges[loop] = LoopBridge(loop)
         task = Task(self._ids(), payload, deadline, False, self._on_cancel, context)
         if not self._dispatcher.try_run_now(task):
-            if self.queue_size is not None and not await self._capacity.acquire_async(
-                    self._room_wait(deadline), bridge):
-                raise self._no_room(deadline)
+            if self.queue_size is not None:
+                await self._capacity.admit_async(self.submission_timeout, deadline, bridge)
             self._enqueue(task)
         try:
             return await bridge.watch(task)
@@ -306,11 +284,6 @@ class SPool(Generic[SpawnR, ExecR]):
         if task.holds_slot:
             self._capacity.release(task)
         self._dispatcher.cancelled(task)
-
-    def _queue_full(self) -> QueueFullError:
-        return QueueFullError(
-            f"the pool's queue is full ({self.queue_size} tasks waiting) and no room came "
-            f"within submission_timeout={self.submission_timeout} s")
 
     def submit_execute(self, *args: Any, **kwargs: Any) -> Future[ExecR]:
         """Queue one task; return at once with its future.

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from collections import deque
 from typing import Any
 
-from ._task import Task
+from ._task import Task, on_dispatcher_thread
+from .errors import QueueFullError, TaskTimeoutError
 
 
 class _Waiter:
@@ -45,6 +47,15 @@ class _Waiter:
 _WAITING, _GRANTED, _ABANDONED = 0, 1, 2
 
 
+def _room_wait(submission_timeout: float | None, deadline: float | None) -> float | None:
+    """How long a submit may wait for room: ``submission_timeout``, and never past the
+    task's own deadline."""
+    if deadline is None:
+        return submission_timeout
+    left = max(0.0, deadline - time.monotonic())
+    return left if submission_timeout is None else min(left, submission_timeout)
+
+
 class Capacity:
     """Bounds the number of queued tasks (``queue_size``).
 
@@ -64,6 +75,32 @@ class Capacity:
             self.used += 1
             return True
         return False
+
+    def admit(self, submission_timeout: float | None, deadline: float | None) -> None:
+        """Take a place for one task from a thread, waiting ``submission_timeout`` at most
+        and never past the task's ``deadline``; raise if no place came."""
+        if on_dispatcher_thread():  # a done-callback: room is made on this very thread
+            if not self.acquire(0):
+                raise QueueFullError(
+                    f"the pool's queue is full ({self.limit} tasks waiting), and this submit "
+                    "runs in a done-callback, on the pool's dispatcher thread, which cannot "
+                    "wait for room: it is the thread that makes room")
+        elif not self.acquire(_room_wait(submission_timeout, deadline)):
+            raise self._no_room(submission_timeout, deadline)
+
+    async def admit_async(self, submission_timeout: float | None, deadline: float | None,
+                          bridge: LoopBridge) -> None:
+        """``admit`` for a coroutine: the event loop goes on while it waits."""
+        if not await self.acquire_async(_room_wait(submission_timeout, deadline), bridge):
+            raise self._no_room(submission_timeout, deadline)
+
+    def _no_room(self, submission_timeout: float | None, deadline: float | None) -> Exception:
+        if deadline is not None and time.monotonic() >= deadline:
+            return TaskTimeoutError("task timed out waiting for room in the queue; it will "
+                                    "not run")
+        return QueueFullError(
+            f"the pool's queue is full ({self.limit} tasks waiting) and no room came "
+            f"within submission_timeout={submission_timeout} s")
 
     def acquire(self, timeout: float | None) -> bool:
         with self._lock:
