@@ -187,13 +187,11 @@ class SPool(Generic[SpawnR, ExecR]):
 
     def spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
         """Add a worker and wait until its ``spawn`` returned; return what it returned."""
-        if on_dispatcher_thread():
-            raise refuse_to_wait("pool.spawn()")
-        return self.submit_spawn(*args, **kwargs).result()
+        return SpawnWithOptions(self, self.worker_options).spawn(*args, **kwargs)
 
     async def async_spawn(self, *args: Any, **kwargs: Any) -> SpawnR:
         """``spawn`` for asyncio: awaits the worker without blocking the event loop."""
-        return await asyncio.wrap_future(self.submit_spawn(*args, **kwargs))
+        return await SpawnWithOptions(self, self.worker_options).async_spawn(*args, **kwargs)
 
     # ---- executing --------------------------------------------------------------------------
 
