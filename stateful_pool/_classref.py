@@ -47,7 +47,8 @@ def _lookup(module_name: str, qualname: str) -> Any:
     return obj
 
 
-def _importable(cls: type) -> bool:
+def is_importable(cls: type) -> bool:
+    """Whether a new process can import ``cls`` by its module and name."""
     if "<locals>" in cls.__qualname__:
         return False
     if cls.__module__ == "__main__" and not _main_file_is_real():
@@ -61,7 +62,7 @@ def _importable(cls: type) -> bool:
 def class_ref(cls: type) -> ClassRef:
     """What to send a spawned child so that it can rebuild ``cls``; raises ``TypeError``
     naming the class and the fix when neither way works."""
-    if _importable(cls):
+    if is_importable(cls):
         return (cls.__module__, cls.__qualname__)
     where = ("inside a function" if "<locals>" in cls.__qualname__ else
              f"in module {cls.__module__!r}, which a new process cannot import "

@@ -128,7 +128,7 @@ class SPool(Generic[SpawnR, ExecR]):
         self._transport.check_options(self.worker_options)
         # A class that travels by value (notebook, python -c): the types defined beside it
         # must too, so its arguments are pickled with cloudpickle.
-        self._dumps = m.by_value_dumps() if self._transport.check_class(worker_cls) else None
+        self._dumps = self._transport.check_class(worker_cls)
 
         self.worker_cls = worker_cls
         self.queue_size = queue_size or None

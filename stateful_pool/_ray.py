@@ -29,6 +29,7 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import _messages as m
+from ._classref import is_importable
 from ._worker import run_message, spawn_worker
 
 logger = logging.getLogger("stateful_pool")
@@ -39,9 +40,11 @@ logger = logging.getLogger("stateful_pool")
 class StatefulPoolActor:
     """Hosts one SWorker. Runs in a Ray worker process."""
 
-    def __init__(self, worker_cls: type) -> None:
+    def __init__(self, worker_cls: type, by_value: bool = False) -> None:
         self._cls = worker_cls
         self._worker: Any = None
+        if by_value:  # results and exceptions of types defined beside the class cross too
+            m.user_dumps = ray.cloudpickle.dumps
 
     @ray.method(concurrency_group="work")
     def spawn(self, payload: bytes) -> tuple[m.Outcome, int, dict[str, Any]]:
@@ -117,6 +120,7 @@ class RayTransport:
                                "scheduling_strategy", "label_selector"})
 
     def __init__(self) -> None:
+        self._by_value: dict[type, bool] = {}
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS") or None
             logger.info("connecting to Ray at %s", address or "a new local instance")
@@ -128,9 +132,15 @@ class RayTransport:
             raise ValueError(f"unknown Ray worker options {sorted(unknown)}; valid: "
                              f"{sorted(self.ACTOR_OPTIONS | {'node_id'})}")
 
-    def check_class(self, worker_cls: type) -> bool:
-        """Ray sends classes by value itself (cloudpickle); nothing to check here."""
-        return False
+    def check_class(self, worker_cls: type) -> Any:
+        """Ray sends the class itself, by value when it must. When an actor cannot import the
+        class's module (``__main__`` of a script or notebook, a class inside a function), the
+        tasks' arguments, results and errors go by value too, with Ray's own cloudpickle: the
+        one that sent the class, so the types defined beside it come back as the caller's
+        very classes."""
+        by_value = worker_cls.__module__ == "__main__" or not is_importable(worker_cls)
+        self._by_value[worker_cls] = by_value
+        return ray.cloudpickle.dumps if by_value else None
 
     def start(self, worker_cls: type, worker_id: int, options: dict[str, Any]
               ) -> tuple[Any, RayWorkerHandle]:
@@ -139,7 +149,7 @@ class RayTransport:
             actor_options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 node_id=options["node_id"], soft=False)
         actor = StatefulPoolActor.options(  # type: ignore[attr-defined]
-            **actor_options).remote(worker_cls)
+            **actor_options).remote(worker_cls, self._by_value.get(worker_cls, False))
         handle = RayWorkerHandle(actor, worker_id)
         from multiprocessing.connection import Connection
 

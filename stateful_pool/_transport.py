@@ -22,6 +22,7 @@ import socket
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
+from . import _messages as m
 from ._classref import ClassRef, class_ref, main_unreachable_hidden
 from ._worker import worker_main
 
@@ -38,9 +39,10 @@ class Transport(Protocol):
         """Raise ``ValueError`` for per-worker options this transport does not understand."""
         ...
 
-    def check_class(self, worker_cls: type) -> bool:
-        """Raise ``TypeError`` if the workers could not rebuild ``worker_cls``; return whether
-        the user's objects must be pickled by value (with cloudpickle) for them to follow."""
+    def check_class(self, worker_cls: type) -> Any:
+        """Raise ``TypeError`` if the workers could not rebuild ``worker_cls``. Return the
+        ``dumps`` that pickles the user's objects by value (a cloudpickle) when the workers
+        need them so (the types defined beside such a class must follow it), else None."""
         ...
 
 
@@ -54,9 +56,9 @@ class ProcessTransport:
         self.location = {"host": socket.gethostname(), "node": None}
         self._class_refs: dict[type, ClassRef] = {}
 
-    def check_class(self, worker_cls: type) -> bool:
+    def check_class(self, worker_cls: type) -> Any:
         ref = self._class_refs[worker_cls] = class_ref(worker_cls)
-        return isinstance(ref, bytes)
+        return m.by_value_dumps() if isinstance(ref, bytes) else None
 
     def check_options(self, options: dict[str, Any]) -> None:
         if options:

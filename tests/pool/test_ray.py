@@ -203,3 +203,36 @@ def test_process_backend_refuses_ray_options():
         SPool(Tasks, worker_options={"num_gpus": 1})
     with pytest.raises(ValueError, match="backend must be 'process' or 'ray'"):
         SPool(Tasks, backend="k8s")
+
+
+def test_types_defined_beside_a_local_worker_class_cross_both_ways(ray_pool):
+    """A worker class the actors cannot import (defined inside a function, as in a notebook
+    or a script's __main__): the request, answer and error types defined beside it reach the
+    actor and come back as the very classes the caller defined."""
+    from dataclasses import dataclass
+
+    from stateful_pool import SWorker
+
+    @dataclass
+    class Request:
+        text: str
+
+    @dataclass
+    class Answer:
+        upper: str
+
+    class Refused(Exception):
+        pass
+
+    class Upper(SWorker):
+        def execute(self, request):
+            if not request.text:
+                raise Refused("empty text")
+            return Answer(request.text.upper())
+
+    pool = ray_pool(Upper)
+    pool.spawn()
+    answer = pool.execute(Request("cat"))
+    assert type(answer) is Answer and answer.upper == "CAT"
+    with pytest.raises(Refused, match="empty text"):
+        pool.execute(Request(""))
