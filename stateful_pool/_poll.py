@@ -8,6 +8,9 @@ import weakref
 from typing import Generic, TypeVar
 
 O = TypeVar("O")  # noqa: E741 (what owns a watched fd)
+# The longest sleep in one poll() call, in ms: poll() takes a C int (about 24.8 days at
+# most), and a deadline weeks away must not overflow it. Waking once a day costs nothing.
+_MAX_SLEEP_MS = 86_400_000.0
 
 
 def _close_fds(*fds: int) -> None:
@@ -63,7 +66,8 @@ class Poller(Generic[O]):
     def poll(self, timeout: float | None) -> list[int]:
         """Sleep until a watched fd is readable (or closed), ``wake()`` is called, or
         ``timeout`` seconds pass; return the ready watched fds."""
-        events = self._poll.poll(None if timeout is None else timeout * 1000.0)
+        events = self._poll.poll(
+            None if timeout is None else min(timeout * 1000.0, _MAX_SLEEP_MS))
         ready = []
         for fd, _ in events:
             if fd == self._wake_r:

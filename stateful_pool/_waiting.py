@@ -45,6 +45,8 @@ class _Waiter:
 
 
 _WAITING, _GRANTED, _ABANDONED = 0, 1, 2
+# A thread's wait takes at most this many seconds (longer ones raise OverflowError).
+_LONGEST_WAIT = threading.TIMEOUT_MAX
 
 
 def _room_wait(submission_timeout: float | None, deadline: float | None) -> float | None:
@@ -111,7 +113,7 @@ class Capacity:
             waiter = _Waiter()
             self._waiters.append(waiter)
         assert waiter.lock is not None
-        if waiter.lock.acquire(timeout=-1 if timeout is None else timeout):
+        if waiter.lock.acquire(timeout=-1 if timeout is None else min(timeout, _LONGEST_WAIT)):
             return True
         return self._give_up(waiter)
 
