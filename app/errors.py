@@ -12,8 +12,11 @@ import logging
 import math
 import time
 from collections import deque
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import State
 
@@ -119,6 +122,27 @@ async def _queue_full(request: Request, exc: Exception) -> JSONResponse:
                       f"{seconds} s", {"Retry-After": str(seconds)})
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with its non-finite floats as strings (``"NaN"``, ``"Infinity"``).
+
+    Python's json module parses ``NaN`` and ``Infinity`` in a request body, but strict JSON
+    has no such values: an error answer that echoes them back could not be encoded.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, but always encodable: the errors echo the client's input."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, 422)
+
+
 async def _no_workers(request: Request, exc: Exception) -> JSONResponse:
     return unavailable("no model worker is ready; retry later")
 
@@ -163,6 +187,7 @@ async def _remote(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; anything else is answered 500 by ``RequestContextMiddleware``."""
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(ImageRejected, _image_rejected)
     app.add_exception_handler(QueueFullError, _queue_full)
     app.add_exception_handler(NoWorkersError, _no_workers)
