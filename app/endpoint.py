@@ -228,6 +228,17 @@ async def run_request(request: Request, decl: Declaration, value: Any,
     return decl.to_answer(value, results)
 
 
+def own_docstring(worker_cls: type[SWorker[Any, Any]]) -> str:
+    """The docstring of the worker class or of a user's base class, never the contract's
+    (``ModelWorker``'s and ``SWorker``'s are written for developers, not API clients)."""
+    for klass in worker_cls.__mro__:
+        if klass in (ModelWorker, SWorker):
+            break
+        if klass.__dict__.get("__doc__"):
+            return inspect.cleandoc(klass.__dict__["__doc__"])
+    return ""
+
+
 def add_inference_route(router: APIRouter, decl: Declaration,
                         guards: Sequence[Callable[..., Any]] = ()) -> None:
     """Add ``POST decl.route``, typed by the declaration; ``guards``: dependencies (auth)."""
@@ -302,7 +313,7 @@ def add_inference_route(router: APIRouter, decl: Declaration,
             "body", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[request_type, Body()]))
         errors = JSON_ERRORS
     endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    doc = inspect.getdoc(decl.worker_cls) or ""
+    doc = own_docstring(decl.worker_cls)
     router.add_api_route(
         decl.route, endpoint, methods=["POST"], response_model=decl.answer_type,
         responses={code: {"model": ErrorBody, "description": text}

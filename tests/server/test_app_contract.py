@@ -7,11 +7,12 @@ import io
 
 import pytest
 from app_helpers import ROOT, image_bytes, running_app, settings, truncated_jpeg, wait_until
+from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from app.contract import ImageFile, ModelWorker
-from app.endpoint import declaration_of
+from app.endpoint import add_inference_route, declaration_of
 from app.main import create_app
 from app.settings import Settings
 
@@ -59,6 +60,30 @@ class UndefinedName(ModelWorker):
     @classmethod
     def to_answer(cls, request: Texts, results: list[str]) -> list[str]:
         return results
+
+
+class Undocumented(ModelWorker):
+    @classmethod
+    def to_items(cls, request: Texts) -> list[str]:
+        return request.texts
+
+    @classmethod
+    def to_answer(cls, request: Texts, results: list[str]) -> list[str]:
+        return results
+
+
+class Documented(Undocumented):
+    """Echoes texts."""
+
+
+def test_openapi_describes_predict_with_the_workers_own_docstring_only():
+    def description(worker_cls: type[ModelWorker]) -> str:
+        app = FastAPI()
+        add_inference_route(app.router, declaration_of(worker_cls))
+        return str(app.openapi()["paths"]["/predict"]["post"].get("description", ""))
+
+    assert description(Documented) == "Echoes texts."
+    assert description(Undocumented) == ""  # not ModelWorker's docstring for developers
 
 
 def test_a_worker_declaring_its_types_wrongly_is_refused_at_startup():
