@@ -183,6 +183,14 @@ class SlowerEchoWorker(SlowEchoWorker):
     DELAY = 2.0
 
 
+class WidthDelayEchoWorker(EchoWorker):
+    """Takes one second per 100 pixels of an image's width: each request picks its own time."""
+
+    def execute(self, item: ImageInput) -> dict[str, Any]:
+        time.sleep(item.width / 100)
+        return super().execute(item)
+
+
 class RecordingSlowWorker(SlowEchoWorker):
     """A ``SlowEchoWorker`` that appends the sha256 of each image it starts to the file named
     by ``$RECORD_FILE``: what reached a worker, seen from outside the server."""
