@@ -19,11 +19,18 @@ from .weights import WEIGHTS_MODES, check_weights
 __all__ = ["CPU_WORKERS", "WEIGHTS_MODES", "Settings", "available_cpus"]
 
 
+# The pool's dispatcher cannot sleep past about 24 days (poll() takes a C int of
+# milliseconds): a longer deadline stopped it at the first request. A day is plenty for HTTP.
+MAX_REQUEST_TIMEOUT_S = 86_400.0
+
+
 class Settings(BaseSettings):
     """The server's configuration; see README.md, "The server", for the table."""
 
+    # allow_inf_nan=False: "inf" is no way to say "no limit" here; an endless deadline or
+    # batch wait would stall the pool, an endless upload limit cannot be counted in bytes.
     model_config = SettingsConfigDict(
-        case_sensitive=False, extra="ignore", protected_namespaces=())
+        case_sensitive=False, extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
     model_name: str | None = Field(
         None, description="the model the worker loads; unset: the worker's default_model")
@@ -41,8 +48,9 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(0.0, ge=0)
     queue_size: int = Field(256, ge=1)
     request_timeout_s: float = Field(
-        60.0, gt=0, description="each request's deadline, from its arrival; a client may "
-                                "shorten it with the X-Request-Timeout header (seconds)")
+        60.0, gt=0, le=MAX_REQUEST_TIMEOUT_S,
+        description="each request's deadline, from its arrival; a client may shorten it with "
+                    "the X-Request-Timeout header (seconds, at most a day)")
     max_upload_mb: float = Field(20.0, gt=0)
     max_files: int = Field(16, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, le=PILLOW_PIXEL_CEILING)
