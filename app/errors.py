@@ -16,9 +16,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from stateful_pool import PoolStats
 from stateful_pool.errors import (
@@ -31,7 +34,7 @@ from stateful_pool.errors import (
 )
 
 from .images import ImageRejected
-from .lifetime import CLIENT_CLOSED, ClientDisconnected
+from .lifetime import CLIENT_CLOSED, RECEIVED_AT, ClientDisconnected
 
 logger = logging.getLogger("app.errors")
 
@@ -143,6 +146,22 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, 422)
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer, except for what its "error parsing the body" 400 hides: a client
+    that left while sending its body (a 499 like any client that leaves, not a bad request
+    nobody sent), and a JSON body that is not UTF-8 (said so)."""
+    assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, ClientDisconnect):
+        request.app.state.metrics.abandoned.inc()
+        waited = time.monotonic() - request.scope.get(RECEIVED_AT, time.monotonic())
+        logger.info("client disconnected after %.0f ms, while sending its request body",
+                    waited * 1000)
+        return Response(status_code=CLIENT_CLOSED)
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return error(400, f"the request body is not valid UTF-8: {exc.__cause__}")
+    return await http_exception_handler(request, exc)
+
+
 async def _no_workers(request: Request, exc: Exception) -> JSONResponse:
     return unavailable("no model worker is ready; retry later")
 
@@ -188,6 +207,7 @@ async def _remote(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; anything else is answered 500 by ``RequestContextMiddleware``."""
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ImageRejected, _image_rejected)
     app.add_exception_handler(QueueFullError, _queue_full)
     app.add_exception_handler(NoWorkersError, _no_workers)
