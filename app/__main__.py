@@ -7,7 +7,7 @@ cache, and exits (the Dockerfile's ``BAKE_WEIGHTS``).
 
 SIGTERM or Ctrl-C: uvicorn stops accepting, lets the accepted requests finish (at most
 SHUTDOWN_TIMEOUT_S), then the lifespan stops the workers; the exit code is 0. It is 1 when
-no worker could start, 2 when the settings are invalid.
+no worker could start, 2 when the settings are invalid, 3 when HOST:PORT cannot be bound.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -134,6 +135,17 @@ def test_invalid_settings_exit_2_before_anything_starts(tmp_path):
     with serve(tmp_path, MODEL_WEIGHTS=str(tmp_path / "missing.pth")) as (process, _, log):
         assert process.wait(timeout=60) == 2
         assert "model_weights" in log.read_text()
+
+
+def test_a_port_in_use_stops_the_server_with_exit_3_naming_the_address(tmp_path):
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with serve(tmp_path, PORT=str(port),
+                   WORKER_CLASS="app.examples.echo_worker:EchoWorker") as (process, _, log):
+            assert process.wait(timeout=60) == 3, log.read_text()
+    assert f"('127.0.0.1', {port}): address already in use" in log.read_text()
 
 
 def test_server_exits_1_when_no_worker_can_start(tmp_path):
