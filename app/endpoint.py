@@ -47,7 +47,8 @@ _COMMON_ERRORS = {
 }
 UPLOAD_ERRORS = {
     400: "empty file, corrupt or truncated image",
-    413: "body over MAX_UPLOAD_MB, more than MAX_FILES files, or too many pixels",
+    413: "body over MAX_UPLOAD_MB, more than MAX_FILES files (or QUEUE_SIZE items), or too "
+         "many pixels",
     415: "not an image, or a format outside JPEG, PNG, WebP, BMP, GIF",
     422: f"a required file field is missing, or a parameter (or {DEADLINE_HEADER}) is out "
          "of range",
@@ -58,7 +59,7 @@ QUERY_PARAM = "_query"
 DEADLINE_PARAM = "_deadline"
 JSON_ERRORS = {
     400: "an input the model cannot take (the message names it)",
-    413: "body over MAX_UPLOAD_MB",
+    413: "body over MAX_UPLOAD_MB, or more items than QUEUE_SIZE",
     422: f"the JSON body does not match the request schema, or {DEADLINE_HEADER} is invalid",
 }
 
@@ -223,7 +224,13 @@ async def run_request(request: Request, decl: Declaration, value: Any,
         labels = [f"item {n}" for n in range(1, len(items) + 1)]
     if not items:
         return decl.to_answer(value, [])
-    calls = lifetime.pool_calls(server_state(request).ready_pool())
+    state = server_state(request)
+    if len(items) > state.settings.queue_size:
+        # Its items could never all wait at once: a 503 would have the client retry forever.
+        raise ImageRejected(
+            413, f"{len(items)} items in one request; at most QUEUE_SIZE="
+                 f"{state.settings.queue_size} can wait for a worker: split the request")
+    calls = lifetime.pool_calls(state.ready_pool())
     results = await run_for_client(request, execute_all(calls, items, labels))
     return decl.to_answer(value, results)
 

@@ -193,6 +193,9 @@ def test_full_queue_is_503_with_retry_after():
                 assert_error(response, 503, "queue full")
                 assert response.headers["retry-after"] == "1"
         assert post_files(client, image).status_code == 200
+        # More images than the queue holds can never be admitted: no "retry", a 413.
+        assert_error(post_files(client, image, image), 413, "2 items", "QUEUE_SIZE=1")
+        assert post_files(client, image).status_code == 200
 
 
 def test_request_past_its_deadline_is_504_and_the_server_goes_on():
