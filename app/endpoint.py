@@ -57,6 +57,9 @@ UPLOAD_ERRORS = {
 # query string, so the name is never seen by a client (and cannot clash with a field).
 QUERY_PARAM = "_query"
 DEADLINE_PARAM = "_deadline"
+# The endpoint's Request: FastAPI finds it by its annotation. A leading underscore, as for the
+# two above: no pydantic field can have such a name, so an upload field may be "request".
+REQUEST_PARAM = "_request"
 JSON_ERRORS = {
     400: "an input the model cannot take (the message names it)",
     413: "body over MAX_UPLOAD_MB, or more items than QUEUE_SIZE",
@@ -261,7 +264,8 @@ def add_inference_route(router: APIRouter, decl: Declaration,
         body = answer.dump_json(answer.validate_python(result))
         return Response(body, media_type="application/json")
 
-    async def from_uploads(request: Request, **params: Any) -> Response:
+    async def from_uploads(**params: Any) -> Response:
+        request: Request = params.pop(REQUEST_PARAM)
         settings = server_state(request).settings
         query = params.pop(QUERY_PARAM, None)
         deadline_s = params.pop(DEADLINE_PARAM, None)
@@ -283,17 +287,21 @@ def add_inference_route(router: APIRouter, decl: Declaration,
             labels += [image.label for image in checked]
             values[name] = checked if uploads[name] else checked[0]
         try:
-            value = (request_model.model_validate(values) if request_model is not None
-                     else values)
+            # by_name: the values are keyed by field name, also those the client sent under
+            # an alias (FastAPI read ?minSide= into the query model's min_side).
+            value = (request_model.model_validate(values, by_name=True)
+                     if request_model is not None else values)
         except ValidationError as exc:  # a model validator of the worker's request
-            raise RequestValidationError(exc.errors(include_url=False)) from None
+            # Without the input: it holds the uploaded images.
+            raise RequestValidationError(
+                exc.errors(include_url=False, include_input=False)) from None
         return await answer_request(request, value, labels, deadline_s)
 
-    async def from_json(request: Request, body: Any, **params: Any) -> Response:
-        return await answer_request(request, body, [], params.get(DEADLINE_PARAM))
+    async def from_json(body: Any, **params: Any) -> Response:
+        return await answer_request(params[REQUEST_PARAM], body, [], params.get(DEADLINE_PARAM))
 
     parameters = [
-        inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        inspect.Parameter(REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request),
         inspect.Parameter(DEADLINE_PARAM, inspect.Parameter.KEYWORD_ONLY,
                           annotation=DeadlineHeader, default=None)]
     if uploads:

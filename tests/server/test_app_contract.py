@@ -3,10 +3,13 @@ and the skeleton of docs/SERVE_YOUR_MODEL.md served as written."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+from typing import Any
 
 import pytest
-from app_helpers import ROOT, image_bytes, running_app, settings, truncated_jpeg, wait_until
+from app_helpers import ROOT, TINY, image_bytes, running_app, settings, truncated_jpeg, wait_until
 from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel, ValidationError
@@ -106,6 +109,33 @@ def test_uploads_become_file_fields_and_the_rest_query_parameters():
     assert list(declaration.query_model.model_fields) == ["top_k"]
     text = declaration_of(create_app(settings(worker_class=TEXT)).state.server.worker_cls)
     assert text.uploads == {} and text.query_model is None
+
+
+def test_an_upload_request_with_an_alias_a_validator_and_a_field_named_request():
+    with running_app(settings(worker_class="app_helpers:PairWorker")) as client:
+        def post(*widths: int, query: str = "") -> Any:
+            files = [(name, (f"{name}.png", image_bytes("PNG", (width, 8)), "image/png"))
+                     for name, width in zip(("request", "second"), widths, strict=False)]
+            return client.post(f"/predict{query}", files=files)
+
+        answer = post(16, 16, query="?minSide=3")
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"widths": [16, 16], "min_side": 3}  # the alias reached it
+        refused = post(16, 24)
+        assert refused.status_code == 422, refused.text
+        assert "both images must have the same width" in refused.text
+        assert len(refused.content) < 1000  # the images are not echoed back
+        assert post(24).json() == {"widths": [24], "min_side": 1}
+        # The Open Inference Protocol: the upload named "request" is an input like any other,
+        # and the parameter is taken under its name or its alias.
+        image = base64.b64encode(image_bytes("PNG", (16, 8))).decode()
+        for parameter in ("min_side", "minSide"):
+            infer = client.post(f"/v2/models/{TINY}/infer", json={
+                "inputs": [{"name": "request", "datatype": "BYTES", "shape": [1],
+                            "data": [image]}], "parameters": {parameter: 3}})
+            assert infer.status_code == 200, infer.text
+            [output] = infer.json()["outputs"]
+            assert json.loads(output["data"][0]) == {"widths": [16], "min_side": 3}
 
 
 def test_invalid_worker_settings_name_the_variable(monkeypatch):

@@ -26,8 +26,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 from procs import wait_until  # one helper for every test module
+from pydantic import BaseModel, Field, model_validator
 
-from app.contract import ImageInput, WorkerConfig
+from app.contract import ImageFile, ImageInput, ModelWorker, WorkerConfig
 from app.examples.echo_worker import EchoWorker
 from app.main import create_app
 from app.settings import Settings
@@ -215,6 +216,42 @@ class LoggingEchoWorker(EchoWorker):
     def execute_batch(self, items: list[ImageInput]) -> list[dict[str, Any]]:
         logging.getLogger("app_helpers.worker").info("echoing %d item(s)", len(items))
         return super().execute_batch(items)
+
+
+class PairRequest(BaseModel):
+    """An upload field named ``request``, an optional second one, a query parameter under an
+    alias, and a check across fields: what a user's request type may hold."""
+
+    request: ImageFile
+    second: ImageFile | None = None
+    min_side: int = Field(1, alias="minSide")
+
+    @model_validator(mode="after")
+    def _same_width(self) -> PairRequest:
+        if self.second is not None and self.second.width != self.request.width:
+            raise ValueError("both images must have the same width")
+        return self
+
+
+class PairAnswer(BaseModel):
+    widths: list[int]
+    min_side: int
+
+
+class PairWorker(ModelWorker):
+    @classmethod
+    def to_items(cls, request: PairRequest) -> list[ImageFile]:
+        return [request.request] + ([request.second] if request.second else [])
+
+    @classmethod
+    def to_answer(cls, request: PairRequest, results: list[int]) -> PairAnswer:
+        return PairAnswer(widths=results, min_side=request.min_side)
+
+    def spawn(self, config: WorkerConfig) -> dict[str, Any]:
+        return {"model": config.model_name}
+
+    def execute_batch(self, items: list[ImageFile]) -> list[Any]:
+        return [item.width for item in items]
 
 
 class BrokenSpawnWorker(EchoWorker):
