@@ -123,6 +123,9 @@ class ServerState:
             queue_size=s.queue_size,
             submission_timeout=0,  # a full queue answers 503 at once rather than piling up
             execution_timeout=s.request_timeout_s,
+            # A hung model (a deadlock, a stuck GPU) would keep its worker busy for good while
+            # the probes said ready: every request 504. Killed, it is respawned.
+            hang_timeout=s.hang_timeout,
             max_batch_size=s.max_batch_size,
             max_batch_wait=s.max_batch_wait_ms / 1000,
             **self.plan.pool_options,

@@ -184,6 +184,15 @@ class SlowerEchoWorker(SlowEchoWorker):
     DELAY = 2.0
 
 
+class HangingEchoWorker(EchoWorker):
+    """Never returns from an image 13 pixels wide (a deadlock in a user's model)."""
+
+    def execute(self, item: ImageInput) -> dict[str, Any]:
+        while item.width == 13:
+            time.sleep(0.05)
+        return super().execute(item)
+
+
 class WidthDelayEchoWorker(EchoWorker):
     """Takes one second per 100 pixels of an image's width: each request picks its own time."""
 
