@@ -238,6 +238,19 @@ async def run_request(request: Request, decl: Declaration, value: Any,
     return decl.to_answer(value, results)
 
 
+async def refuse_extra_files(request: Request, single_fields: Sequence[str]) -> None:
+    """422 when a one-file field got several: FastAPI would keep the last one, silently."""
+    if not single_fields:
+        return
+    form = await request.form()  # parsed by FastAPI already: this is its cached copy
+    for name in single_fields:
+        count = len(form.getlist(name))
+        if count > 1:
+            raise RequestValidationError([{
+                "type": "too_long", "loc": ("body", name), "input": None,
+                "msg": f"field {name!r} takes one file, got {count}"}])
+
+
 def own_docstring(worker_cls: type[SWorker[Any, Any]]) -> str:
     """The docstring of the worker class or of a user's base class, never the contract's
     (``ModelWorker``'s and ``SWorker``'s are written for developers, not API clients)."""
@@ -274,6 +287,7 @@ def add_inference_route(router: APIRouter, decl: Declaration,
             raise ImageRejected(
                 413, f"{given} files in one request; the limit is {settings.max_files} "
                      "(MAX_FILES)")
+        await refuse_extra_files(request, [n for n, many in uploads.items() if not many])
         values: dict[str, Any] = dict(query) if query is not None else {}
         labels: list[str] = []
         number = 0

@@ -126,6 +126,13 @@ def test_an_upload_request_with_an_alias_a_validator_and_a_field_named_request()
         assert "both images must have the same width" in refused.text
         assert len(refused.content) < 1000  # the images are not echoed back
         assert post(24).json() == {"widths": [24], "min_side": 1}
+        # Two files for a one-file field: refused, not one of them silently dropped.
+        two = [("second", (f"{n}.png", image_bytes("PNG", (16, 8)), "image/png"))
+               for n in range(2)]
+        doubled = client.post("/predict", files=[
+            ("request", ("r.png", image_bytes("PNG", (16, 8)), "image/png")), *two])
+        assert doubled.status_code == 422, doubled.text
+        assert "second" in doubled.text and "one file" in doubled.text
         # The Open Inference Protocol: the upload named "request" is an input like any other,
         # and the parameter is taken under its name or its alias.
         image = base64.b64encode(image_bytes("PNG", (16, 8))).decode()
