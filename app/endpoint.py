@@ -111,9 +111,12 @@ def declaration_of(worker_cls: type[SWorker[Any, Any]]) -> Declaration:
     if "return" not in answer_hints:
         raise ValueError(f"{name}.to_answer() must annotate its return type (the answer)")
     request_type = item_hints[params[0]]
+    uploads = _split_uploads(name, request_type)
+    if (worker_cls.execute_batch is ModelWorker.execute_batch
+            and worker_cls.execute is ModelWorker.execute):
+        raise ValueError(f"{name} must define execute_batch() or execute()")
     return Declaration(worker_cls, request_type, answer_hints["return"],
-                       worker_cls.to_items, worker_cls.to_answer,
-                       *_split_uploads(name, request_type), worker_cls.route)
+                       worker_cls.to_items, worker_cls.to_answer, *uploads, worker_cls.route)
 
 
 def _split_uploads(name: str, request_type: Any) -> tuple[dict[str, bool], type[BaseModel] | None]:

@@ -74,6 +74,9 @@ class Undocumented(ModelWorker):
     def to_answer(cls, request: Texts, results: list[str]) -> list[str]:
         return results
 
+    def execute_batch(self, items: list[str]) -> list[str]:
+        return items
+
 
 class Documented(Undocumented):
     """Echoes texts."""
@@ -89,7 +92,23 @@ def test_openapi_describes_predict_with_the_workers_own_docstring_only():
     assert description(Undocumented) == ""  # not ModelWorker's docstring for developers
 
 
+class NoExecute(Undocumented):
+    execute_batch = ModelWorker.execute_batch  # and no execute either
+
+
+def test_a_worker_that_defines_execute_but_not_execute_batch_is_served_item_by_item():
+    with running_app(settings(worker_class="app_helpers:LengthOneByOne")) as client:
+        answer = client.post("/predict", json={"texts": ["abc", "de"]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == [3, 2]
+        refused = client.post("/predict", json={"texts": ["abc", ""]})
+        assert refused.status_code == 400, refused.text
+        assert "item 2: an empty text" in refused.text
+
+
 def test_a_worker_declaring_its_types_wrongly_is_refused_at_startup():
+    with pytest.raises(ValueError, match=r"must define execute_batch\(\) or execute\(\)"):
+        declaration_of(NoExecute)
     with pytest.raises(ValueError, match="must define the class method to_items"):
         declaration_of(NoHooks)
     with pytest.raises(ValueError, match="must annotate its request parameter"):

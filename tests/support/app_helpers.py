@@ -28,7 +28,7 @@ from PIL import Image
 from procs import wait_until  # one helper for every test module
 from pydantic import BaseModel, Field, model_validator
 
-from app.contract import ImageFile, ImageInput, ModelWorker, WorkerConfig
+from app.contract import ImageFile, ImageInput, InvalidInputError, ModelWorker, WorkerConfig
 from app.examples.echo_worker import EchoWorker
 from app.main import create_app
 from app.settings import Settings
@@ -261,6 +261,30 @@ class PairWorker(ModelWorker):
 
     def execute_batch(self, items: list[ImageFile]) -> list[Any]:
         return [item.width for item in items]
+
+
+class LengthRequest(BaseModel):
+    texts: list[str]
+
+
+class LengthOneByOne(ModelWorker):
+    """Defines ``execute`` (one item) and no ``execute_batch``."""
+
+    @classmethod
+    def to_items(cls, request: LengthRequest) -> list[str]:
+        return request.texts
+
+    @classmethod
+    def to_answer(cls, request: LengthRequest, results: list[int]) -> list[int]:
+        return results
+
+    def spawn(self, config: WorkerConfig) -> dict[str, Any]:
+        return {"model": config.model_name}
+
+    def execute(self, item: str) -> int:
+        if not item:
+            raise InvalidInputError("an empty text has no length worth computing")
+        return len(item)
 
 
 class BrokenSpawnWorker(EchoWorker):
