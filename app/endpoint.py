@@ -241,9 +241,11 @@ async def run_request(request: Request, decl: Declaration, value: Any,
     return decl.to_answer(value, results)
 
 
-async def refuse_extra_files(request: Request, single_fields: Sequence[str]) -> None:
-    """422 when a one-file field got several: FastAPI would keep the last one, silently."""
-    if not single_fields:
+async def check_form(request: Request, single_fields: Sequence[str],
+                     query_fields: Sequence[str]) -> None:
+    """422 for what FastAPI would drop without a word: several files for a one-file field
+    (it keeps the last), a query parameter sent as a form field (it is not read there)."""
+    if not single_fields and not query_fields:
         return
     form = await request.form()  # parsed by FastAPI already: this is its cached copy
     for name in single_fields:
@@ -252,6 +254,12 @@ async def refuse_extra_files(request: Request, single_fields: Sequence[str]) -> 
             raise RequestValidationError([{
                 "type": "too_long", "loc": ("body", name), "input": None,
                 "msg": f"field {name!r} takes one file, got {count}"}])
+    for name in query_fields:
+        if name in form:
+            raise RequestValidationError([{
+                "type": "query_parameter", "loc": ("body", name), "input": None,
+                "msg": f"{name!r} is a query parameter: send it in the URL (?{name}=...), "
+                       "not as a form field"}])
 
 
 def own_docstring(worker_cls: type[SWorker[Any, Any]]) -> str:
@@ -274,6 +282,10 @@ def add_inference_route(router: APIRouter, decl: Declaration,
     request_model = (request_type if isinstance(request_type, type)
                      and issubclass(request_type, BaseModel) else None)
 
+    single_fields = [name for name, many in uploads.items() if not many]
+    query_fields = [] if query_model is None else [
+        info.alias or name for name, info in query_model.model_fields.items()]
+
     async def answer_request(request: Request, value: Any, labels: list[str],
                              deadline_s: float | None) -> Response:
         result = await run_request(request, decl, value, labels, deadline_s)
@@ -290,7 +302,7 @@ def add_inference_route(router: APIRouter, decl: Declaration,
             raise ImageRejected(
                 413, f"{given} files in one request; the limit is {settings.max_files} "
                      "(MAX_FILES)")
-        await refuse_extra_files(request, [n for n, many in uploads.items() if not many])
+        await check_form(request, single_fields, query_fields)
         values: dict[str, Any] = dict(query) if query is not None else {}
         labels: list[str] = []
         number = 0

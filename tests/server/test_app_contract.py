@@ -152,6 +152,11 @@ def test_an_upload_request_with_an_alias_a_validator_and_a_field_named_request()
             ("request", ("r.png", image_bytes("PNG", (16, 8)), "image/png")), *two])
         assert doubled.status_code == 422, doubled.text
         assert "second" in doubled.text and "one file" in doubled.text
+        # A query parameter sent as a form field: pointed to the query, not silently ignored.
+        misplaced = client.post("/predict", data={"minSide": "3"}, files=[
+            ("request", ("r.png", image_bytes("PNG", (16, 8)), "image/png"))])
+        assert misplaced.status_code == 422, misplaced.text
+        assert "?minSide=" in misplaced.text
         # The Open Inference Protocol: the upload named "request" is an input like any other,
         # and the parameter is taken under its name or its alias.
         image = base64.b64encode(image_bytes("PNG", (16, 8))).decode()
