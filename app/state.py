@@ -26,6 +26,8 @@ from .settings import Settings
 logger = logging.getLogger("app")
 
 READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
+# How long a stop waits for the workers while some are still loading their model.
+STOP_LOADING_S = 0.5
 
 
 def server_state(request: Request) -> ServerState:
@@ -139,10 +141,11 @@ class ServerState:
             spawning.cancel()
             logger.info("stopping the workers")
             # uvicorn has drained the HTTP requests by now: a task still queued belongs to a
-            # request that is gone, so it is dropped; running ones may finish, bounded.
+            # request that is gone, so it is dropped; running ones may finish, bounded. A
+            # worker still loading its model is not waited for: nothing needs it any more.
+            timeout = STOP_LOADING_S if self.spawning else s.shutdown_timeout_s
             await asyncio.get_running_loop().run_in_executor(None, partial(
-                self.pool.shutdown, wait=True, cancel_futures=True,
-                timeout=s.shutdown_timeout_s))
+                self.pool.shutdown, wait=True, cancel_futures=True, timeout=timeout))
             logger.info("workers stopped")
 
     async def _spawn_all(self, pool: SPool[Any, Any]) -> None:

@@ -219,6 +219,14 @@ class SlowSpawnWorker(EchoWorker):
         return super().spawn(config)
 
 
+class StuckSpawnWorker(EchoWorker):
+    """Its model takes a minute to load: a server stopped while it loads must not wait."""
+
+    def spawn(self, config: WorkerConfig) -> dict[str, Any]:
+        time.sleep(60)
+        return super().spawn(config)
+
+
 class LoggingEchoWorker(EchoWorker):
     """Writes a log line for each batch it runs: shows the request ids the worker sees."""
 
