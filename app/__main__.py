@@ -7,7 +7,7 @@ cache, and exits (the Dockerfile's ``BAKE_WEIGHTS``).
 
 SIGTERM or Ctrl-C: uvicorn stops accepting, lets the accepted requests finish (at most
 SHUTDOWN_TIMEOUT_S), then the lifespan stops the workers; the exit code is 0. It is 1 when
-no worker could start, 2 when the settings are invalid.
+no worker could start, 2 when the settings are invalid, 3 when HOST:PORT cannot be bound.
 """
 
 from __future__ import annotations
@@ -46,9 +46,12 @@ def main() -> int:
     except ValueError as exc:
         print(f"invalid server settings: {exc}", file=sys.stderr)
         return 2
+    # The drain timeout as given: uvicorn hands it to asyncio.wait_for, which takes any float
+    # (its annotation says int; int() made SHUTDOWN_TIMEOUT_S=0.9 no drain at all).
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s), lifespan="on"))
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]
+        lifespan="on"))
     # uvicorn re-raises the signal it caught once its shutdown is complete, which would turn
     # a clean drain into exit status -15; by then there is nothing left to interrupt.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -47,7 +47,8 @@ _COMMON_ERRORS = {
 }
 UPLOAD_ERRORS = {
     400: "empty file, corrupt or truncated image",
-    413: "body over MAX_UPLOAD_MB, more than MAX_FILES files, or too many pixels",
+    413: "body over MAX_UPLOAD_MB, more than MAX_FILES files (or QUEUE_SIZE items), or too "
+         "many pixels",
     415: "not an image, or a format outside JPEG, PNG, WebP, BMP, GIF",
     422: f"a required file field is missing, or a parameter (or {DEADLINE_HEADER}) is out "
          "of range",
@@ -56,9 +57,12 @@ UPLOAD_ERRORS = {
 # query string, so the name is never seen by a client (and cannot clash with a field).
 QUERY_PARAM = "_query"
 DEADLINE_PARAM = "_deadline"
+# The endpoint's Request: FastAPI finds it by its annotation. A leading underscore, as for the
+# two above: no pydantic field can have such a name, so an upload field may be "request".
+REQUEST_PARAM = "_request"
 JSON_ERRORS = {
     400: "an input the model cannot take (the message names it)",
-    413: "body over MAX_UPLOAD_MB",
+    413: "body over MAX_UPLOAD_MB, or more items than QUEUE_SIZE",
     422: f"the JSON body does not match the request schema, or {DEADLINE_HEADER} is invalid",
 }
 
@@ -107,9 +111,12 @@ def declaration_of(worker_cls: type[SWorker[Any, Any]]) -> Declaration:
     if "return" not in answer_hints:
         raise ValueError(f"{name}.to_answer() must annotate its return type (the answer)")
     request_type = item_hints[params[0]]
+    uploads = _split_uploads(name, request_type)
+    if (worker_cls.execute_batch is ModelWorker.execute_batch
+            and worker_cls.execute is ModelWorker.execute):
+        raise ValueError(f"{name} must define execute_batch() or execute()")
     return Declaration(worker_cls, request_type, answer_hints["return"],
-                       worker_cls.to_items, worker_cls.to_answer,
-                       *_split_uploads(name, request_type), worker_cls.route)
+                       worker_cls.to_items, worker_cls.to_answer, *uploads, worker_cls.route)
 
 
 def _split_uploads(name: str, request_type: Any) -> tuple[dict[str, bool], type[BaseModel] | None]:
@@ -223,9 +230,47 @@ async def run_request(request: Request, decl: Declaration, value: Any,
         labels = [f"item {n}" for n in range(1, len(items) + 1)]
     if not items:
         return decl.to_answer(value, [])
-    calls = lifetime.pool_calls(server_state(request).ready_pool())
+    state = server_state(request)
+    if len(items) > state.settings.queue_size:
+        # Its items could never all wait at once: a 503 would have the client retry forever.
+        raise ImageRejected(
+            413, f"{len(items)} items in one request; at most QUEUE_SIZE="
+                 f"{state.settings.queue_size} can wait for a worker: split the request")
+    calls = lifetime.pool_calls(state.ready_pool())
     results = await run_for_client(request, execute_all(calls, items, labels))
     return decl.to_answer(value, results)
+
+
+async def check_form(request: Request, single_fields: Sequence[str],
+                     query_fields: Sequence[str]) -> None:
+    """422 for what FastAPI would drop without a word: several files for a one-file field
+    (it keeps the last), a query parameter sent as a form field (it is not read there)."""
+    if not single_fields and not query_fields:
+        return
+    form = await request.form()  # parsed by FastAPI already: this is its cached copy
+    for name in single_fields:
+        count = len(form.getlist(name))
+        if count > 1:
+            raise RequestValidationError([{
+                "type": "too_long", "loc": ("body", name), "input": None,
+                "msg": f"field {name!r} takes one file, got {count}"}])
+    for name in query_fields:
+        if name in form:
+            raise RequestValidationError([{
+                "type": "query_parameter", "loc": ("body", name), "input": None,
+                "msg": f"{name!r} is a query parameter: send it in the URL (?{name}=...), "
+                       "not as a form field"}])
+
+
+def own_docstring(worker_cls: type[SWorker[Any, Any]]) -> str:
+    """The docstring of the worker class or of a user's base class, never the contract's
+    (``ModelWorker``'s and ``SWorker``'s are written for developers, not API clients)."""
+    for klass in worker_cls.__mro__:
+        if klass in (ModelWorker, SWorker):
+            break
+        if klass.__dict__.get("__doc__"):
+            return inspect.cleandoc(klass.__dict__["__doc__"])
+    return ""
 
 
 def add_inference_route(router: APIRouter, decl: Declaration,
@@ -237,13 +282,18 @@ def add_inference_route(router: APIRouter, decl: Declaration,
     request_model = (request_type if isinstance(request_type, type)
                      and issubclass(request_type, BaseModel) else None)
 
+    single_fields = [name for name, many in uploads.items() if not many]
+    query_fields = [] if query_model is None else [
+        info.alias or name for name, info in query_model.model_fields.items()]
+
     async def answer_request(request: Request, value: Any, labels: list[str],
                              deadline_s: float | None) -> Response:
         result = await run_request(request, decl, value, labels, deadline_s)
         body = answer.dump_json(answer.validate_python(result))
         return Response(body, media_type="application/json")
 
-    async def from_uploads(request: Request, **params: Any) -> Response:
+    async def from_uploads(**params: Any) -> Response:
+        request: Request = params.pop(REQUEST_PARAM)
         settings = server_state(request).settings
         query = params.pop(QUERY_PARAM, None)
         deadline_s = params.pop(DEADLINE_PARAM, None)
@@ -252,6 +302,7 @@ def add_inference_route(router: APIRouter, decl: Declaration,
             raise ImageRejected(
                 413, f"{given} files in one request; the limit is {settings.max_files} "
                      "(MAX_FILES)")
+        await check_form(request, single_fields, query_fields)
         values: dict[str, Any] = dict(query) if query is not None else {}
         labels: list[str] = []
         number = 0
@@ -265,17 +316,21 @@ def add_inference_route(router: APIRouter, decl: Declaration,
             labels += [image.label for image in checked]
             values[name] = checked if uploads[name] else checked[0]
         try:
-            value = (request_model.model_validate(values) if request_model is not None
-                     else values)
+            # by_name: the values are keyed by field name, also those the client sent under
+            # an alias (FastAPI read ?minSide= into the query model's min_side).
+            value = (request_model.model_validate(values, by_name=True)
+                     if request_model is not None else values)
         except ValidationError as exc:  # a model validator of the worker's request
-            raise RequestValidationError(exc.errors(include_url=False)) from None
+            # Without the input: it holds the uploaded images.
+            raise RequestValidationError(
+                exc.errors(include_url=False, include_input=False)) from None
         return await answer_request(request, value, labels, deadline_s)
 
-    async def from_json(request: Request, body: Any, **params: Any) -> Response:
-        return await answer_request(request, body, [], params.get(DEADLINE_PARAM))
+    async def from_json(body: Any, **params: Any) -> Response:
+        return await answer_request(params[REQUEST_PARAM], body, [], params.get(DEADLINE_PARAM))
 
     parameters = [
-        inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        inspect.Parameter(REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request),
         inspect.Parameter(DEADLINE_PARAM, inspect.Parameter.KEYWORD_ONLY,
                           annotation=DeadlineHeader, default=None)]
     if uploads:
@@ -302,7 +357,7 @@ def add_inference_route(router: APIRouter, decl: Declaration,
             "body", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[request_type, Body()]))
         errors = JSON_ERRORS
     endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    doc = inspect.getdoc(decl.worker_cls) or ""
+    doc = own_docstring(decl.worker_cls)
     router.add_api_route(
         decl.route, endpoint, methods=["POST"], response_model=decl.answer_type,
         responses={code: {"model": ErrorBody, "description": text}

@@ -12,10 +12,16 @@ import logging
 import math
 import time
 from collections import deque
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from stateful_pool import PoolStats
 from stateful_pool.errors import (
@@ -28,7 +34,7 @@ from stateful_pool.errors import (
 )
 
 from .images import ImageRejected
-from .lifetime import CLIENT_CLOSED, ClientDisconnected
+from .lifetime import CLIENT_CLOSED, RECEIVED_AT, ClientDisconnected
 
 logger = logging.getLogger("app.errors")
 
@@ -119,6 +125,43 @@ async def _queue_full(request: Request, exc: Exception) -> JSONResponse:
                       f"{seconds} s", {"Retry-After": str(seconds)})
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with its non-finite floats as strings (``"NaN"``, ``"Infinity"``).
+
+    Python's json module parses ``NaN`` and ``Infinity`` in a request body, but strict JSON
+    has no such values: an error answer that echoes them back could not be encoded.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, but always encodable: the errors echo the client's input."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, 422)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer, except for what its "error parsing the body" 400 hides: a client
+    that left while sending its body (a 499 like any client that leaves, not a bad request
+    nobody sent), and a JSON body that is not UTF-8 (said so)."""
+    assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, ClientDisconnect):
+        request.app.state.metrics.abandoned.inc()
+        waited = time.monotonic() - request.scope.get(RECEIVED_AT, time.monotonic())
+        logger.info("client disconnected after %.0f ms, while sending its request body",
+                    waited * 1000)
+        return Response(status_code=CLIENT_CLOSED)
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return error(400, f"the request body is not valid UTF-8: {exc.__cause__}")
+    return await http_exception_handler(request, exc)
+
+
 async def _no_workers(request: Request, exc: Exception) -> JSONResponse:
     return unavailable("no model worker is ready; retry later")
 
@@ -163,6 +206,8 @@ async def _remote(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; anything else is answered 500 by ``RequestContextMiddleware``."""
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ImageRejected, _image_rejected)
     app.add_exception_handler(QueueFullError, _queue_full)
     app.add_exception_handler(NoWorkersError, _no_workers)

@@ -6,6 +6,7 @@ an error raised while the body is read still gets an answer with the request id.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import json
@@ -134,6 +135,17 @@ class RequestContextMiddleware:
                     "detail": "the server is at capacity (request queue full); retry in "
                               f"about {retry_after} s"},
                     [(b"retry-after", str(retry_after).encode())])
+        except asyncio.CancelledError:
+            # Only uvicorn cancels a request task: on shutdown, once SHUTDOWN_TIMEOUT_S has
+            # passed (a client that leaves is handled in app.lifetime, without a cancel).
+            # Tell the client in JSON rather than let uvicorn answer a bare 500 and log a
+            # traceback; then end quietly, as the cancel asked.
+            if response_started:
+                raise
+            await send_json(send_with_id, 503, {
+                "detail": "the server is shutting down and this request did not finish "
+                          "within SHUTDOWN_TIMEOUT_S; retry it"},
+                [(b"retry-after", b"1"), (b"connection", b"close")])
         except Exception:
             logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if response_started:

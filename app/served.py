@@ -14,7 +14,7 @@ from typing import Any
 
 from stateful_pool import SWorker, current_contexts
 
-from .contract import WorkerConfig
+from .contract import ModelWorker, WorkerConfig
 from .logs import LogFormat, configure_worker_logging
 
 
@@ -72,4 +72,9 @@ class ServedBatchWorker(ServedWorker):
 
 def shell_for(worker_cls: type[SWorker[Any, Any]]) -> type[ServedWorker]:
     batching = callable(getattr(worker_cls, "execute_batch", None))
+    # A ModelWorker that defines only execute(item) is served item by item: the
+    # execute_batch it inherits would only raise NotImplementedError.
+    if (issubclass(worker_cls, ModelWorker) and worker_cls.execute_batch is
+            ModelWorker.execute_batch and worker_cls.execute is not ModelWorker.execute):
+        batching = False
     return ServedBatchWorker if batching else ServedWorker

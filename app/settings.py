@@ -19,11 +19,21 @@ from .weights import WEIGHTS_MODES, check_weights
 __all__ = ["CPU_WORKERS", "WEIGHTS_MODES", "Settings", "available_cpus"]
 
 
+# The pool's dispatcher cannot sleep past about 24 days (poll() takes a C int of
+# milliseconds): a longer deadline stopped it at the first request. A day is plenty for HTTP.
+MAX_REQUEST_TIMEOUT_S = 86_400.0
+# Killing a worker loses its loaded model (a GPU reload can take a minute): by default a
+# batch is deemed hung only well past any deadline.
+MIN_DEFAULT_HANG_TIMEOUT_S = 60.0
+
+
 class Settings(BaseSettings):
     """The server's configuration; see README.md, "The server", for the table."""
 
+    # allow_inf_nan=False: "inf" is no way to say "no limit" here; an endless deadline or
+    # batch wait would stall the pool, an endless upload limit cannot be counted in bytes.
     model_config = SettingsConfigDict(
-        case_sensitive=False, extra="ignore", protected_namespaces=())
+        case_sensitive=False, extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
     model_name: str | None = Field(
         None, description="the model the worker loads; unset: the worker's default_model")
@@ -41,8 +51,14 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(0.0, ge=0)
     queue_size: int = Field(256, ge=1)
     request_timeout_s: float = Field(
-        60.0, gt=0, description="each request's deadline, from its arrival; a client may "
-                                "shorten it with the X-Request-Timeout header (seconds)")
+        60.0, gt=0, le=MAX_REQUEST_TIMEOUT_S,
+        description="each request's deadline, from its arrival; a client may shorten it with "
+                    "the X-Request-Timeout header (seconds, at most a day)")
+    hang_timeout_s: float | None = Field(
+        None, gt=0, le=MAX_REQUEST_TIMEOUT_S,
+        description="a batch running longer is deemed hung: its worker is killed and "
+                    "respawned (its requests were answered 504 already); default: twice "
+                    "REQUEST_TIMEOUT_S, at least 60")
     max_upload_mb: float = Field(20.0, gt=0)
     max_files: int = Field(16, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, le=PILLOW_PIXEL_CEILING)
@@ -68,6 +84,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_means_no_auth(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
+
+    @property
+    def hang_timeout(self) -> float:
+        """HANG_TIMEOUT_S, or its default: a batch that outlives every deadline by far."""
+        if self.hang_timeout_s is not None:
+            return self.hang_timeout_s
+        return max(MIN_DEFAULT_HANG_TIMEOUT_S, 2 * self.request_timeout_s)
 
     @property
     def max_upload_bytes(self) -> int:

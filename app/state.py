@@ -26,6 +26,8 @@ from .settings import Settings
 logger = logging.getLogger("app")
 
 READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
+# How long a stop waits for the workers while some are still loading their model.
+STOP_LOADING_S = 0.5
 
 
 def server_state(request: Request) -> ServerState:
@@ -123,6 +125,9 @@ class ServerState:
             queue_size=s.queue_size,
             submission_timeout=0,  # a full queue answers 503 at once rather than piling up
             execution_timeout=s.request_timeout_s,
+            # A hung model (a deadlock, a stuck GPU) would keep its worker busy for good while
+            # the probes said ready: every request 504. Killed, it is respawned.
+            hang_timeout=s.hang_timeout,
             max_batch_size=s.max_batch_size,
             max_batch_wait=s.max_batch_wait_ms / 1000,
             **self.plan.pool_options,
@@ -136,10 +141,11 @@ class ServerState:
             spawning.cancel()
             logger.info("stopping the workers")
             # uvicorn has drained the HTTP requests by now: a task still queued belongs to a
-            # request that is gone, so it is dropped; running ones may finish, bounded.
+            # request that is gone, so it is dropped; running ones may finish, bounded. A
+            # worker still loading its model is not waited for: nothing needs it any more.
+            timeout = STOP_LOADING_S if self.spawning else s.shutdown_timeout_s
             await asyncio.get_running_loop().run_in_executor(None, partial(
-                self.pool.shutdown, wait=True, cancel_futures=True,
-                timeout=s.shutdown_timeout_s))
+                self.pool.shutdown, wait=True, cancel_futures=True, timeout=timeout))
             logger.info("workers stopped")
 
     async def _spawn_all(self, pool: SPool[Any, Any]) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from stateful_pool import __version__
 
@@ -83,6 +83,10 @@ class V2Model:
         self.outputs = output_tensors(self.decl)
         request_type = self.decl.request_type
         self.request_adapter: TypeAdapter[Any] = TypeAdapter(request_type)
+        # A request type that is not a model travels whole, as one "request" input (a
+        # model's own field or upload may be named "request" too).
+        self.whole_request = not (isinstance(request_type, type)
+                                  and issubclass(request_type, BaseModel))
         self.answer_adapter: TypeAdapter[Any] = TypeAdapter(self.decl.answer_type)
 
     def check_name(self, name: str, version: str | None = None) -> None:
@@ -149,10 +153,12 @@ class V2Model:
         for key, value in (header.get("parameters") or {}).items():
             if key not in RESERVED_PARAMETERS:
                 values.setdefault(key, value)
-        if len(self.inputs) == 1 and self.inputs[0].name == "request":
+        if self.whole_request:
             values = values.get("request", {})
         try:
-            return self.request_adapter.validate_python(values), labels
+            # by_name: inputs are named after the fields, aliased or not; a parameter may
+            # still come under its alias.
+            return self.request_adapter.validate_python(values, by_name=True), labels
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}"

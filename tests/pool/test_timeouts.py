@@ -9,7 +9,7 @@ import time
 import pytest
 from workers import Tasks
 
-from stateful_pool import QueueFullError, SPool, TaskTimeoutError
+from stateful_pool import PoolClosedError, QueueFullError, SPool, TaskTimeoutError
 
 
 def test_execution_timeout_raises_a_timeout_error_at_the_deadline(make_pool):
@@ -221,3 +221,13 @@ def test_finished_tasks_do_not_wait_in_the_deadline_heap(make_pool):
     pool.execute("echo", 1)  # one more round of the dispatcher
     gc.collect()
     assert len(pool._dispatcher.deadlines) <= 2048
+
+
+@pytest.mark.xfail(strict=True, raises=PoolClosedError, reason=(
+    "library bug, open: the dispatcher passes the time to the next deadline to poll() in "
+    "milliseconds, which overflows past ~24.8 days (OverflowError) and stops the pool for "
+    "good; the app caps REQUEST_TIMEOUT_S at a day meanwhile"))
+def test_a_deadline_weeks_away_does_not_stop_the_dispatcher(make_pool):
+    pool = make_pool(Tasks, execution_timeout=3_000_000)  # about 35 days
+    pool.spawn()
+    assert pool.execute("echo", 1) == 1

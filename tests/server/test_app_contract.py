@@ -3,15 +3,19 @@ and the skeleton of docs/SERVE_YOUR_MODEL.md served as written."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+from typing import Any
 
 import pytest
-from app_helpers import ROOT, image_bytes, running_app, settings, truncated_jpeg, wait_until
+from app_helpers import ROOT, TINY, image_bytes, running_app, settings, truncated_jpeg, wait_until
+from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from app.contract import ImageFile, ModelWorker
-from app.endpoint import declaration_of
+from app.endpoint import add_inference_route, declaration_of
 from app.main import create_app
 from app.settings import Settings
 
@@ -61,7 +65,50 @@ class UndefinedName(ModelWorker):
         return results
 
 
+class Undocumented(ModelWorker):
+    @classmethod
+    def to_items(cls, request: Texts) -> list[str]:
+        return request.texts
+
+    @classmethod
+    def to_answer(cls, request: Texts, results: list[str]) -> list[str]:
+        return results
+
+    def execute_batch(self, items: list[str]) -> list[str]:
+        return items
+
+
+class Documented(Undocumented):
+    """Echoes texts."""
+
+
+def test_openapi_describes_predict_with_the_workers_own_docstring_only():
+    def description(worker_cls: type[ModelWorker]) -> str:
+        app = FastAPI()
+        add_inference_route(app.router, declaration_of(worker_cls))
+        return str(app.openapi()["paths"]["/predict"]["post"].get("description", ""))
+
+    assert description(Documented) == "Echoes texts."
+    assert description(Undocumented) == ""  # not ModelWorker's docstring for developers
+
+
+class NoExecute(Undocumented):
+    execute_batch = ModelWorker.execute_batch  # and no execute either
+
+
+def test_a_worker_that_defines_execute_but_not_execute_batch_is_served_item_by_item():
+    with running_app(settings(worker_class="app_helpers:LengthOneByOne")) as client:
+        answer = client.post("/predict", json={"texts": ["abc", "de"]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == [3, 2]
+        refused = client.post("/predict", json={"texts": ["abc", ""]})
+        assert refused.status_code == 400, refused.text
+        assert "item 2: an empty text" in refused.text
+
+
 def test_a_worker_declaring_its_types_wrongly_is_refused_at_startup():
+    with pytest.raises(ValueError, match=r"must define execute_batch\(\) or execute\(\)"):
+        declaration_of(NoExecute)
     with pytest.raises(ValueError, match="must define the class method to_items"):
         declaration_of(NoHooks)
     with pytest.raises(ValueError, match="must annotate its request parameter"):
@@ -81,6 +128,45 @@ def test_uploads_become_file_fields_and_the_rest_query_parameters():
     assert list(declaration.query_model.model_fields) == ["top_k"]
     text = declaration_of(create_app(settings(worker_class=TEXT)).state.server.worker_cls)
     assert text.uploads == {} and text.query_model is None
+
+
+def test_an_upload_request_with_an_alias_a_validator_and_a_field_named_request():
+    with running_app(settings(worker_class="app_helpers:PairWorker")) as client:
+        def post(*widths: int, query: str = "") -> Any:
+            files = [(name, (f"{name}.png", image_bytes("PNG", (width, 8)), "image/png"))
+                     for name, width in zip(("request", "second"), widths, strict=False)]
+            return client.post(f"/predict{query}", files=files)
+
+        answer = post(16, 16, query="?minSide=3")
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"widths": [16, 16], "min_side": 3}  # the alias reached it
+        refused = post(16, 24)
+        assert refused.status_code == 422, refused.text
+        assert "both images must have the same width" in refused.text
+        assert len(refused.content) < 1000  # the images are not echoed back
+        assert post(24).json() == {"widths": [24], "min_side": 1}
+        # Two files for a one-file field: refused, not one of them silently dropped.
+        two = [("second", (f"{n}.png", image_bytes("PNG", (16, 8)), "image/png"))
+               for n in range(2)]
+        doubled = client.post("/predict", files=[
+            ("request", ("r.png", image_bytes("PNG", (16, 8)), "image/png")), *two])
+        assert doubled.status_code == 422, doubled.text
+        assert "second" in doubled.text and "one file" in doubled.text
+        # A query parameter sent as a form field: pointed to the query, not silently ignored.
+        misplaced = client.post("/predict", data={"minSide": "3"}, files=[
+            ("request", ("r.png", image_bytes("PNG", (16, 8)), "image/png"))])
+        assert misplaced.status_code == 422, misplaced.text
+        assert "?minSide=" in misplaced.text
+        # The Open Inference Protocol: the upload named "request" is an input like any other,
+        # and the parameter is taken under its name or its alias.
+        image = base64.b64encode(image_bytes("PNG", (16, 8))).decode()
+        for parameter in ("min_side", "minSide"):
+            infer = client.post(f"/v2/models/{TINY}/infer", json={
+                "inputs": [{"name": "request", "datatype": "BYTES", "shape": [1],
+                            "data": [image]}], "parameters": {parameter: 3}})
+            assert infer.status_code == 200, infer.text
+            [output] = infer.json()["outputs"]
+            assert json.loads(output["data"][0]) == {"widths": [16], "min_side": 3}
 
 
 def test_invalid_worker_settings_name_the_variable(monkeypatch):

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from app_helpers import image_bytes, png_header_only, running_app, settings
+from app_helpers import image_bytes, png_header_only, running_app, settings, wait_until
 
 from app.images import ALLOWED_FORMATS
 
@@ -193,6 +193,9 @@ def test_full_queue_is_503_with_retry_after():
                 assert_error(response, 503, "queue full")
                 assert response.headers["retry-after"] == "1"
         assert post_files(client, image).status_code == 200
+        # More images than the queue holds can never be admitted: no "retry", a 413.
+        assert_error(post_files(client, image, image), 413, "2 items", "QUEUE_SIZE=1")
+        assert post_files(client, image).status_code == 200
 
 
 def test_request_past_its_deadline_is_504_and_the_server_goes_on():
@@ -202,6 +205,17 @@ def test_request_past_its_deadline_is_504_and_the_server_goes_on():
         assert_error(post_files(client, image), 504, "REQUEST_TIMEOUT_S")
         time.sleep(0.5)  # let the worker finish the abandoned task
         assert client.get("/readyz").status_code == 200
+
+
+def test_a_hung_worker_is_killed_and_respawned_after_hang_timeout_s():
+    with running_app(settings(worker_class="app_helpers:HangingEchoWorker",
+                              request_timeout_s=0.5, hang_timeout_s=1.5)) as client:
+        hang = ("a.png", image_bytes("PNG", (13, 8)), "image/png")
+        image = ("b.png", image_bytes("PNG", (8, 8)), "image/png")
+        assert_error(post_files(client, hang), 504, "REQUEST_TIMEOUT_S")
+        # Before: the worker stayed busy for good, every request 504, /readyz 200 all along.
+        assert wait_until(lambda: post_files(client, image).status_code == 200, timeout=15)
+        assert "pool_worker_restarts_total 1.0" in client.get("/metrics").text
 
 
 def test_no_worker_ready_yet_is_503_while_liveness_is_200():

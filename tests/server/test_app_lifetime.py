@@ -141,6 +141,31 @@ def test_a_client_that_leaves_takes_its_queued_tasks_with_it(server):
     assert http.post("/predict", files=files(images(27))).status_code == 200
 
 
+def http_requests_total(http: httpx.Client, status: int) -> float:
+    prefix = f'http_requests_total{{method="POST",route="/predict",status="{status}"}} '
+    lines = [line for line in http.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].split()[1]) if lines else 0.0
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_as_gone_not_as_a_bad_request(server):
+    http, _ = server
+    before = {status: http_requests_total(http, status) for status in (400, 499)}
+    abandoned_before = metric(http, "http_requests_abandoned_total")
+    body = http.build_request("POST", "/predict", files=files(images(41))).read()
+    boundary = body.split(b"\r\n", 1)[0][2:].decode()
+    with socket.create_connection((http.base_url.host, http.base_url.port), timeout=10) as sock:
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                     f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+                     .encode() + body[: len(body) // 2])
+        time.sleep(0.2)  # the server is reading the body when the client goes
+    assert wait_until(
+        lambda: metric(http, "http_requests_abandoned_total") == abandoned_before + 1,
+        timeout=5)
+    assert http_requests_total(http, 499) == before[499] + 1
+    assert http_requests_total(http, 400) == before[400]  # nobody sent a bad request
+    assert http.post("/predict", files=files(images(42))).status_code == 200
+
+
 def test_while_the_queue_stays_full_a_post_is_refused_before_its_body_is_read():
     with running_app(settings(worker_class="app_helpers:SlowerEchoWorker", queue_size=1,
                               max_batch_size=1)) as client, ThreadPoolExecutor(2) as threads:

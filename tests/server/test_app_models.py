@@ -232,6 +232,11 @@ def test_text_answers_equal_a_direct_forward(text):
     ({"content": b'{"texts": [', "headers": {"content-type": "application/json"}}, 422,
      ["json"]),
     ({"files": [("texts", ("a.txt", b"hello", "text/plain"))]}, 422, []),
+    # JSON's NaN and Infinity parse; the 422 that echoes them must still be JSON.
+    ({"content": b'{"texts": [NaN, Infinity]}', "headers": {"content-type": "application/json"}},
+     422, ["texts"]),
+    ({"content": b'{"texts": ["caf\xe9"]}', "headers": {"content-type": "application/json"}},
+     400, ["UTF-8"]),
     ({"json": {"texts": ["y" * 20_000]}}, 413, ["MAX_UPLOAD_MB"]),
 ])
 def test_text_refusals_are_clear_and_the_server_goes_on(text, kwargs, status, words):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,10 +104,48 @@ def test_sigterm_drains_accepted_requests_then_exits_0(tmp_path):
         assert time.monotonic() - started >= 1.0  # it waited for the work, did not drop it
 
 
+def test_sigterm_waits_a_fractional_shutdown_timeout_then_answers_503(tmp_path):
+    # SHUTDOWN_TIMEOUT_S=0.9: the 0.5 s request finishes, the 3 s one does not, and its client
+    # is told why in JSON.
+    with serve(tmp_path, WORKER_CLASS="app_helpers:WidthDelayEchoWorker", NUM_WORKERS="2",
+               MAX_BATCH_SIZE="1", SHUTDOWN_TIMEOUT_S="0.9") as (process, url, log), \
+            client(url) as http:
+        wait_ready(http, process, log)
+        assert wait_until(lambda: http.get("/readyz").json()["workers_ready"] == 2, 30)
+
+        def one_request(width: int) -> httpx.Response:
+            image = ("a.png", image_bytes("PNG", (width, 8)), "image/png")
+            with client(url) as own:
+                return own.post("/predict", files={"files": image})
+
+        with ThreadPoolExecutor(2) as clients:
+            short, long = clients.submit(one_request, 50), clients.submit(one_request, 300)
+            assert wait_until(lambda: "pool_busy_workers 2.0" in http.get("/metrics").text,
+                              timeout=10)
+            process.send_signal(signal.SIGTERM)
+            assert short.result(timeout=30).status_code == 200
+            refused = long.result(timeout=30)
+        assert refused.status_code == 503, refused.text
+        assert "shutting down" in refused.json()["detail"]
+        assert process.wait(timeout=30) == 0, log.read_text()
+        assert "Exception in ASGI application" not in log.read_text()
+
+
 def test_invalid_settings_exit_2_before_anything_starts(tmp_path):
     with serve(tmp_path, MODEL_WEIGHTS=str(tmp_path / "missing.pth")) as (process, _, log):
         assert process.wait(timeout=60) == 2
         assert "model_weights" in log.read_text()
+
+
+def test_a_port_in_use_stops_the_server_with_exit_3_naming_the_address(tmp_path):
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        with serve(tmp_path, PORT=str(port),
+                   WORKER_CLASS="app.examples.echo_worker:EchoWorker") as (process, _, log):
+            assert process.wait(timeout=60) == 3, log.read_text()
+    assert f"('127.0.0.1', {port}): address already in use" in log.read_text()
 
 
 def test_server_exits_1_when_no_worker_can_start(tmp_path):

@@ -49,3 +49,14 @@ def test_environment_variables_are_read_and_checked(monkeypatch, tmp_path):
     monkeypatch.setenv("MAX_IMAGE_PIXELS", str(200_000_000))  # past where Pillow refuses
     with pytest.raises(ValidationError, match="max_image_pixels"):
         Settings()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("REQUEST_TIMEOUT_S", "inf"), ("REQUEST_TIMEOUT_S", "3000000"),
+    ("SHUTDOWN_TIMEOUT_S", "inf"), ("MAX_BATCH_WAIT_MS", "inf"), ("MAX_UPLOAD_MB", "inf")])
+def test_endless_durations_and_sizes_are_refused_at_startup(monkeypatch, name, value):
+    # Accepted, REQUEST_TIMEOUT_S=inf (or past the ~24 days a deadline can wait) stopped the
+    # pool at the first request, for good; MAX_BATCH_WAIT_MS=inf made batches wait forever.
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.lower()):
+        Settings()

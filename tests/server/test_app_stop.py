@@ -7,9 +7,10 @@ from __future__ import annotations
 import signal
 import time
 
+import httpx
 import pytest
 from app_helpers import http_client, image_bytes, serve, wait_ready
-from procs import pid_alive
+from procs import pid_alive, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -44,3 +45,20 @@ def stop_time(tmp_path, workers: int, sig: signal.Signals) -> float:
         assert code == 0, log.read_text()
         assert not any(pid_alive(p) for p in pids)
         return elapsed
+
+
+def test_a_server_still_loading_its_model_stops_at_once_on_sigterm(tmp_path):
+    # Before: it waited for the model to load (up to SHUTDOWN_TIMEOUT_S) only to stop it.
+    with serve(tmp_path, WORKER_CLASS="app_helpers:StuckSpawnWorker",
+               SHUTDOWN_TIMEOUT_S="10") as (process, url, log), http_client(url) as http:
+        def loading() -> bool:
+            try:
+                return http.get("/readyz").status_code == 503
+            except httpx.TransportError:
+                return False
+
+        assert wait_until(loading, timeout=30), log.read_text()
+        t0 = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+        assert time.monotonic() - t0 < 3.0

@@ -26,8 +26,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 from procs import wait_until  # one helper for every test module
+from pydantic import BaseModel, Field, model_validator
 
-from app.contract import ImageInput, WorkerConfig
+from app.contract import ImageFile, ImageInput, InvalidInputError, ModelWorker, WorkerConfig
 from app.examples.echo_worker import EchoWorker
 from app.main import create_app
 from app.settings import Settings
@@ -183,6 +184,23 @@ class SlowerEchoWorker(SlowEchoWorker):
     DELAY = 2.0
 
 
+class HangingEchoWorker(EchoWorker):
+    """Never returns from an image 13 pixels wide (a deadlock in a user's model)."""
+
+    def execute(self, item: ImageInput) -> dict[str, Any]:
+        while item.width == 13:
+            time.sleep(0.05)
+        return super().execute(item)
+
+
+class WidthDelayEchoWorker(EchoWorker):
+    """Takes one second per 100 pixels of an image's width: each request picks its own time."""
+
+    def execute(self, item: ImageInput) -> dict[str, Any]:
+        time.sleep(item.width / 100)
+        return super().execute(item)
+
+
 class RecordingSlowWorker(SlowEchoWorker):
     """A ``SlowEchoWorker`` that appends the sha256 of each image it starts to the file named
     by ``$RECORD_FILE``: what reached a worker, seen from outside the server."""
@@ -201,12 +219,80 @@ class SlowSpawnWorker(EchoWorker):
         return super().spawn(config)
 
 
+class StuckSpawnWorker(EchoWorker):
+    """Its model takes a minute to load: a server stopped while it loads must not wait."""
+
+    def spawn(self, config: WorkerConfig) -> dict[str, Any]:
+        time.sleep(60)
+        return super().spawn(config)
+
+
 class LoggingEchoWorker(EchoWorker):
     """Writes a log line for each batch it runs: shows the request ids the worker sees."""
 
     def execute_batch(self, items: list[ImageInput]) -> list[dict[str, Any]]:
         logging.getLogger("app_helpers.worker").info("echoing %d item(s)", len(items))
         return super().execute_batch(items)
+
+
+class PairRequest(BaseModel):
+    """An upload field named ``request``, an optional second one, a query parameter under an
+    alias, and a check across fields: what a user's request type may hold."""
+
+    request: ImageFile
+    second: ImageFile | None = None
+    min_side: int = Field(1, alias="minSide")
+
+    @model_validator(mode="after")
+    def _same_width(self) -> PairRequest:
+        if self.second is not None and self.second.width != self.request.width:
+            raise ValueError("both images must have the same width")
+        return self
+
+
+class PairAnswer(BaseModel):
+    widths: list[int]
+    min_side: int
+
+
+class PairWorker(ModelWorker):
+    @classmethod
+    def to_items(cls, request: PairRequest) -> list[ImageFile]:
+        return [request.request] + ([request.second] if request.second else [])
+
+    @classmethod
+    def to_answer(cls, request: PairRequest, results: list[int]) -> PairAnswer:
+        return PairAnswer(widths=results, min_side=request.min_side)
+
+    def spawn(self, config: WorkerConfig) -> dict[str, Any]:
+        return {"model": config.model_name}
+
+    def execute_batch(self, items: list[ImageFile]) -> list[Any]:
+        return [item.width for item in items]
+
+
+class LengthRequest(BaseModel):
+    texts: list[str]
+
+
+class LengthOneByOne(ModelWorker):
+    """Defines ``execute`` (one item) and no ``execute_batch``."""
+
+    @classmethod
+    def to_items(cls, request: LengthRequest) -> list[str]:
+        return request.texts
+
+    @classmethod
+    def to_answer(cls, request: LengthRequest, results: list[int]) -> list[int]:
+        return results
+
+    def spawn(self, config: WorkerConfig) -> dict[str, Any]:
+        return {"model": config.model_name}
+
+    def execute(self, item: str) -> int:
+        if not item:
+            raise InvalidInputError("an empty text has no length worth computing")
+        return len(item)
 
 
 class BrokenSpawnWorker(EchoWorker):
