@@ -19,8 +19,8 @@ from .weights import WEIGHTS_MODES, check_weights
 __all__ = ["CPU_WORKERS", "WEIGHTS_MODES", "Settings", "available_cpus"]
 
 
-# The pool's dispatcher cannot sleep past about 24 days (poll() takes a C int of
-# milliseconds): a longer deadline stopped it at the first request. A day is plenty for HTTP.
+# A request's deadline is at most a day: plenty for HTTP, and a typo of a few zeros is
+# refused at start-up rather than holding a client's work for weeks.
 MAX_REQUEST_TIMEOUT_S = 86_400.0
 # Killing a worker loses its loaded model (a GPU reload can take a minute): by default a
 # batch is deemed hung only well past any deadline.

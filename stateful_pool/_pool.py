@@ -336,7 +336,8 @@ class SPool(Generic[SpawnR, ExecR]):
             wait: block until every worker process has exited.
             cancel_futures: cancel the tasks that have not started instead of running them.
             timeout: seconds to wait for accepted tasks; past it, running tasks fail with
-                ``PoolClosedError`` and their workers are killed. ``None``: no limit.
+                ``PoolClosedError`` and their workers are killed, and queued ones are
+                cancelled. ``None``: no limit.
 
         A ``KeyboardInterrupt`` (Ctrl-C) while it waits kills every worker at once and
         propagates. Afterwards every future of this pool is done and no worker process
