@@ -109,9 +109,7 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-# Default number of CPU workers: one, using every core. Measured on the 2-core reference
-# machine (ViT-L/16, fp32, ``server_bench.py --cpu-workers``): at batch 8 two 1-thread workers
-# serve 8% more than one 2-thread worker (1.71 against 1.58 img/s), while one worker answers a
-# lone image faster (1.08 s against 1.21 s) and holds one copy of the model instead of two
-# (1.2 GB each). NUM_WORKERS overrides it.
+# Default number of CPU workers: one, using every core: on two cores it serves a lone image
+# faster than two 1-thread workers and holds one copy of the model instead of two, for a few
+# percent less throughput at batch 8 (docs/BENCHMARKS.md). NUM_WORKERS overrides it.
 CPU_WORKERS = 1

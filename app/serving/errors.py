@@ -178,8 +178,8 @@ class LoadShedder:
 
     Each 503 for a full queue (``queue_full``) opens a window of ``SHEDDING_S``; within it
     ``refuse_now`` checks the queue, and a request that would be refused anyway costs no
-    upload read, no multipart parse, no image check. Under 512 clients on 2 cores those made
-    a 503 take seconds. Outside the window it is one attribute read.
+    upload read, no multipart parse, no image check: under load those made a 503 take
+    seconds (docs/BENCHMARKS.md). Outside the window it is one attribute read.
     """
 
     def __init__(self) -> None:
