@@ -131,7 +131,7 @@ def http_error(request: Request, exc: Exception) -> ServingError:
     assert isinstance(exc, HTTPException)
     if isinstance(exc.__cause__, ClientDisconnect):
         return core_of(request).client_left(request.scope.get(RECEIVED_AT),
-                                            "while sending its request body")
+                                            ", while sending its request body")
     if isinstance(exc.__cause__, UnicodeDecodeError):
         return ServingError(400, f"the request body is not valid UTF-8: {exc.__cause__}")
     detail = exc.detail

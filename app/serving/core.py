@@ -158,10 +158,11 @@ class ServingCore:
         return self.shedder.refuse_now(self.state.pool_stats, self.settings.queue_size)
 
     def client_left(self, received_at: float | None, during: str) -> ServingError:
-        """Count and log a client that left before its answer; the 499 to record."""
+        """Count and log a client that left before its answer (``during``: what it left, as
+        the end of the log line); the 499 to record."""
         waited = time.monotonic() - (received_at or time.monotonic())
         self.metrics.abandoned.inc()
-        logger.info("client disconnected after %.0f ms, %s", waited * 1000, during)
+        logger.info("client disconnected after %.0f ms%s", waited * 1000, during)
         return ServingError(CLIENT_CLOSED, "the client closed the connection")
 
     # ---- the request ------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class ServingCore:
             calls = lifetime.pool_calls(self.state.ready_pool())
             results = await lifetime.while_connected(execute_all(calls, items, labels))
         except ClientDisconnected:
-            raise self.client_left(lifetime.received_at, "the request's queued tasks were "
+            raise self.client_left(lifetime.received_at, "; the request's queued tasks were "
                                                          "withdrawn") from None
         except QueueFullError:
             raise self.shedder.queue_full(self.state.pool_stats()) from None
