@@ -38,6 +38,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import _messages as m
+from . import _outcomes as o
 from ._batching import PendingQueue
 from ._config import PoolConfig
 from ._deadlines import PRUNE_AT, Deadlines
@@ -335,12 +336,11 @@ class Dispatcher(WorkerShutdown):
         else:
             self._on_message(slot, message)
 
-    def _on_message(self, slot: WorkerSlot, message: tuple[Any, ...]) -> None:
-        kind, metas, blobs = message
-        outcomes = m.join_outcomes(metas, blobs)
-        if kind == m.RESULTS:
+    def _on_message(self, slot: WorkerSlot, message: m.Message) -> None:
+        kind = message.kind
+        if kind == m.Kind.RESULTS:
             now = time.monotonic()
-            done, now_idle = slot.take_results(outcomes, now)
+            done, now_idle = slot.take_results(o.outcomes_of(message), now)
             for task, _ in done:
                 self.counts.run_time.record(now - task.started_at)
             if now_idle:
@@ -351,13 +351,13 @@ class Dispatcher(WorkerShutdown):
                     self._expire_tasks(now)  # never send what has expired
                     self._dispatch(now)
             for task, outcome in done:
-                ok, value = m.rebuild_outcome(outcome)
+                ok, value = o.rebuild_outcome(outcome)
                 if ok:
                     self._finish(task, value)
                 else:
                     self._finish(task, exc=value)
-        elif kind == m.SPAWNED:
-            self._on_spawned(slot, outcomes[0][1])
+        elif kind == m.Kind.SPAWNED:
+            self._on_spawned(slot, o.outcomes_of(message)[0][1])
 
     def _expire_tasks(self, now: float) -> None:
         soonest = self.deadlines.next_at()

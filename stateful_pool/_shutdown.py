@@ -112,7 +112,7 @@ class WorkerShutdown(WorkerLifecycle):
             getattr(slot.process, "terminate", slot.process.kill)()
             return TERM_GRACE
         try:
-            m.send_message(slot.conn.send_bytes, m.STOP, None, None)  # type: ignore[union-attr]
+            m.send_message(slot.conn.send_bytes, m.Kind.STOP, [])  # type: ignore[union-attr]
         except OSError:
             pass
         return STOP_GRACE
