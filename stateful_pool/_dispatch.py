@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 from . import _messages as m
@@ -42,13 +42,14 @@ from . import _outcomes as o
 from ._batching import PendingQueue
 from ._config import PoolConfig
 from ._deadlines import PRUNE_AT, Deadlines
-from ._inbox import Cancelled, Close, Message, StartWorker
+from ._inbox import Cancelled, Close, Credit, Message, StartWorker, StopStream
 from ._poll import Poller
 from ._restart import RestartPolicy
 from ._shutdown import WorkerShutdown
 from ._slot import WorkerSlot
 from ._states import LIVE_STATES, TaskState, WorkerState
 from ._stats import Counters, PoolStats
+from ._stream import Stream
 from ._task import Task, mark_dispatcher_thread, settle
 from ._transport import Transport
 from .errors import NoWorkersError, PoolClosedError, TaskTimeoutError
@@ -62,12 +63,16 @@ _DONE = object()
 
 class Dispatcher(WorkerShutdown):
     def __init__(self, worker_cls: type, transport: Transport, config: PoolConfig,
-                 batching: bool, release_slot: Callable[[Task], None]) -> None:
+                 batching: bool, release_slot: Callable[[Task], None],
+                 streams_per_worker: int = 1) -> None:
         """``batching``: the worker defines ``execute_batch`` and ``max_batch_size > 1``.
-        ``release_slot``: frees a task's place in ``queue_size`` once it leaves the queue."""
+        ``release_slot``: frees a task's place in ``queue_size`` once it leaves the queue.
+        ``streams_per_worker``: with ``stream_step``, how many tasks a busy worker may hold
+        (new ones join its running batch)."""
         self.worker_cls = worker_cls
         self.transport = transport
         self.batching = batching
+        self.streams_per_worker = streams_per_worker
         self.spawn_timeout = config.spawn_timeout
         self.hang_timeout = config.hang_timeout
         self.prefetch = config.prefetch
@@ -163,6 +168,16 @@ class Dispatcher(WorkerShutdown):
     def cancelled(self, task: Task) -> None:
         """A queued task was cancelled by its caller: take it off the queue."""
         self.inbox.append(Cancelled(task))
+        self.wake()
+
+    def credit(self, stream: Stream, chunks: int) -> None:
+        """A stream's reader consumed ``chunks`` chunks: its worker may send more."""
+        self.inbox.append(Credit(stream, chunks))
+        self.wake()
+
+    def stop_stream(self, stream: Stream) -> None:
+        """A running stream's reader has gone: stop it in the worker."""
+        self.inbox.append(StopStream(stream))
         self.wake()
 
     def abandoned(self, task: Task) -> None:
@@ -270,6 +285,10 @@ class Dispatcher(WorkerShutdown):
             elif isinstance(item, Cancelled):
                 if self.pending.remove(item.task.id) is not None:
                     self.counts.cancelled += 1
+            elif isinstance(item, Credit):
+                self._on_credit(item.stream, item.chunks)
+            elif isinstance(item, StopStream):
+                self._on_stop_stream(item.stream)
             elif isinstance(item, Close):
                 self._on_close(item)
 
@@ -291,8 +310,21 @@ class Dispatcher(WorkerShutdown):
             started = [task for task in batch if self._start(task)]
             if started:
                 self._send(idle.popleft(), started, now)
+        if self.streams_per_worker > 1 and pending:
+            self._join_running(now)
         if self.prefetch and pending:
             self._prefetch(now)
+
+    def _join_running(self, now: float) -> None:
+        """With ``stream_step``: every worker is busy and tasks wait, so hand them to workers
+        with room in their running batch; they join it at its next step."""
+        pending, room = self.pending, self.streams_per_worker
+        for slot in self.slots:
+            while (pending and slot.state == W.BUSY and not slot.kill_reason
+                   and len(slot.tasks) < room):
+                started = [t for t in pending.next_batch(now) if self._start(t)]
+                if started:
+                    self._send(slot, started, now)
 
     def _prefetch(self, now: float) -> None:
         """Opt-in: every worker is busy and tasks still wait, so hand busy workers more, up to
@@ -325,6 +357,15 @@ class Dispatcher(WorkerShutdown):
             record_wait(now - task.submitted_at)
         if self.batching:
             self.counts.batches.record(len(tasks))
+            if len(tasks) > 1 and any(t.is_stream for t in tasks):
+                # A stream goes in a message of its own; the worker runs it after the batch.
+                plain = [t for t in tasks if not t.is_stream]
+                if plain:
+                    slot.send_tasks(plain, True, now)
+                for task in tasks:
+                    if task.is_stream:
+                        slot.send_tasks([task], False, now)
+                return
         slot.send_tasks(tasks, self.batching, now)
 
     def _on_readable(self, slot: WorkerSlot) -> None:
@@ -356,6 +397,13 @@ class Dispatcher(WorkerShutdown):
                     self._finish(task, value)
                 else:
                     self._finish(task, exc=value)
+        elif kind == m.Kind.CHUNKS:
+            now = time.monotonic()
+            slot.busy_since = now  # chunks are progress: hang_timeout measures from here
+            stream: Any = slot.tasks.get(message.ids[0])
+            if stream is not None and not stream.done():
+                assert message.blobs is not None
+                stream.on_chunks(message.blobs, now)
         elif kind == m.Kind.SPAWNED:
             self._on_spawned(slot, o.outcomes_of(message)[0][1])
 
@@ -365,6 +413,9 @@ class Dispatcher(WorkerShutdown):
             return
         for task in self.deadlines.due(now):
             if task.state == T.DONE:
+                continue
+            if task.is_stream:
+                self._expire_stream(task, now)  # type: ignore[arg-type]
                 continue
             if task.state == T.QUEUED:
                 self.pending.remove(task.id)
@@ -377,6 +428,53 @@ class Dispatcher(WorkerShutdown):
             task.state = T.DONE
             task.forget_pool()
             settle(task, exc=TaskTimeoutError(f"task timed out {where}"))
+
+    def _expire_stream(self, stream: Stream, now: float) -> None:
+        """A time limit of a stream may have passed (or moved on since it was set)."""
+        if stream.paused:
+            stream.progress_at = now  # waiting for its reader is not the worker's delay
+        why = stream.overdue(now)
+        if why is None:
+            stream.deadline = stream.next_due()
+            if stream.deadline is not None:
+                self.deadlines.push(stream)
+            return
+        if stream.state == T.QUEUED:
+            self.pending.remove(stream.id)
+            if stream.holds_slot:
+                self.release_slot(stream)
+            message = f"stream {why} before it started; it will not run"
+        else:
+            self._cancel_in_worker(stream)
+            message = (f"stream {why} after {stream.chunks_received} chunks; it was stopped "
+                       "in the worker")
+        self.counts.timed_out += 1
+        stream.state = T.DONE
+        stream.forget_pool()
+        settle(stream, exc=TaskTimeoutError(message))
+
+    def _on_credit(self, stream: Stream, chunks: int) -> None:
+        stream.outstanding -= chunks
+        slot = stream.slot
+        if slot is not None and slot.tasks.get(stream.id) is stream and slot.conn is not None:
+            now = time.monotonic()
+            stream.progress_at = slot.busy_since = now  # the worker may go on from now
+            slot.send(m.Kind.CREDIT, [stream.id], [chunks])
+
+    def _on_stop_stream(self, stream: Stream) -> None:
+        """Its reader has gone while it ran: the worker closes it at its next yield."""
+        if stream.done():
+            return
+        self._cancel_in_worker(stream)
+        self.counts.cancelled += 1
+        settle(stream, exc=CancelledError())
+
+    @staticmethod
+    def _cancel_in_worker(stream: Stream) -> None:
+        stream.abandoned = True  # shutdown does not wait for it
+        slot = stream.slot
+        if slot is not None and slot.tasks.get(stream.id) is stream and slot.conn is not None:
+            slot.send(m.Kind.CANCEL, [stream.id])
 
     def _next_timer(self, now: float) -> float | None:
         times: list[float] = []

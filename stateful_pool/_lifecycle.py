@@ -243,6 +243,9 @@ class WorkerLifecycle:
                 slot.process.kill()
             elif (state == W.BUSY and self.hang_timeout is not None
                   and slot.busy_since + self.hang_timeout <= now and slot.kill_reason == ""):
+                if slot.waits_for_reader():  # a stream paused for a slow reader: healthy
+                    slot.busy_since = now
+                    continue
                 slot.kill_reason = "hang_timeout"
                 slot.process.kill()
         self._timers_armed = armed

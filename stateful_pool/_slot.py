@@ -61,6 +61,11 @@ class WorkerSlot:
         check_transition(self._state, new)
         self._state = new
 
+    def waits_for_reader(self) -> bool:
+        """Every task it holds is a stream paused until its reader consumes: not hung."""
+        tasks = self.tasks.values()
+        return bool(tasks) and all(task.paused for task in tasks)
+
     def holds_wanted_task(self) -> bool:
         """Whether a caller still waits for one of the tasks it holds."""
         return any(task.wanted for task in self.tasks.values())
@@ -91,6 +96,11 @@ class WorkerSlot:
             if task.context is not None:
                 contexts = [t.context for t in tasks]
                 break
+        first: Any = tasks[0]
+        if first.is_stream:  # always alone in its message
+            first.slot = self
+            self.send(m.Kind.STREAM, [first.id], [first.window], contexts, payloads)
+            return
         self.send(m.Kind.BATCH if batch else m.Kind.EXEC, [t.id for t in tasks], None,
                   contexts, payloads)
 

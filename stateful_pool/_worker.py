@@ -19,6 +19,7 @@ from . import _messages as m
 from . import _outcomes as o
 from . import _runner
 from ._classref import ClassRef
+from ._stream_worker import StreamRunner
 
 SpawnR = TypeVar("SpawnR")
 ExecR = TypeVar("ExecR")
@@ -139,21 +140,21 @@ def worker_main(conn: Connection, worker_cls: ClassRef, parent_pid: int) -> None
     if host is None:
         _exit_after_failed_spawn(send, outcome)
     o.send_outcomes(send, m.Kind.SPAWNED, [(0, outcome)])
-    recv = conn.recv_bytes
+    streams = StreamRunner(host, conn)
     K = m.Kind
     while True:
         try:
-            message = m.recv_message(recv)
-        except (EOFError, OSError):
-            _close_and_exit(host)  # the parent closed the pipe or died
-        kind = message.kind
-        if kind == K.EXEC or kind == K.BATCH:
-            reply = _runner.run_message(host, message)
-        elif kind == K.STOP:
-            _close_and_exit(host)
-        else:
-            continue  # CREDIT or CANCEL for a stream that has ended: nothing to do
-        try:
+            message = streams.next_message()
+            kind = message.kind
+            if kind == K.STREAM or (kind == K.EXEC and streams.batched):
+                streams.run(message)
+                continue
+            if kind == K.EXEC or kind == K.BATCH:
+                reply = _runner.run_message(host, message)
+            elif kind == K.STOP:
+                _close_and_exit(host)
+            else:
+                continue  # CREDIT or CANCEL for a stream that has ended: nothing to do
             o.send_outcomes(send, K.RESULTS, reply)
         except (EOFError, OSError):
-            _close_and_exit(host)
+            _close_and_exit(host)  # the parent closed the pipe or died
