@@ -278,7 +278,7 @@ class Dispatcher(WorkerShutdown):
         inbox = self.inbox
         while inbox:
             item = inbox.popleft()
-            if type(item) is Task:
+            if type(item) is Task or type(item) is Stream:
                 self._accept(item)
             elif isinstance(item, StartWorker):
                 self._start_process(item.slot)
@@ -403,7 +403,12 @@ class Dispatcher(WorkerShutdown):
             stream: Any = slot.tasks.get(message.ids[0])
             if stream is not None and not stream.done():
                 assert message.blobs is not None
+                first = stream.chunks_received == 0
                 stream.on_chunks(message.blobs, now)
+                if first and stream.chunk_timeout is not None:
+                    # Its between-chunk limit starts now, maybe sooner than its heap entry.
+                    stream.deadline = stream.next_due()
+                    self.deadlines.push(stream)
         elif kind == m.Kind.SPAWNED:
             self._on_spawned(slot, o.outcomes_of(message)[0][1])
 

@@ -68,7 +68,7 @@ class WorkerShutdown(WorkerLifecycle):
         """After the last look: whatever still reached the inbox fails, nothing hangs."""
         while self.inbox:
             item = self.inbox.popleft()
-            if type(item) is Task:
+            if isinstance(item, Task):
                 self.counts.submitted += 1
                 self._finish(item, exc=PoolClosedError("the pool is shut down"))
             elif isinstance(item, StartWorker) and item.slot.spawn_future is not None:

@@ -9,14 +9,20 @@ once, a new stream joins a ``stream_step`` batch at its next step, anything else
 
 When to send a chunk: at once if the reader has consumed everything sent before (it is
 waiting), so the first chunk is never delayed; otherwise it is held and goes with the next
-ones, as one message, when the reader catches up, when half the window is held, or before a
-step that looks slow (the last one took over ``LINGER``). The worker never holds more than
-``window`` chunks the reader has not consumed: it stops stepping that stream until credit
-comes.
+ones, as one message, when the reader catches up, when half the window is held, or when the
+oldest held chunk is ``LINGER`` old. That last rule holds during a long step too: a flusher
+thread sends what has waited that long while the user's code runs (so a held chunk waits at
+most ``LINGER``, plus the GIL's switch interval if the step holds the GIL). The worker never
+holds more than ``window`` chunks the reader has not consumed: it stops stepping that stream
+until credit comes.
+
+``lock`` guards the streams' held chunks and credit, and the pipe's send side, between the
+loop and the flusher; the user's code runs without it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -28,8 +34,8 @@ from . import _outcomes as o
 from ._runner import Host, current
 
 K = m.Kind
-# A step that took longer than this is taken as a sign that the next one will too: held
-# chunks go out before it, instead of waiting behind it.
+# The longest a held chunk waits for others to group with: a millisecond costs a token
+# stream nothing and lets a fast generator send tens of chunks per message.
 LINGER = 0.001
 _UNLIMITED = 1 << 62
 
@@ -61,8 +67,8 @@ def defines_stream_step(worker_cls: type) -> bool:
 class _Open:
     """One stream the worker runs."""
 
-    __slots__ = ("id", "window", "group", "unread", "held", "it", "state", "collect",
-                 "context", "cancelled")
+    __slots__ = ("id", "window", "group", "unread", "held", "held_since", "it", "state",
+                 "collect", "context", "cancelled")
 
     def __init__(self, task_id: int, window: int, context: dict[str, Any] | None,
                  collect: bool) -> None:
@@ -71,6 +77,7 @@ class _Open:
         self.group = max(1, window // 2)
         self.unread = 0  # sent, and not yet credited back by the reader
         self.held: list[m.Payload] = []
+        self.held_since = 0.0
         self.it: Any = None
         self.state: Any = None
         self.collect: list[Any] | None = [] if collect else None
@@ -91,6 +98,9 @@ class StreamRunner:
         self.streams: dict[int, _Open] = {}
         self.backlog: deque[m.Message] = deque()
         self.batched = defines_stream_step(type(host.worker))
+        self.lock = threading.Lock()
+        self._held_some = threading.Condition(self.lock)
+        self._flusher: threading.Thread | None = None
 
     def next_message(self) -> m.Message:
         """The next message for the worker loop: one that waited in the backlog first."""
@@ -98,6 +108,10 @@ class StreamRunner:
 
     def run(self, message: m.Message) -> None:
         """Run a STREAM (or, batched, an EXEC) message and every stream that joins it."""
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_late, daemon=True,
+                                             name="stateful_pool-chunk-flusher")
+            self._flusher.start()
         if self.batched:
             self._run_batched(message)
         else:
@@ -111,17 +125,16 @@ class StreamRunner:
             return
         it = s.it
         outcome: o.Outcome | None = None
-        fast = True
         while True:
             self._poll()
             while s.blocked and not s.cancelled:
-                self._flush(s)
+                with self.lock:
+                    self._flush(s)
                 self._handle(m.recv_message(self.recv))  # wait for credit
             if s.cancelled:
                 break
             if s.context is not None:
                 current[:] = [s.context]
-            started = time.monotonic()
             try:
                 chunk = next(it)
             except StopIteration:
@@ -132,13 +145,11 @@ class StreamRunner:
                 break
             finally:
                 current.clear()
-            fast = time.monotonic() - started < LINGER
             outcome = self._hold(s, chunk)
             if outcome is not None:
                 break
             self._poll()
-            if s.unread == 0 or len(s.held) >= s.group or not fast:
-                self._flush(s)
+            self._flush_if_due(s, time.monotonic())
         self._end(s, outcome)
 
     # ---- a stream_step batch ------------------------------------------------------------
@@ -153,14 +164,14 @@ class StreamRunner:
                 self._end(s, None)
             active = [s for s in streams.values() if not s.blocked]
             if not active:
-                for s in streams.values():
-                    self._flush(s)
+                with self.lock:
+                    for s in streams.values():
+                        self._flush(s)
                 if streams:
                     self._handle(m.recv_message(self.recv))  # wait for credit or news
                 continue
             if any(s.context is not None for s in active):
                 current[:] = [s.context or {} for s in active]
-            started = time.monotonic()
             try:
                 outs = worker.stream_step([s.state for s in active])
                 if not isinstance(outs, (list, tuple)) or len(outs) != len(active):
@@ -175,7 +186,6 @@ class StreamRunner:
                 continue
             finally:
                 current.clear()
-            fast = time.monotonic() - started < LINGER
             for s, out in zip(active, outs, strict=True):
                 if out is END_OF_STREAM:
                     self._end(s, self._ok())
@@ -184,9 +194,9 @@ class StreamRunner:
                 elif (failed := self._hold(s, out)) is not None:
                     self._end(s, failed)
             self._poll()
-            for s in streams.values():
-                if s.held and (s.unread == 0 or len(s.held) >= s.group or not fast):
-                    self._flush(s)
+            now = time.monotonic()
+            for s in list(streams.values()):
+                self._flush_if_due(s, now)
 
     # ---- shared -----------------------------------------------------------------------------
 
@@ -212,17 +222,18 @@ class StreamRunner:
                         f"{type(worker).__qualname__}.execute returned {_describe(s.it)}, not "
                         "a generator: to stream, execute must yield its chunks")
         except Exception as exc:
-            o.send_outcomes(self.send, K.RESULTS, [(task_id, o.error_outcome(exc,
-                                                                          self.host.dumps))])
+            outcome = o.error_outcome(exc, self.host.dumps)
+            with self.lock:
+                o.send_outcomes(self.send, K.RESULTS, [(task_id, outcome)])
             return None
         finally:
             current.clear()
-        self.streams[task_id] = s
+        with self.lock:
+            self.streams[task_id] = s
         return s
 
     def _end(self, s: _Open, outcome: o.Outcome | None) -> None:
         """Close the stream in the worker (its ``finally`` runs), send what it held, end it."""
-        del self.streams[s.id]
         if s.context is not None:
             current[:] = [s.context]
         try:
@@ -239,14 +250,17 @@ class StreamRunner:
                 outcome = o.error_outcome(exc, self.host.dumps)
         finally:
             current.clear()
-        if outcome is None:  # cancelled: the reader has gone
+        cancelled = outcome is None  # the reader has gone: what is held is for nobody
+        if outcome is None:
             outcome = self._ok()
-        elif s.collect is not None:
-            if outcome[0]:
-                outcome = o.ok_outcome(s.collect, self.host.dumps)
-        else:
+        elif s.collect is not None and outcome[0]:
+            outcome = o.ok_outcome(s.collect, self.host.dumps)
+        with self.lock:
+            del self.streams[s.id]
+            if cancelled:
+                s.held = []
             self._flush(s)
-        o.send_outcomes(self.send, K.RESULTS, [(s.id, outcome)])
+            o.send_outcomes(self.send, K.RESULTS, [(s.id, outcome)])
 
     def _ok(self) -> o.Outcome:
         return o.ok_outcome(None, self.host.dumps)
@@ -257,16 +271,48 @@ class StreamRunner:
             s.collect.append(chunk)
             return None
         try:
-            s.held.append(m.dumps_payload(chunk, self.host.dumps))
+            blob = m.dumps_payload(chunk, self.host.dumps)
         except Exception as exc:
             return o.unpicklable(chunk, "chunk", exc)
+        with self.lock:
+            if not s.held:
+                s.held_since = time.monotonic()
+                self._held_some.notify()
+            s.held.append(blob)
         return None
 
+    def _flush_if_due(self, s: _Open, now: float) -> None:
+        """Send what ``s`` holds if its reader waits, the group is full, or it is old."""
+        with self.lock:
+            if s.held and (s.unread == 0 or len(s.held) >= s.group
+                           or now - s.held_since >= LINGER):
+                self._flush(s)
+
     def _flush(self, s: _Open) -> None:
+        """Send what ``s`` holds (with ``lock`` held)."""
         if s.held:
             held, s.held = s.held, []
             s.unread += len(held)
             m.send_message(self.send, K.CHUNKS, [s.id], None, None, held)
+
+    def _flush_late(self) -> None:
+        """The flusher thread: send chunks held ``LINGER`` while the user's code runs."""
+        with self._held_some:
+            while True:
+                now = time.monotonic()
+                oldest = min((s.held_since for s in self.streams.values() if s.held),
+                             default=None)
+                if oldest is None:
+                    self._held_some.wait()
+                elif oldest + LINGER > now:
+                    self._held_some.wait(oldest + LINGER - now)
+                else:
+                    try:
+                        for s in self.streams.values():
+                            if s.held and now - s.held_since >= LINGER:
+                                self._flush(s)
+                    except OSError:
+                        return  # the parent has gone; the worker loop notices and exits
 
     def _poll(self) -> None:
         while self.conn.poll():
@@ -280,7 +326,8 @@ class StreamRunner:
                 return  # a stream that has ended meanwhile
             if kind == K.CREDIT:
                 assert message.metas is not None
-                s.unread -= message.metas[0]
+                with self.lock:
+                    s.unread -= message.metas[0]
             else:
                 s.cancelled = True
         elif self.batched and (kind == K.STREAM or kind == K.EXEC):
