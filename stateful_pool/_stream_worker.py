@@ -2,10 +2,11 @@
 groups, pause on the reader's credit, stop at a CANCEL.
 
 Runs in the worker process. The worker loop (``_worker.worker_main``) hands a STREAM message
-here, and for a worker with ``stream_step`` an EXEC message too (its chunks are collected into
-one result). Messages that arrive meanwhile are read between steps: CREDIT and CANCEL act at
-once, a new stream joins a ``stream_step`` batch at its next step, anything else waits in
-``backlog`` for the stream to end.
+here, and for a worker with ``stream_step`` and no ``execute`` of its own an EXEC message too
+(its chunks are collected into one result). Messages that arrive meanwhile are read between
+steps: CREDIT and CANCEL act at once, a new stream joins a ``stream_step`` batch at its next
+step, an EXEC runs between two steps of that batch, anything else waits in ``backlog`` for
+the stream to end.
 
 When to send a chunk: at once if the reader has consumed everything sent before (it is
 waiting), so the first chunk is never delayed; otherwise it is held and goes with the next
@@ -31,7 +32,7 @@ from typing import Any
 
 from . import _messages as m
 from . import _outcomes as o
-from ._runner import Host, current
+from ._runner import Host, current, run_message
 
 K = m.Kind
 # The longest a held chunk waits for others to group with: a millisecond costs a token
@@ -98,6 +99,11 @@ class StreamRunner:
         self.streams: dict[int, _Open] = {}
         self.backlog: deque[m.Message] = deque()
         self.batched = defines_stream_step(type(host.worker))
+        # A stream_step worker without an execute of its own runs execute() tasks as
+        # streams whose chunks are collected into one result.
+        from ._worker import SWorker  # (imported here: _worker imports this module)
+
+        self.collects = self.batched and type(host.worker).execute is SWorker.execute
         self.lock = threading.Lock()
         self._held_some = threading.Condition(self.lock)
         self._flusher: threading.Thread | None = None
@@ -330,8 +336,12 @@ class StreamRunner:
                     s.unread -= message.metas[0]
             else:
                 s.cancelled = True
-        elif self.batched and (kind == K.STREAM or kind == K.EXEC):
+        elif self.batched and (kind == K.STREAM or (kind == K.EXEC and self.collects)):
             self._open(message)
+        elif self.batched and kind == K.EXEC:  # runs between two steps of the batch
+            reply = run_message(self.host, message)
+            with self.lock:
+                o.send_outcomes(self.send, K.RESULTS, reply)
         else:
             self.backlog.append(message)
 

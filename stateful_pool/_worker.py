@@ -146,7 +146,7 @@ def worker_main(conn: Connection, worker_cls: ClassRef, parent_pid: int) -> None
         try:
             message = streams.next_message()
             kind = message.kind
-            if kind == K.STREAM or (kind == K.EXEC and streams.batched):
+            if kind == K.STREAM or (kind == K.EXEC and streams.collects):
                 streams.run(message)
                 continue
             if kind == K.EXEC or kind == K.BATCH:

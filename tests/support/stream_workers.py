@@ -85,7 +85,7 @@ class Streamer(SWorker):
         return 42
 
 
-class Stepper(SWorker):
+class _Steps:
     """Continuous batching with a simulated forward step: each stream counts to ``n``; one
     step advances every active stream by one. Records which streams each step served."""
 
@@ -95,13 +95,6 @@ class Stepper(SWorker):
         self.log = []  # per step: the stream names it served
         self.closed = []
         return os.getpid()
-
-    def execute(self, action, *args):
-        if action == "log":
-            return list(self.log)
-        if action == "closed":
-            return list(self.closed)
-        raise ValueError(action)
 
     def stream_open(self, name, n, fail_at=None):
         return {"name": name, "n": n, "i": 0, "fail_at": fail_at}
@@ -126,3 +119,18 @@ class Stepper(SWorker):
         if self.marker_dir:
             with open(os.path.join(self.marker_dir, state["name"]), "w") as f:
                 f.write(str(state["i"]))
+
+
+class Stepper(_Steps, SWorker):
+    """Streams by ``stream_step``; its own ``execute`` reports what the steps saw."""
+
+    def execute(self, action, *args):
+        if action == "log":
+            return list(self.log)
+        if action == "closed":
+            return list(self.closed)
+        raise ValueError(action)
+
+
+class StepOnly(_Steps, SWorker):
+    """Streams by ``stream_step`` and defines no ``execute``."""
