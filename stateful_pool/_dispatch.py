@@ -22,9 +22,11 @@ to a wakeup pipe. It sleeps in ``poll`` on every worker pipe, every process sent
 wakeup pipe, so a worker that dies, busy or idle, is noticed at once. It knows exactly which
 tasks each worker holds, so a death fails those tasks and nothing else.
 
-This module is the scheduling: queue, dispatch, results, timeouts. Its base classes deal
-with the processes: ``_lifecycle.WorkerLifecycle`` starts, reaps and restarts them;
-``_shutdown.WorkerShutdown`` decides when the pool may stop and stops them.
+This module is the scheduling: queue, dispatch, results, timeouts; ``_stream_dispatch``
+adds what is particular to streams (chunks, credit, stops, their time limits, continuous
+batching). Its base classes deal with the processes: ``_lifecycle.WorkerLifecycle``
+starts, reaps and restarts them; ``_shutdown.WorkerShutdown`` decides when the pool may stop
+and stops them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from typing import Any
 
 from . import _messages as m
@@ -50,6 +52,7 @@ from ._slot import WorkerSlot
 from ._states import LIVE_STATES, TaskState, WorkerState
 from ._stats import Counters, PoolStats
 from ._stream import Stream
+from ._stream_dispatch import StreamScheduling
 from ._task import Task, mark_dispatcher_thread, settle
 from ._transport import Transport
 from .errors import NoWorkersError, PoolClosedError, TaskTimeoutError
@@ -61,7 +64,7 @@ T = TaskState
 _DONE = object()
 
 
-class Dispatcher(WorkerShutdown):
+class Dispatcher(StreamScheduling, WorkerShutdown):
     def __init__(self, worker_cls: type, transport: Transport, config: PoolConfig,
                  batching: bool, release_slot: Callable[[Task], None],
                  streams_per_worker: int = 1) -> None:
@@ -168,16 +171,6 @@ class Dispatcher(WorkerShutdown):
     def cancelled(self, task: Task) -> None:
         """A queued task was cancelled by its caller: take it off the queue."""
         self.inbox.append(Cancelled(task))
-        self.wake()
-
-    def credit(self, stream: Stream, chunks: int) -> None:
-        """A stream's reader consumed ``chunks`` chunks: its worker may send more."""
-        self.inbox.append(Credit(stream, chunks))
-        self.wake()
-
-    def stop_stream(self, stream: Stream) -> None:
-        """A running stream's reader has gone: stop it in the worker."""
-        self.inbox.append(StopStream(stream))
         self.wake()
 
     def abandoned(self, task: Task) -> None:
@@ -315,17 +308,6 @@ class Dispatcher(WorkerShutdown):
         if self.prefetch and pending:
             self._prefetch(now)
 
-    def _join_running(self, now: float) -> None:
-        """With ``stream_step``: every worker is busy and tasks wait, so hand them to workers
-        with room in their running batch; they join it at its next step."""
-        pending, room = self.pending, self.streams_per_worker
-        for slot in self.slots:
-            while (pending and slot.state == W.BUSY and not slot.kill_reason
-                   and len(slot.tasks) < room):
-                started = [t for t in pending.next_batch(now) if self._start(t)]
-                if started:
-                    self._send(slot, started, now)
-
     def _prefetch(self, now: float) -> None:
         """Opt-in: every worker is busy and tasks still wait, so hand busy workers more, up to
         ``prefetch`` messages beyond the one each runs; it hides the round trip per task."""
@@ -398,17 +380,7 @@ class Dispatcher(WorkerShutdown):
                 else:
                     self._finish(task, exc=value)
         elif kind == m.Kind.CHUNKS:
-            now = time.monotonic()
-            slot.busy_since = now  # chunks are progress: hang_timeout measures from here
-            stream: Any = slot.tasks.get(message.ids[0])
-            if stream is not None and not stream.done():
-                assert message.blobs is not None
-                first = stream.chunks_received == 0
-                stream.on_chunks(message.blobs, now)
-                if first and stream.chunk_timeout is not None:
-                    # Its between-chunk limit starts now, maybe sooner than its heap entry.
-                    stream.deadline = stream.next_due()
-                    self.deadlines.push(stream)
+            self._on_chunks(slot, message)
         elif kind == m.Kind.SPAWNED:
             self._on_spawned(slot, o.outcomes_of(message)[0][1])
 
@@ -433,53 +405,6 @@ class Dispatcher(WorkerShutdown):
             task.state = T.DONE
             task.forget_pool()
             settle(task, exc=TaskTimeoutError(f"task timed out {where}"))
-
-    def _expire_stream(self, stream: Stream, now: float) -> None:
-        """A time limit of a stream may have passed (or moved on since it was set)."""
-        if stream.paused:
-            stream.progress_at = now  # waiting for its reader is not the worker's delay
-        why = stream.overdue(now)
-        if why is None:
-            stream.deadline = stream.next_due()
-            if stream.deadline is not None:
-                self.deadlines.push(stream)
-            return
-        if stream.state == T.QUEUED:
-            self.pending.remove(stream.id)
-            if stream.holds_slot:
-                self.release_slot(stream)
-            message = f"stream {why} before it started; it will not run"
-        else:
-            self._cancel_in_worker(stream)
-            message = (f"stream {why} after {stream.chunks_received} chunks; it was stopped "
-                       "in the worker")
-        self.counts.timed_out += 1
-        stream.state = T.DONE
-        stream.forget_pool()
-        settle(stream, exc=TaskTimeoutError(message))
-
-    def _on_credit(self, stream: Stream, chunks: int) -> None:
-        stream.outstanding -= chunks
-        slot = stream.slot
-        if slot is not None and slot.tasks.get(stream.id) is stream and slot.conn is not None:
-            now = time.monotonic()
-            stream.progress_at = slot.busy_since = now  # the worker may go on from now
-            slot.send(m.Kind.CREDIT, [stream.id], [chunks])
-
-    def _on_stop_stream(self, stream: Stream) -> None:
-        """Its reader has gone while it ran: the worker closes it at its next yield."""
-        if stream.done():
-            return
-        self._cancel_in_worker(stream)
-        self.counts.cancelled += 1
-        settle(stream, exc=CancelledError())
-
-    @staticmethod
-    def _cancel_in_worker(stream: Stream) -> None:
-        stream.abandoned = True  # shutdown does not wait for it
-        slot = stream.slot
-        if slot is not None and slot.tasks.get(stream.id) is stream and slot.conn is not None:
-            slot.send(m.Kind.CANCEL, [stream.id])
 
     def _next_timer(self, now: float) -> float | None:
         times: list[float] = []

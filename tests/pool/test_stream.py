@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from procs import wait_until
 from stream_workers import Streamer
 
@@ -21,6 +27,7 @@ from stateful_pool import (
 
 # Every stream in these tests ends by itself within this bound (the pool enforces it).
 BOUND = 30.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -263,3 +270,103 @@ def test_a_dropped_queued_stream_never_runs(make_pool, tmp_path):
     assert busy.result(timeout=BOUND) == [0, 1, 2]
     assert pool.execute("report", "never") == {"closed": False, "steps": None}
     assert not os.path.exists(tmp_path / "never")
+
+
+STREAM_PROGRAM = textwrap.dedent("""
+    import asyncio
+    from stateful_pool import SPool, SWorker
+
+    class Words(SWorker):
+        def execute(self, text):
+            try:
+                for word in text.split():
+                    yield word.upper()
+            finally:
+                self.closed = True
+
+        def spawn(self):
+            self.closed = False
+
+    async def main(pool):
+        return [w async for w in pool.async_stream("d e")]
+
+    with SPool(Words, execution_timeout=30) as pool:
+        pool.spawn()
+        print(" ".join(pool.stream("a b c")), " ".join(asyncio.run(main(pool))), flush=True)
+""")
+
+
+def test_a_streaming_worker_defined_in_python_dash_c():
+    out = subprocess.run([sys.executable, "-c", STREAM_PROGRAM], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["A", "B", "C", "D", "E"]
+
+
+# Readers that take some chunks and then read on, break, close, or are cancelled.
+_reader_plan = st.lists(st.tuples(st.sampled_from(["all", "break", "cancel_async"]),
+                                  st.integers(0, 60), st.integers(0, 60)),
+                        min_size=1, max_size=6)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=_reader_plan)
+def test_chunks_arrive_complete_and_in_order_for_any_mix_of_readers(shared_pool, plan):
+    """Whatever the readers do to their own streams, every chunk a reader gets is the next one
+    of its stream, a stream read to its end has them all, and the worker serves on."""
+
+    def sync_reader(how, n, stop_at):
+        got = []
+        for chunk in shared_pool.stream("count", n):
+            got.append(chunk)
+            if how == "break" and len(got) >= stop_at:
+                break
+        assert got == list(range(len(got)))
+        if how == "all":
+            assert len(got) == n
+
+    async def async_reader(n, stop_at):
+        got = []
+
+        async def read():
+            async for chunk in shared_pool.async_stream("count", n, 0.001):
+                got.append(chunk)
+
+        task = asyncio.create_task(read())
+        while len(got) < min(stop_at, n) and not task.done():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        assert got == list(range(len(got)))
+
+    async def main():
+        jobs = []
+        for how, n, stop_at in plan:
+            if how == "cancel_async":
+                jobs.append(async_reader(n, stop_at))
+            else:
+                jobs.append(asyncio.to_thread(sync_reader, how, n, stop_at))
+        await asyncio.gather(*jobs)
+
+    asyncio.run(asyncio.wait_for(main(), BOUND))
+    assert shared_pool.execute("count", 3) == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def _module_pool():
+    from stateful_pool import SPool
+
+    pool = SPool(Streamer, execution_timeout=BOUND, stream_buffer=8)
+    pool.spawn()
+    pool.spawn()
+    yield pool
+    pool.shutdown(cancel_futures=True, timeout=5)
+
+
+@pytest.fixture
+def shared_pool(_module_pool):
+    return _module_pool
