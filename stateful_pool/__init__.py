@@ -46,14 +46,15 @@ TaskState.__module__ = "stateful_pool"
 CallOptions.__module__ = "stateful_pool"
 ChunkStream.__module__ = "stateful_pool"
 AsyncChunkStream.__module__ = "stateful_pool"
+type(END_OF_STREAM).__module__ = "stateful_pool"
 
 __version__ = "0.4.0"
 
 __all__ = [
-    "END_OF_STREAM",
     "AsyncChunkStream",
     "CallOptions",
     "ChunkStream",
+    "END_OF_STREAM",
     "Histogram",
     "NoWorkersError",
     "PoolClosedError",
