@@ -23,6 +23,7 @@ loop and the flusher; the user's code runs without it.
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections import deque
@@ -104,6 +105,8 @@ class StreamRunner:
         from ._worker import SWorker  # (imported here: _worker imports this module)
 
         self.collects = self.batched and type(host.worker).execute is SWorker.execute
+        self._ready = select.poll()
+        self._ready.register(conn.fileno(), select.POLLIN)
         self.lock = threading.Lock()
         self._held_some = threading.Condition(self.lock)
         self._flusher: threading.Thread | None = None
@@ -139,6 +142,7 @@ class StreamRunner:
                 self._handle(m.recv_message(self.recv))  # wait for credit
             if s.cancelled:
                 break
+            self._flush_if_due(s, time.monotonic())  # with the credit just read
             if s.context is not None:
                 current[:] = [s.context]
             try:
@@ -154,8 +158,6 @@ class StreamRunner:
             outcome = self._hold(s, chunk)
             if outcome is not None:
                 break
-            self._poll()
-            self._flush_if_due(s, time.monotonic())
         self._end(s, outcome)
 
     # ---- a stream_step batch ------------------------------------------------------------
@@ -321,7 +323,9 @@ class StreamRunner:
                         return  # the parent has gone; the worker loop notices and exits
 
     def _poll(self) -> None:
-        while self.conn.poll():
+        """Handle what the parent sent, without waiting (once per step: a ``select.poll``
+        kept for the pipe costs a microsecond, ``Connection.poll`` builds a selector)."""
+        while self._ready.poll(0):
             self._handle(m.recv_message(self.recv))
 
     def _handle(self, message: m.Message) -> None:
