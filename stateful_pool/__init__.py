@@ -24,6 +24,8 @@ from ._calls import CallOptions
 from ._pool import SPool
 from ._states import TaskState, WorkerState
 from ._stats import Histogram, PoolStats, WorkerStats
+from ._stream import AsyncChunkStream, ChunkStream
+from ._stream_worker import END_OF_STREAM
 from ._worker import SWorker, current_contexts
 from .errors import (
     NoWorkersError,
@@ -42,11 +44,17 @@ WorkerState.__module__ = "stateful_pool"
 current_contexts.__module__ = "stateful_pool"
 TaskState.__module__ = "stateful_pool"
 CallOptions.__module__ = "stateful_pool"
+ChunkStream.__module__ = "stateful_pool"
+AsyncChunkStream.__module__ = "stateful_pool"
+type(END_OF_STREAM).__module__ = "stateful_pool"
 
 __version__ = "0.4.0"
 
 __all__ = [
+    "AsyncChunkStream",
     "CallOptions",
+    "ChunkStream",
+    "END_OF_STREAM",
     "Histogram",
     "NoWorkersError",
     "PoolClosedError",

@@ -28,6 +28,9 @@ class PoolConfig:
     abort_grace: float = 1.0
     crash_loop_backoff: float | None = None
     crash_loop_max_delay: float = 300.0
+    first_chunk_timeout: float | None = None
+    chunk_timeout: float | None = None
+    stream_buffer: int = 64
 
     def __post_init__(self) -> None:
         if self.queue_size is not None and self.queue_size < 0:
@@ -39,9 +42,12 @@ class PoolConfig:
         check_timeout("spawn_timeout", self.spawn_timeout)
         check_timeout("hang_timeout", self.hang_timeout)
         check_timeout("crash_loop_backoff", self.crash_loop_backoff)
+        check_timeout("first_chunk_timeout", self.first_chunk_timeout)
+        check_timeout("chunk_timeout", self.chunk_timeout)
         at_least = {"max_batch_size": (self.max_batch_size, 1, ""),
                     "max_batch_wait": (self.max_batch_wait, 0, " seconds"),
                     "prefetch": (self.prefetch, 0, ""),
+                    "stream_buffer": (self.stream_buffer, 1, " chunks"),
                     "restart_backoff": (self.restart_backoff, 0, " seconds"),
                     "abort_grace": (self.abort_grace, 0, " seconds")}
         for name, (value, least, unit) in at_least.items():

@@ -22,9 +22,11 @@ to a wakeup pipe. It sleeps in ``poll`` on every worker pipe, every process sent
 wakeup pipe, so a worker that dies, busy or idle, is noticed at once. It knows exactly which
 tasks each worker holds, so a death fails those tasks and nothing else.
 
-This module is the scheduling: queue, dispatch, results, timeouts. Its base classes deal
-with the processes: ``_lifecycle.WorkerLifecycle`` starts, reaps and restarts them;
-``_shutdown.WorkerShutdown`` decides when the pool may stop and stops them.
+This module is the scheduling: queue, dispatch, results, timeouts; ``_stream_dispatch``
+adds what is particular to streams (chunks, credit, stops, their time limits, continuous
+batching). Its base classes deal with the processes: ``_lifecycle.WorkerLifecycle``
+starts, reaps and restarts them; ``_shutdown.WorkerShutdown`` decides when the pool may stop
+and stops them.
 """
 
 from __future__ import annotations
@@ -38,16 +40,19 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import _messages as m
+from . import _outcomes as o
 from ._batching import PendingQueue
 from ._config import PoolConfig
 from ._deadlines import PRUNE_AT, Deadlines
-from ._inbox import Cancelled, Close, Message, StartWorker
+from ._inbox import Cancelled, Close, Credit, Message, StartWorker, StopStream
 from ._poll import Poller
 from ._restart import MAX_RESTART_DELAY, RestartPolicy
 from ._shutdown import WorkerShutdown
 from ._slot import WorkerSlot
 from ._states import LIVE_STATES, TaskState, WorkerState
 from ._stats import Counters, PoolStats
+from ._stream import Stream
+from ._stream_dispatch import StreamScheduling
 from ._task import Task, mark_dispatcher_thread, settle
 from ._transport import Transport
 from .errors import NoWorkersError, PoolClosedError, TaskTimeoutError
@@ -59,14 +64,18 @@ T = TaskState
 _DONE = object()
 
 
-class Dispatcher(WorkerShutdown):
+class Dispatcher(StreamScheduling, WorkerShutdown):
     def __init__(self, worker_cls: type, transport: Transport, config: PoolConfig,
-                 batching: bool, release_slot: Callable[[Task], None]) -> None:
+                 batching: bool, release_slot: Callable[[Task], None],
+                 streams_per_worker: int = 1) -> None:
         """``batching``: the worker defines ``execute_batch`` and ``max_batch_size > 1``.
-        ``release_slot``: frees a task's place in ``queue_size`` once it leaves the queue."""
+        ``release_slot``: frees a task's place in ``queue_size`` once it leaves the queue.
+        ``streams_per_worker``: with ``stream_step``, how many tasks a busy worker may hold
+        (new ones join its running batch)."""
         self.worker_cls = worker_cls
         self.transport = transport
         self.batching = batching
+        self.streams_per_worker = streams_per_worker
         self.spawn_timeout = config.spawn_timeout
         self.hang_timeout = config.hang_timeout
         self.prefetch = config.prefetch
@@ -263,13 +272,17 @@ class Dispatcher(WorkerShutdown):
         inbox = self.inbox
         while inbox:
             item = inbox.popleft()
-            if type(item) is Task:
+            if type(item) is Task or type(item) is Stream:
                 self._accept(item)
             elif isinstance(item, StartWorker):
                 self._start_process(item.slot)
             elif isinstance(item, Cancelled):
                 if self.pending.remove(item.task.id) is not None:
                     self.counts.cancelled += 1
+            elif isinstance(item, Credit):
+                self._on_credit(item.stream, item.chunks)
+            elif isinstance(item, StopStream):
+                self._on_stop_stream(item.stream)
             elif isinstance(item, Close):
                 self._on_close(item)
 
@@ -291,6 +304,8 @@ class Dispatcher(WorkerShutdown):
             started = [task for task in batch if self._start(task)]
             if started:
                 self._send(idle.popleft(), started, now)
+        if self.streams_per_worker > 1 and pending:
+            self._join_running(now)
         if self.prefetch and pending:
             self._prefetch(now)
 
@@ -325,6 +340,15 @@ class Dispatcher(WorkerShutdown):
             record_wait(now - task.submitted_at)
         if self.batching:
             self.counts.batches.record(len(tasks))
+            if len(tasks) > 1 and any(t.is_stream for t in tasks):
+                # A stream goes in a message of its own; the worker runs it after the batch.
+                plain = [t for t in tasks if not t.is_stream]
+                if plain:
+                    slot.send_tasks(plain, True, now)
+                for task in tasks:
+                    if task.is_stream:
+                        slot.send_tasks([task], False, now)
+                return
         slot.send_tasks(tasks, self.batching, now)
 
     def _on_readable(self, slot: WorkerSlot) -> None:
@@ -336,12 +360,11 @@ class Dispatcher(WorkerShutdown):
         else:
             self._on_message(slot, message)
 
-    def _on_message(self, slot: WorkerSlot, message: tuple[Any, ...]) -> None:
-        kind, metas, blobs = message
-        outcomes = m.join_outcomes(metas, blobs)
-        if kind == m.RESULTS:
+    def _on_message(self, slot: WorkerSlot, message: m.Message) -> None:
+        kind = message.kind
+        if kind == m.Kind.RESULTS:
             now = time.monotonic()
-            done, now_idle = slot.take_results(outcomes, now)
+            done, now_idle = slot.take_results(o.outcomes_of(message), now)
             for task, _ in done:
                 self.counts.run_time.record(now - task.started_at)
             if now_idle:
@@ -352,13 +375,15 @@ class Dispatcher(WorkerShutdown):
                     self._expire_tasks(now)  # never send what has expired
                     self._dispatch(now)
             for task, outcome in done:
-                ok, value = m.rebuild_outcome(outcome)
+                ok, value = o.rebuild_outcome(outcome)
                 if ok:
                     self._finish(task, value)
                 else:
                     self._finish(task, exc=value)
-        elif kind == m.SPAWNED:
-            self._on_spawned(slot, outcomes[0][1])
+        elif kind == m.Kind.CHUNKS:
+            self._on_chunks(slot, message)
+        elif kind == m.Kind.SPAWNED:
+            self._on_spawned(slot, o.outcomes_of(message)[0][1])
 
     def _expire_tasks(self, now: float) -> None:
         soonest = self.deadlines.next_at()
@@ -366,6 +391,9 @@ class Dispatcher(WorkerShutdown):
             return
         for task in self.deadlines.due(now):
             if task.state == T.DONE:
+                continue
+            if task.is_stream:
+                self._expire_stream(task, now)  # type: ignore[arg-type]
                 continue
             if task.state == T.QUEUED:
                 self.pending.remove(task.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._slot import WorkerSlot
+from ._stream import Stream
 from ._task import Task
 
 
@@ -27,4 +28,19 @@ class Close:
     kill: bool
 
 
-Message = Task | StartWorker | Cancelled | Close
+@dataclass(slots=True)
+class Credit:
+    """A stream's reader consumed ``chunks`` chunks."""
+
+    stream: Stream
+    chunks: int
+
+
+@dataclass(slots=True)
+class StopStream:
+    """A running stream's reader has gone."""
+
+    stream: Stream
+
+
+Message = Task | StartWorker | Cancelled | Close | Credit | StopStream

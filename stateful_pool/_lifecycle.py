@@ -14,6 +14,7 @@ from collections import deque
 from typing import Any
 
 from . import _messages as m
+from . import _outcomes as o
 from ._batching import PendingQueue
 from ._poll import Poller
 from ._slot import WorkerSlot
@@ -47,7 +48,7 @@ class WorkerLifecycle:
     _timers_armed: bool
     poller: Poller[tuple[WorkerSlot, bool]]
 
-    def _on_message(self, slot: WorkerSlot, message: tuple[Any, ...]) -> None:
+    def _on_message(self, slot: WorkerSlot, message: m.Message) -> None:
         raise NotImplementedError
 
     def _finish(self, task: Task, result: Any = None, exc: BaseException | None = None) -> None:
@@ -91,8 +92,8 @@ class WorkerLifecycle:
         if slot.writer is not None and not slot.writer.idle.wait(5.0):
             logger.error("writer of worker %d still blocked after its death", slot.id)
 
-    def _on_spawned(self, slot: WorkerSlot, outcome: m.Outcome) -> None:
-        ok, value = m.rebuild_outcome(outcome)
+    def _on_spawned(self, slot: WorkerSlot, outcome: o.Outcome) -> None:
+        ok, value = o.rebuild_outcome(outcome)
         slot.spawn_deadline = None
         future, slot.spawn_future = slot.spawn_future, None
         if ok:
@@ -251,6 +252,9 @@ class WorkerLifecycle:
                 slot.process.kill()
             elif (state == W.BUSY and self.hang_timeout is not None
                   and slot.busy_since + self.hang_timeout <= now and slot.kill_reason == ""):
+                if slot.waits_for_reader():  # a stream paused for a slow reader: healthy
+                    slot.busy_since = now
+                    continue
                 slot.kill_reason = "hang_timeout"
                 slot.process.kill()
         self._timers_armed = armed

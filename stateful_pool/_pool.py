@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import time
 import weakref
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic
 
 from . import _messages as m
-from ._calls import DEFAULT, CallOptions, Default, SpawnWithOptions, checked_context
+from ._calls import (
+    DEFAULT,
+    CallOptions,
+    Default,
+    SpawnWithOptions,
+    checked_context,
+)
 from ._config import PoolConfig, check_timeout
 from ._dispatch import Dispatcher
 from ._stats import PoolStats
-from ._task import PoolFuture, Task, on_dispatcher_thread, refuse_to_wait
+from ._stream import AsyncChunkStream, ChunkStream
+from ._stream_worker import defines_stream_step
+from ._submission import Submission
+from ._task import PoolFuture, on_dispatcher_thread, refuse_to_wait
 from ._transport import make_transport
 from ._waiting import Capacity, LoopBridge
 from ._worker import ExecR, SpawnR, SWorker, defines_execute_batch
-from .errors import NoWorkersError, PoolClosedError
+from .errors import PoolClosedError
 
 _live_pools: weakref.WeakSet[SPool[Any, Any]] = weakref.WeakSet()
 # Bound on how long interpreter exit waits for a pool its owner forgot to shut down.
@@ -38,7 +46,7 @@ def _shutdown_forgotten_pools() -> None:
 atexit.register(_shutdown_forgotten_pools)
 
 
-class SPool(Generic[SpawnR, ExecR]):
+class SPool(Submission, Generic[SpawnR, ExecR]):
     """A pool of stateful worker processes: spawn each worker once, then execute many tasks.
 
     Args:
@@ -65,7 +73,9 @@ class SPool(Generic[SpawnR, ExecR]):
             ``node_id`` to pin a worker to a node. ``pool.options(...)`` overrides them for
             one spawn.
         max_batch_size: with a worker that defines ``execute_batch``, hand up to this many
-            queued tasks to one call. ``1`` (default) turns batching off.
+            queued tasks to one call. With one that defines ``stream_step``, run up to this
+            many streams (and tasks) at once on one worker, new ones joining the running batch
+            at its next step. ``1`` (default) turns batching off.
         max_batch_wait: seconds a partial batch may wait for more tasks, measured from the
             arrival of its oldest task. ``0`` (default) takes what is queued.
         spawn_timeout: seconds a worker's ``spawn`` may take before the process is killed and
@@ -97,6 +107,14 @@ class SPool(Generic[SpawnR, ExecR]):
             cancelled and running tasks get this many seconds before their workers are
             killed; the exception then propagates unchanged. Leaving normally waits for all
             accepted work. Default 1 s.
+        first_chunk_timeout: seconds from a ``stream`` call to its first chunk; past it the
+            stream ends with ``TaskTimeoutError`` (stopped in the worker if it runs).
+            ``None`` (default): no limit. ``execution_timeout`` bounds a whole stream.
+        chunk_timeout: seconds a running stream may go without a chunk (time its worker
+            waits for a slow reader does not count); as ``first_chunk_timeout``.
+        stream_buffer: most chunks of one stream that its reader has not consumed yet
+            (buffered in the parent or held in the worker); the worker's generator pauses
+            there until the reader catches up. Default 64.
 
     Raises:
         ValueError: an option is out of its range (nothing is spawned).
@@ -125,13 +143,17 @@ class SPool(Generic[SpawnR, ExecR]):
         abort_grace: float = 1.0,
         crash_loop_backoff: float | None = None,
         crash_loop_max_delay: float = 300.0,
+        first_chunk_timeout: float | None = None,
+        chunk_timeout: float | None = None,
+        stream_buffer: int = 64,
     ) -> None:
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, SWorker)):
             raise TypeError(f"worker_cls must be a subclass of SWorker, got {worker_cls!r}")
         config = PoolConfig(queue_size, submission_timeout, execution_timeout, max_batch_size,
                             max_batch_wait, spawn_timeout, hang_timeout, max_restarts, prefetch,
                             restart_window, restart_backoff, abort_grace,
-                            crash_loop_backoff, crash_loop_max_delay)
+                            crash_loop_backoff, crash_loop_max_delay, first_chunk_timeout,
+                            chunk_timeout, stream_buffer)
         self.abort_grace = abort_grace
         self._transport = make_transport(backend, mp_context)
         self.backend = backend
@@ -146,7 +168,12 @@ class SPool(Generic[SpawnR, ExecR]):
         self.submission_timeout = submission_timeout
         self.execution_timeout = execution_timeout
         self.thread_pool = thread_pool
-        self.batching = max_batch_size > 1 and defines_execute_batch(worker_cls)
+        self.first_chunk_timeout = first_chunk_timeout
+        self.chunk_timeout = chunk_timeout
+        self.stream_buffer = stream_buffer
+        continuous = defines_stream_step(worker_cls)
+        self.batching = (max_batch_size > 1 and defines_execute_batch(worker_cls)
+                         and not continuous)
         self.max_batch_size = max_batch_size if self.batching else 1
         self.max_batch_wait = max_batch_wait if self.batching else 0.0
         self._capacity = Capacity(self.queue_size)
@@ -154,8 +181,10 @@ class SPool(Generic[SpawnR, ExecR]):
         self._closed = False
         self._bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBridge] = (
             weakref.WeakKeyDictionary())
-        self._dispatcher = Dispatcher(worker_cls, self._transport, config, self.batching,
-                                      release_slot=self._capacity.release)
+        self._dispatcher = Dispatcher(
+            worker_cls, self._transport, config, self.batching,
+            release_slot=self._capacity.release,
+            streams_per_worker=max_batch_size if continuous else 1)
         # A pool dropped without shutdown() still stops its workers.
         finalizer = weakref.finalize(self, self._dispatcher.close, True, _ATEXIT_TIMEOUT)
         finalizer.atexit = False  # at exit, _shutdown_forgotten_pools does it and waits
@@ -206,68 +235,6 @@ class SPool(Generic[SpawnR, ExecR]):
 
     # ---- executing --------------------------------------------------------------------------
 
-    def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> m.Payload:
-        if self._closed:
-            raise PoolClosedError("cannot execute: the pool is shut down")
-        if self.batching:
-            if len(args) != 1 or kwargs:
-                raise TypeError(
-                    "with batching on (max_batch_size > 1), execute takes exactly one "
-                    f"positional argument, got {len(args)} positional and "
-                    f"{len(kwargs)} keyword arguments")
-            payload = m.dumps_payload(args[0], self._dumps)
-        else:
-            payload = m.dumps_payload((args, kwargs), self._dumps)
-        if not self._dispatcher.has_live_worker():
-            raise NoWorkersError("cannot execute: the pool has no live worker; call spawn() first")
-        return payload
-
-    def _enqueue(self, task: Task) -> Task:
-        task.holds_slot = self.queue_size is not None
-        if self._closed or not self._dispatcher.submit(task):
-            if task.holds_slot:
-                self._capacity.release(task)
-            raise PoolClosedError("cannot execute: the pool is shut down")
-        return task
-
-    def _deadline(self, timeout: float | None | Default) -> float | None:
-        if isinstance(timeout, Default):
-            timeout = self.execution_timeout
-        return None if timeout is None else time.monotonic() + timeout
-
-    def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                timeout: float | None | Default, context: dict[str, Any] | None = None
-                ) -> Task:
-        payload = self._payload(args, kwargs)
-        deadline = self._deadline(timeout)
-        task = Task(self._ids(), payload, deadline, False, self._on_cancel, context)
-        if self._dispatcher.try_run_now(task):  # a worker was idle: it has the task already
-            return task
-        if self.queue_size is not None:
-            self._capacity.admit(self.submission_timeout, deadline)
-        return self._enqueue(task)
-
-    async def _async_execute(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                             timeout: float | None | Default,
-                             context: dict[str, Any] | None = None) -> Any:
-        payload = self._payload(args, kwargs)
-        deadline = self._deadline(timeout)
-        loop = asyncio.get_running_loop()
-        bridge = self._bridges.get(loop)
-        if bridge is None:
-            bridge = self._bridges[loop] = LoopBridge(loop)
-        task = Task(self._ids(), payload, deadline, False, self._on_cancel, context)
-        if not self._dispatcher.try_run_now(task):
-            if self.queue_size is not None:
-                await self._capacity.admit_async(self.submission_timeout, deadline, bridge)
-            self._enqueue(task)
-        try:
-            return await bridge.watch(task)
-        except asyncio.CancelledError:
-            if not task.cancel():  # queued: it leaves the queue and never runs
-                self._dispatcher.abandoned(task)  # running: shutdown will not wait for it
-            raise
-
     def with_context(self, context: Mapping[str, Any]) -> CallOptions[ExecR]:
         """This pool's execute methods with a context that travels to the worker with each
         task: in the worker, ``stateful_pool.current_contexts()`` returns it during
@@ -288,11 +255,6 @@ class SPool(Generic[SpawnR, ExecR]):
         """
         check_timeout("timeout", seconds)
         return CallOptions(self, seconds, None)
-
-    def _on_cancel(self, task: Task) -> None:
-        if task.holds_slot:
-            self._capacity.release(task)
-        self._dispatcher.cancelled(task)
 
     def submit_execute(self, *args: Any, **kwargs: Any) -> Future[ExecR]:
         """Queue one task; return at once with its future.
@@ -331,6 +293,42 @@ class SPool(Generic[SpawnR, ExecR]):
         Raises as ``execute`` does; a full queue is waited on asynchronously.
         """
         return await self._async_execute(args, kwargs, DEFAULT)  # type: ignore[no-any-return]
+
+    def stream(self, *args: Any, **kwargs: Any) -> ChunkStream[Any]:
+        """Run one streaming task: the worker's ``execute`` yields chunks (or its
+        ``stream_step`` returns them); iterate what this returns to get them, in order, as
+        they come: ``for chunk in pool.stream(prompt): ...``.
+
+        The task is submitted at once, like ``submit_execute``. Leaving the loop early
+        (``break``, an exception), ``close()`` or dropping the iterator stops the stream in
+        the worker at its next yield (the generator is closed: its ``finally`` runs), and the
+        worker takes other work at once.
+
+        Raises:
+            Exception: as ``submit_execute``, at the call; during iteration, after the chunks
+                delivered, what ended the stream early (the generator's exception with the
+                worker's traceback, ``WorkerCrashedError``, ``TaskTimeoutError`` for
+                ``execution_timeout`` / ``first_chunk_timeout`` / ``chunk_timeout``,
+                ``RemoteError`` for a chunk that could not be pickled).
+        """
+        return CallOptions(self, DEFAULT, None).stream(*args, **kwargs)
+
+    def async_stream(self, *args: Any, **kwargs: Any) -> AsyncChunkStream[Any]:
+        """``stream`` for asyncio: ``async for chunk in pool.async_stream(prompt): ...``.
+
+        The arguments are pickled at the call; the task is submitted at the first
+        ``__anext__``. Cancelling the task that awaits a chunk stops the stream in the
+        worker, as leaving the loop does.
+        """
+        return CallOptions(self, DEFAULT, None).async_stream(*args, **kwargs)
+
+    def with_stream_timeouts(self, *, first_chunk_timeout: float | None | Default = DEFAULT,
+                             chunk_timeout: float | None | Default = DEFAULT
+                             ) -> CallOptions[ExecR]:
+        """This pool's ``stream`` / ``async_stream`` with time limits of their own instead of
+        the pool's ``first_chunk_timeout`` / ``chunk_timeout`` (``None``: no limit)."""
+        return CallOptions(self, DEFAULT, None).with_stream_timeouts(
+            first_chunk_timeout=first_chunk_timeout, chunk_timeout=chunk_timeout)
 
     # ---- lifecycle --------------------------------------------------------------------------
 

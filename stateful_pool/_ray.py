@@ -2,7 +2,7 @@
 
 Each worker is one Ray actor that hosts the user's ``SWorker`` (spawn once, then ``execute``
 / ``execute_batch``) with the very functions a local worker process runs
-(``_worker.spawn_worker`` and ``_worker.run_message``). On the parent side the dispatcher
+(``_runner.spawn_worker`` and ``_runner.run_message``). On the parent side the dispatcher
 still talks to a local pipe and watches a local fd, exactly as for a process::
 
     dispatcher <-- socketpair --> relay thread --actor.run.remote()--> Ray actor (anywhere)
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import threading
 import weakref
@@ -29,8 +30,9 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import _messages as m
+from . import _outcomes as o
 from ._classref import is_importable
-from ._worker import run_message, spawn_worker
+from ._runner import run_message, spawn_worker
 
 logger = logging.getLogger("stateful_pool")
 
@@ -42,13 +44,13 @@ class StatefulPoolActor:
 
     def __init__(self, worker_cls: type, by_value: bool = False) -> None:
         self._cls = worker_cls
-        self._worker: Any = None
-        if by_value:  # results and exceptions of types defined beside the class cross too
-            m.user_dumps = ray.cloudpickle.dumps
+        self._host: Any = None
+        # Results and exceptions of types defined beside a class sent by value cross too.
+        self._dumps = ray.cloudpickle.dumps if by_value else pickle.dumps
 
     @ray.method(concurrency_group="work")
-    def spawn(self, payload: bytes) -> tuple[m.Outcome, int, dict[str, Any]]:
-        self._worker, outcome = spawn_worker(self._cls, payload)
+    def spawn(self, payload: bytes) -> tuple[o.Outcome, int, dict[str, Any]]:
+        self._host, outcome = spawn_worker(self._cls, payload, self._dumps)
         ctx = ray.get_runtime_context()
         location = {"host": ray.util.get_node_ip_address(),
                     "node": ctx.get_node_id(),
@@ -56,8 +58,8 @@ class StatefulPoolActor:
         return outcome, os.getpid(), location
 
     @ray.method(concurrency_group="work")
-    def run(self, kind: int, key: Any, blobs: Any) -> list[tuple[int, m.Outcome]] | None:
-        return run_message(self._worker, kind, key, blobs)
+    def run(self, message: m.Message) -> list[tuple[int, o.Outcome]]:
+        return run_message(self._host, message)
 
     @ray.method(concurrency_group="watch")
     def watch(self) -> None:
@@ -177,22 +179,25 @@ def _relay(conn: Any, handle: RayWorkerHandle) -> None:
     """Forward the dispatcher's messages to the actor and its answers back."""
     actor = handle.actor
     try:
-        _, _, blobs = m.recv_message(conn.recv_bytes)
+        blobs = m.recv_message(conn.recv_bytes).blobs
         assert blobs is not None
         outcome, handle.pid, handle.location = ray.get(actor.spawn.remote(blobs[0]))
-        m.send_outcomes(conn.send_bytes, m.SPAWNED, [(None, outcome)])
+        o.send_outcomes(conn.send_bytes, m.Kind.SPAWNED, [(0, outcome)])
         if not outcome[0]:  # spawn() raised: the actor goes, as a worker process would
             handle.kill()
             handle.mark_dead(1, "spawn failed")
             return
         while True:
-            kind, key, blobs = m.recv_message(conn.recv_bytes)
-            if kind == m.STOP:
+            message = m.recv_message(conn.recv_bytes)
+            kind = message.kind
+            if kind == m.Kind.STOP:
                 ray.kill(actor, no_restart=True)
                 handle.mark_dead(0, None)
                 return
-            reply = ray.get(actor.run.remote(kind, key, blobs))
-            m.send_outcomes(conn.send_bytes, m.RESULTS, reply)
+            if kind != m.Kind.EXEC and kind != m.Kind.BATCH:
+                continue  # CREDIT or CANCEL for a stream that has ended
+            reply = ray.get(actor.run.remote(message))
+            o.send_outcomes(conn.send_bytes, m.Kind.RESULTS, reply)
     except (EOFError, OSError):
         handle.kill()  # the dispatcher closed the pipe: this worker is done with
         handle.mark_dead(-9, None)

@@ -65,7 +65,7 @@ class WorkerShutdown(WorkerLifecycle):
         """After the last look: whatever still reached the inbox fails, nothing hangs."""
         while self.inbox:
             item = self.inbox.popleft()
-            if type(item) is Task:
+            if isinstance(item, Task):
                 self.counts.submitted += 1
                 self._finish(item, exc=PoolClosedError("the pool is shut down"))
             elif isinstance(item, StartWorker) and item.slot.spawn_future is not None:
@@ -109,7 +109,7 @@ class WorkerShutdown(WorkerLifecycle):
             slot.process.kill()
             return 0.0
         try:
-            m.send_message(slot.conn.send_bytes, m.STOP, None, None)  # type: ignore[union-attr]
+            m.send_message(slot.conn.send_bytes, m.Kind.STOP, [])  # type: ignore[union-attr]
         except OSError:
             pass
         return STOP_GRACE

@@ -11,6 +11,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import _messages as m
+from ._outcomes import Outcome
 from ._restart import RestartPolicy
 from ._states import WorkerState, check_transition
 from ._stats import TimeRecorder, WorkerStats
@@ -62,25 +63,22 @@ class WorkerSlot:
         check_transition(self._state, new)
         self._state = new
 
+    def waits_for_reader(self) -> bool:
+        """Every task it holds is a stream paused until its reader consumes: not hung."""
+        tasks = self.tasks.values()
+        return bool(tasks) and all(task.paused for task in tasks)
+
     def holds_wanted_task(self) -> bool:
         """Whether a caller still waits for one of the tasks it holds."""
         return any(task.wanted for task in self.tasks.values())
 
     def send_spawn(self) -> None:
         """Send the SPAWN message to its new process."""
-        assert self.conn is not None
-        if m.is_large(self.spawn_payload):
-            # The process reads it only after re-importing the user's __main__ (seconds with
-            # torch): written from the dispatcher thread, arguments larger than the pipe's
-            # buffer would stall every other worker and spawn_timeout meanwhile.
-            if self.writer is None:
-                self.writer = FrameWriter(f"stateful_pool-writer-{self.id}")
-            self.writer.send(self.conn, m.SPAWN, None, [self.spawn_payload])
-            return
-        try:
-            m.send_message(self.conn.send_bytes, m.SPAWN, None, [self.spawn_payload])
-        except OSError:
-            pass  # died at once; the sentinel tells
+        # A large one goes through the writer: the process reads it only after re-importing
+        # the user's __main__ (seconds with torch), and written from the dispatcher thread,
+        # arguments larger than the pipe's buffer would stall every other worker and
+        # spawn_timeout meanwhile.
+        self.send(m.Kind.SPAWN, [], blobs=[self.spawn_payload])
 
     def send_tasks(self, tasks: list[Task], batch: bool, now: float) -> None:
         """Hand tasks to this worker in one message: EXEC (one task) or BATCH
@@ -95,33 +93,40 @@ class WorkerSlot:
         payloads = [t.payload for t in tasks]
         for task in tasks:
             task.payload = b""  # the worker gets it now; free the memory with the message
-        key: Any
-        if batch:
-            kind, key = m.BATCH, [t.id for t in tasks]
-            if any(t.context is not None for t in tasks):
-                key = (key, [t.context for t in tasks])
-        else:
-            kind, key = m.EXEC, tasks[0].id
-            if tasks[0].context is not None:
-                key = (key, tasks[0].context)
+        contexts = None
+        for task in tasks:
+            if task.context is not None:
+                contexts = [t.context for t in tasks]
+                break
+        first: Any = tasks[0]
+        if first.is_stream:  # always alone in its message
+            first.slot = self
+            self.send(m.Kind.STREAM, [first.id], [first.window], contexts, payloads)
+            return
+        self.send(m.Kind.BATCH if batch else m.Kind.EXEC, [t.id for t in tasks], None,
+                  contexts, payloads)
+
+    def send(self, kind: m.Kind, ids: list[int], metas: list[Any] | None = None,
+             contexts: list[dict[str, Any] | None] | None = None,
+             blobs: list[m.Payload] | None = None) -> None:
+        """Send one message to this worker (a dead worker's sentinel tells; not this)."""
         assert self.conn is not None
         # Messages to one worker must not interleave: once one goes through the writer, the
         # ones queued behind it (prefetch) follow the same path.
-        if (self.writer is not None and not self.writer.idle.is_set()) or any(
-                type(p) is tuple or len(p) > m.INLINE_MAX for p in payloads):
+        if (self.writer is not None and not self.writer.idle.is_set()) or m.has_large(blobs):
             # A large message takes the pipe's speed to cross (0.5 ms per MiB here): written
             # from the dispatcher thread, it would hold every other worker's dispatch up.
             if self.writer is None:
                 self.writer = FrameWriter(f"stateful_pool-writer-{self.id}")
-            self.writer.send(self.conn, kind, key, payloads)
+            self.writer.send(self.conn, m.encode(kind, ids, metas, contexts, blobs))
             return
         try:
-            self.conn.send_bytes(m.dumps((kind, key, payloads), m.PROTOCOL))
+            m.send_message(self.conn.send_bytes, kind, ids, metas, contexts, blobs)
         except OSError:
-            pass  # the worker died; its sentinel fires next and fails these tasks
+            pass  # the worker died; its sentinel fires next and fails its tasks
 
-    def take_results(self, outcomes: list[tuple[int, m.Outcome]], now: float
-                     ) -> tuple[list[tuple[Task, m.Outcome]], bool]:
+    def take_results(self, outcomes: list[tuple[int, Outcome]], now: float
+                     ) -> tuple[list[tuple[Task, Outcome]], bool]:
         """Take the tasks a RESULTS message answers off this worker; return them with their
         outcomes, and whether the worker is idle now."""
         tasks = self.tasks
@@ -167,11 +172,11 @@ class FrameWriter:
         self._queued = 0
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def send(self, conn: Connection, kind: int, key: Any, blobs: list[m.Payload]) -> None:
+    def send(self, conn: Connection, frames: list[Any]) -> None:
         with self._lock:
             self._queued += 1
             self.idle.clear()
-        self._jobs.put((conn, kind, key, blobs))
+        self._jobs.put((conn, frames))
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -181,13 +186,14 @@ class FrameWriter:
             job = self._jobs.get()
             if job is None:
                 return
-            conn, kind, key, blobs = job
+            conn, frames = job
             try:
-                m.send_message(conn.send_bytes, kind, key, blobs)
+                for frame in frames:
+                    conn.send_bytes(frame)
             except (OSError, TypeError):
                 pass  # the worker died (its sentinel tells the dispatcher) or conn was closed
             finally:
-                del job, blobs
+                del job, frames
                 with self._lock:
                     self._queued -= 1
                     if not self._queued:

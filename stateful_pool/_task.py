@@ -60,6 +60,8 @@ class Task(PoolFuture):
     place in ``queue_size`` without a done-callback on every task.
     """
 
+    is_stream = False  # a _stream.Stream: its result comes as chunks
+
     def __init__(self, task_id: int, payload: m.Payload, deadline: float | None,
                  holds_slot: bool, on_cancel: Callable[[Task], None],
                  context: dict[str, Any] | None = None) -> None:
@@ -82,6 +84,11 @@ class Task(PoolFuture):
     def wanted(self) -> bool:
         """Whether a caller still waits for this task (not timed out, cancelled, abandoned)."""
         return not (self.abandoned or self.done())
+
+    @property
+    def paused(self) -> bool:
+        """Whether its worker waits for this task's reader (only a stream can)."""
+        return False
 
     def cancel(self) -> bool:
         cancelled = super().cancel()

@@ -16,7 +16,10 @@ from multiprocessing.connection import Connection
 from typing import Any, Generic, NoReturn, TypeVar
 
 from . import _messages as m
-from ._classref import ClassRef, load_class
+from . import _outcomes as o
+from . import _runner
+from ._classref import ClassRef
+from ._stream_worker import StreamRunner
 
 SpawnR = TypeVar("SpawnR")
 ExecR = TypeVar("ExecR")
@@ -64,9 +67,6 @@ class SWorker(Generic[SpawnR, ExecR]):
         """
 
 
-_current: list[dict[str, Any]] = []
-
-
 def current_contexts() -> list[dict[str, Any]]:
     """In a worker, during ``execute`` / ``execute_batch``: the context of each task being run
     (one for ``execute``, one per item for ``execute_batch``), as given to
@@ -74,7 +74,7 @@ def current_contexts() -> list[dict[str, Any]]:
 
     Use it to carry a request id into the worker's logs or a trace context into its spans.
     """
-    return list(_current)
+    return list(_runner.current)
 
 
 def defines_execute_batch(worker_cls: type) -> bool:
@@ -89,99 +89,6 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(70)
 
 
-def _run_one(worker: SWorker[Any, Any], task_id: int, payload: bytes) -> tuple[int, m.Outcome]:
-    try:
-        args, kwargs = m.loads_payload(payload)
-        result = worker.execute(*args, **kwargs)
-    except Exception as exc:
-        return task_id, m.error_outcome(exc)
-    return task_id, m.ok_outcome(result)
-
-
-def _run_batch(
-    worker: Any, task_ids: list[int], payloads: list[bytes],
-    contexts: list[dict[str, Any] | None] | None = None,
-) -> list[tuple[int, m.Outcome]]:
-    """Run one ``execute_batch`` call; an item that cannot be unpickled fails alone."""
-    outcomes: dict[int, m.Outcome] = {}
-    items: list[Any] = []
-    item_ids: list[int] = []
-    for i, (task_id, payload) in enumerate(zip(task_ids, payloads, strict=True)):
-        try:
-            items.append(m.loads_payload(payload))
-            item_ids.append(task_id)
-            if contexts is not None:
-                _current.append(contexts[i] or {})
-        except Exception as exc:
-            outcomes[task_id] = m.error_outcome(exc)
-    if items:
-        try:
-            results = worker.execute_batch(items)
-            if not isinstance(results, (list, tuple)) or len(results) != len(items):
-                got = (f"{len(results)} results" if isinstance(results, (list, tuple))
-                       else f"a {type(results).__name__}")
-                raise TypeError(
-                    f"{type(worker).__qualname__}.execute_batch returned {got} for a batch of "
-                    f"{len(items)} items; it must return a list with one result per item"
-                )
-        except Exception as exc:
-            record = m.error_record(exc)
-            for task_id in item_ids:
-                outcomes[task_id] = (False, record)
-        else:
-            for task_id, result in zip(item_ids, results, strict=True):
-                if isinstance(result, BaseException):
-                    outcomes[task_id] = m.error_outcome(result)
-                else:
-                    outcomes[task_id] = m.ok_outcome(result)
-    return [(task_id, outcomes[task_id]) for task_id in task_ids]
-
-
-def spawn_worker(worker_cls: type[SWorker[Any, Any]] | ClassRef, payload: m.Payload
-                 ) -> tuple[SWorker[Any, Any] | None, m.Outcome]:
-    """Create the worker and run its ``spawn``; ``None`` and an error outcome if that failed.
-
-    Runs in the worker process (or Ray actor).
-    """
-    try:
-        if isinstance(worker_cls, bytes):
-            m.pickle_by_value()
-        cls = worker_cls if isinstance(worker_cls, type) else load_class(worker_cls)
-        args, kwargs = m.loads_payload(payload)
-        worker = cls()
-        spawned = worker.spawn(*args, **kwargs)
-    except Exception as exc:
-        return None, m.error_outcome(exc)
-    outcome = m.ok_outcome(spawned)
-    return (worker if outcome[0] else None), outcome
-
-
-def run_message(worker: SWorker[Any, Any], kind: int, key: Any, blobs: Any
-                ) -> list[tuple[int, m.Outcome]] | None:
-    """Run one EXEC or BATCH message; ``None`` for STOP (or anything unknown).
-
-    Runs in the worker process (or Ray actor).
-    """
-    if kind == m.EXEC:
-        if type(key) is tuple:  # (task_id, context)
-            key, context = key
-            _current[:] = [context]
-            try:
-                return [_run_one(worker, key, blobs[0])]
-            finally:
-                _current.clear()
-        return [_run_one(worker, key, blobs[0])]
-    if kind == m.BATCH:
-        if type(key) is tuple:  # (task_ids, contexts)
-            key, contexts = key
-            try:
-                return _run_batch(worker, key, blobs, contexts)
-            finally:
-                _current.clear()
-        return _run_batch(worker, key, blobs)
-    return None
-
-
 def _exit_now(code: int) -> NoReturn:
     """Leave the process without the interpreter's teardown (seconds with torch loaded):
     flush what the user may have written, then ``os._exit``."""
@@ -193,20 +100,20 @@ def _exit_now(code: int) -> NoReturn:
         os._exit(code)
 
 
-def _exit_after_failed_spawn(send: Any, outcome: m.Outcome) -> NoReturn:
+def _exit_after_failed_spawn(send: Any, outcome: o.Outcome) -> NoReturn:
     """Report a failed spawn and leave at once: threads the failed spawn started must not
     keep the process alive."""
     try:
-        m.send_outcomes(send, m.SPAWNED, [(None, outcome)])
+        o.send_outcomes(send, m.Kind.SPAWNED, [(0, outcome)])
     finally:
         _exit_now(1)
 
 
-def _close_and_exit(worker: SWorker[Any, Any]) -> NoReturn:
+def _close_and_exit(host: _runner.Host) -> NoReturn:
     """Run the worker's ``close()`` hook, then leave at once."""
     code = 0
     try:
-        worker.close()
+        host.worker.close()
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -227,25 +134,30 @@ def worker_main(conn: Connection, worker_cls: ClassRef, parent_pid: int) -> None
                      name="stateful_pool-parent-watch").start()
     send = conn.send_bytes
     try:
-        _, _, blobs = m.recv_message(conn.recv_bytes)
+        blobs = m.recv_message(conn.recv_bytes).blobs
         assert blobs is not None
         payload = blobs[0]
     except (EOFError, OSError):
         return  # the parent gave up on this worker before it started
-    worker, outcome = spawn_worker(worker_cls, payload)
-    if worker is None:
+    host, outcome = _runner.spawn_worker(worker_cls, payload)
+    if host is None:
         _exit_after_failed_spawn(send, outcome)
-    m.send_outcomes(send, m.SPAWNED, [(None, outcome)])
-    recv = conn.recv_bytes
+    o.send_outcomes(send, m.Kind.SPAWNED, [(0, outcome)])
+    streams = StreamRunner(host, conn)
+    K = m.Kind
     while True:
         try:
-            kind, key, blobs = m.recv_message(recv)
+            message = streams.next_message()
+            kind = message.kind
+            if kind == K.STREAM or (kind == K.EXEC and streams.collects):
+                streams.run(message)
+                continue
+            if kind == K.EXEC or kind == K.BATCH:
+                reply = _runner.run_message(host, message)
+            elif kind == K.STOP:
+                _close_and_exit(host)
+            else:
+                continue  # CREDIT or CANCEL for a stream that has ended: nothing to do
+            o.send_outcomes(send, K.RESULTS, reply)
         except (EOFError, OSError):
-            _close_and_exit(worker)  # the parent closed the pipe or died
-        reply = run_message(worker, kind, key, blobs)
-        if reply is None:
-            _close_and_exit(worker)  # STOP
-        try:
-            m.send_outcomes(send, m.RESULTS, reply)
-        except (EOFError, OSError):
-            _close_and_exit(worker)
+            _close_and_exit(host)  # the parent closed the pipe or died

@@ -11,7 +11,8 @@ from stateful_pool import SPool, errors
 def test_public_names():
     assert stateful_pool.__all__ == sorted(stateful_pool.__all__)
     assert set(stateful_pool.__all__) == {
-        "CallOptions", "Histogram", "NoWorkersError", "PoolClosedError", "PoolError", "PoolStats",
+        "AsyncChunkStream", "CallOptions", "ChunkStream", "END_OF_STREAM", "Histogram",
+        "NoWorkersError", "PoolClosedError", "PoolError", "PoolStats",
         "QueueFullError", "RemoteError", "SPool", "SWorker", "SpawnError", "SpawnTimeoutError",
         "TaskState", "TaskTimeoutError", "WorkerCrashedError", "WorkerState", "WorkerStats",
         "current_contexts",

@@ -1,0 +1,126 @@
+"""How a call becomes a task on the dispatcher's queue: arguments pickled in the caller, a
+deadline, a place in ``queue_size``, the fast path to an idle worker. ``SPool``'s base."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from typing import Any
+
+from . import _messages as m
+from ._calls import Default, StreamTimeouts
+from ._dispatch import Dispatcher
+from ._stream import Stream
+from ._task import Task
+from ._waiting import Capacity, LoopBridge
+from .errors import NoWorkersError, PoolClosedError
+
+
+class Submission:
+    # Provided by SPool.
+    _closed: bool
+    _dumps: Any
+    _dispatcher: Dispatcher
+    _capacity: Capacity
+    _bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBridge]
+    _ids: Any
+    batching: bool
+    queue_size: int | None
+    submission_timeout: float | None
+    execution_timeout: float | None
+    first_chunk_timeout: float | None
+    chunk_timeout: float | None
+    stream_buffer: int
+
+    def _payload(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 stream: bool = False) -> m.Payload:
+        if self._closed:
+            raise PoolClosedError("cannot execute: the pool is shut down")
+        if self.batching and not stream:
+            if len(args) != 1 or kwargs:
+                raise TypeError(
+                    "with batching on (max_batch_size > 1), execute takes exactly one "
+                    f"positional argument, got {len(args)} positional and "
+                    f"{len(kwargs)} keyword arguments")
+            payload = m.dumps_payload(args[0], self._dumps)
+        else:
+            payload = m.dumps_payload((args, kwargs), self._dumps)
+        if not self._dispatcher.has_live_worker():
+            raise NoWorkersError("cannot execute: the pool has no live worker; call spawn() first")
+        return payload
+
+    def _enqueue(self, task: Task) -> Task:
+        task.holds_slot = self.queue_size is not None
+        if self._closed or not self._dispatcher.submit(task):
+            if task.holds_slot:
+                self._capacity.release(task)
+            raise PoolClosedError("cannot execute: the pool is shut down")
+        return task
+
+    def _deadline(self, timeout: float | None | Default) -> float | None:
+        if isinstance(timeout, Default):
+            timeout = self.execution_timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _new_task(self, payload: m.Payload, deadline: float | None,
+                  context: dict[str, Any] | None, stream: StreamTimeouts | None) -> Task:
+        if stream is None:
+            return Task(self._ids(), payload, deadline, False, self._on_cancel, context)
+        first, gap = stream
+        dispatcher = self._dispatcher
+        return Stream(self._ids(), payload, deadline, self._on_cancel, context,
+                      self.stream_buffer,
+                      self.first_chunk_timeout if isinstance(first, Default) else first,
+                      self.chunk_timeout if isinstance(gap, Default) else gap,
+                      dispatcher.credit, dispatcher.stop_stream)
+
+    def _submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                timeout: float | None | Default, context: dict[str, Any] | None = None,
+                stream: StreamTimeouts | None = None) -> Task:
+        payload = self._payload(args, kwargs, stream is not None)
+        deadline = self._deadline(timeout)
+        task = self._new_task(payload, deadline, context, stream)
+        if self._dispatcher.try_run_now(task):  # a worker was idle: it has the task already
+            return task
+        if self.queue_size is not None:
+            self._capacity.admit(self.submission_timeout, deadline)
+        return self._enqueue(task)
+
+    def _bridge(self) -> LoopBridge:
+        """The result bridge of the running event loop."""
+        loop = asyncio.get_running_loop()
+        bridge = self._bridges.get(loop)
+        if bridge is None:
+            bridge = self._bridges[loop] = LoopBridge(loop)
+        return bridge
+
+    async def _async_submit(self, payload: m.Payload, timeout: float | None | Default,
+                            context: dict[str, Any] | None,
+                            stream: StreamTimeouts | None = None) -> Task:
+        deadline = self._deadline(timeout)
+        task = self._new_task(payload, deadline, context, stream)
+        if not self._dispatcher.try_run_now(task):
+            if self.queue_size is not None:
+                await self._capacity.admit_async(self.submission_timeout, deadline,
+                                                 self._bridge())
+            self._enqueue(task)
+        return task
+
+    async def _async_execute(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                             timeout: float | None | Default,
+                             context: dict[str, Any] | None = None) -> Any:
+        payload = self._payload(args, kwargs)
+        bridge = self._bridge()
+        task = await self._async_submit(payload, timeout, context)
+        try:
+            return await bridge.watch(task)
+        except asyncio.CancelledError:
+            if not task.cancel():  # queued: it leaves the queue and never runs
+                self._dispatcher.abandoned(task)  # running: shutdown will not wait for it
+            raise
+
+    def _on_cancel(self, task: Task) -> None:
+        if task.holds_slot:
+            self._capacity.release(task)
+        self._dispatcher.cancelled(task)
