@@ -110,7 +110,7 @@ def build_router(core: ServingCore, guards: Guards = ()) -> APIRouter:
 
 def with_model(model: ServedModel, adapter: TypeAdapter[Any], value: Any) -> dict[str, Any]:
     """``{"model_name", "model_version", ...}`` with the fields of an answer or a chunk."""
-    dumped = adapter.dump_python(value, mode="json")
+    dumped = adapter.dump_python(value, mode="json", by_alias=True)
     fields = dumped if isinstance(dumped, dict) else {"output": dumped}
     return {"model_name": model.name, "model_version": VERSION, **fields}
 

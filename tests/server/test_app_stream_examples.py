@@ -9,13 +9,14 @@ forward steps (continuous batching) and each still gets exactly the text it gets
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
-from app_helpers import free_port, http_client, serve, served, wait_ready
+from app_helpers import ROOT, free_port, http_client, serve, served, wait_ready
 from httpx_sse import connect_sse
 
 pytestmark = pytest.mark.slow
@@ -141,3 +142,10 @@ def test_the_progress_example_streams_its_steps(tmp_path):
                           {"step": 3, "of": 3, "done": 1.0}]
         assert first - started < 0.6 < last - started  # step by step, not at the end
         assert answer(http, {"steps": 2, "step_s": 0})["chunks"][-1]["done"] == 1.0
+
+
+def test_the_guide_shows_the_progress_example_as_it_is():
+    guide = (ROOT / "docs" / "SERVE_YOUR_MODEL.md").read_text()
+    block = re.search(r"```python\n(class Job\(BaseModel\):.*?)```", guide, re.DOTALL)
+    assert block, "the progress example left docs/SERVE_YOUR_MODEL.md"
+    assert block[1] in (ROOT / "app" / "examples" / "progress.py").read_text()
