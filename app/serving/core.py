@@ -288,10 +288,13 @@ class ServingCore:
                 chunk_timeout=settings.stream_chunk_timeout).with_context(task_context())
             source = calls.async_stream(item)
         except Exception as exc:
-            raise self._stream_refusal(exc, False, lifetime) or exc from None
-        opened = OpenStream(source, lifetime, model.chunk_adapter,
-                            lambda exc, started: self._stream_refusal(exc, started, lifetime),
-                            self._stream_closed)
+            raise self._stream_refusal(exc, False, lifetime, 0.0, whole) or exc from None
+        ends_at = time.monotonic() + total_s
+
+        def refusal(exc: BaseException, started: bool) -> ServingError | None:
+            return self._stream_refusal(exc, started, lifetime, ends_at, whole)
+
+        opened = OpenStream(source, lifetime, model.chunk_adapter, refusal, self._stream_closed)
         try:
             await opened.open()
         except ClientDisconnected:
@@ -301,10 +304,11 @@ class ServingCore:
             self.metrics.first_chunk.observe(opened.first_chunk_s)
         return opened
 
-    def _stream_refusal(self, exc: BaseException, started: bool, lifetime: Lifetime
-                        ) -> ServingError | None:
+    def _stream_refusal(self, exc: BaseException, started: bool, lifetime: Lifetime,
+                        ends_at: float, whole: bool) -> ServingError | None:
         """What ended a stream, as the client should read it; ``started``: after its first
-        chunk (an error event then, the status has gone out)."""
+        chunk (an error event then, the status has gone out); ``ends_at``: when its time
+        was up; ``whole``: collected into one answer."""
         if isinstance(exc, InvalidInputError):
             return ServingError(400, str(exc))
         if isinstance(exc, QueueFullError):
@@ -316,11 +320,16 @@ class ServingCore:
                                          f"request's deadline of {lifetime.describe()}; the "
                                          "stream was dropped")
             settings = self.settings
-            if time.monotonic() >= lifetime.received_at + settings.stream_timeout_s - 0.01:
-                why = f"lasted STREAM_TIMEOUT_S={settings.stream_timeout_s:g} s"
-            else:
+            # The pool's timer fires at the limit, or a hair after it.
+            if time.monotonic() < ends_at - 0.01:
                 why = (f"wrote no chunk for STREAM_CHUNK_TIMEOUT_S="
                        f"{settings.stream_chunk_timeout:g} s")
+            elif whole:
+                return ServingError(504, "the model did not finish its answer within the "
+                                         f"request's deadline of {lifetime.describe()}; it "
+                                         "was stopped")
+            else:
+                why = f"lasted STREAM_TIMEOUT_S={settings.stream_timeout_s:g} s"
             return ServingError(504, f"the stream {why}; it was stopped")
         if isinstance(exc, ChunkMismatch):
             logger.error("%s", exc)

@@ -201,6 +201,14 @@ def test_a_stream_that_goes_quiet_past_stream_chunk_timeout_ends_with_an_error_e
                               "it was stopped")
 
 
+def test_a_json_answer_of_a_stream_is_bounded_by_the_request_deadline(ticker):
+    response = ticker.http.post("/predict", json={"n": 5, "step_s": 0.4},
+                                headers={"X-Request-Timeout": "1"})
+    assert response.status_code == 504
+    assert response.json()["detail"].startswith(
+        "the model did not finish its answer within the request's deadline of 1 s")
+
+
 def test_openapi_documents_the_event_stream_and_the_json_answer(ticker):
     spec = ticker.http.get("/openapi.json").json()
     ok = spec["paths"]["/predict"]["post"]["responses"]["200"]
