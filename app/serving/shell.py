@@ -10,7 +10,8 @@ nothing of this.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +50,10 @@ class ServedWorker(SWorker[Any, Any]):
         from ..ops.tracing import task_spans
 
         contexts = current_contexts()
+        if inspect.isgeneratorfunction(type(self.inner).execute):
+            return self._traced_stream(self.inner.execute(*args, **kwargs), contexts)
         with task_spans(self.tracer, contexts, 1):
-            result = self.inner.execute(*args, **kwargs)
-        if isinstance(result, Generator):
-            return self._traced_stream(result, contexts)
-        return result
+            return self.inner.execute(*args, **kwargs)
 
     def _traced_stream(self, chunks: Iterator[Any], contexts: list[dict[str, Any]]
                        ) -> Iterator[Any]:
