@@ -7,7 +7,8 @@ in the same run:
 
 1. time to the first chunk through the server (request sent -> first ``data:`` event read)
    against the model's own first chunk in this process (``stream_open`` + the first
-   ``stream_step`` of the same worker class, same prompt, same threads). Target: <= +2 ms.
+   ``stream_step`` of the same worker class, same prompt, one torch thread on both sides, in
+   a process of its own). Target: <= +2 ms.
 2. 8 streams arriving 50 ms apart: total tokens/s against one stream alone (target >= 3x),
    and the last stream's first token latency in step times of the running batch (target
    <= 2: it joined the running batch at the next step).
@@ -45,10 +46,22 @@ STAGGER_S = 0.05
 STREAMS = 8
 
 
+# Torch threads of the model, in the server's worker and in the baseline alike. One: the tiny
+# model gains nothing from a second, and on two shared cores a step's threads wait at their
+# barrier for a core that the API process (or another program) holds; the first runs here
+# had a lone stream step every 30-50 ms with two threads, 2-5 ms with one.
+THREADS = 1
+
+
 class CountingLM(CausalLM):
     """The example, recording when each of a stream's steps ran (``time.monotonic``, one
     clock for every process of the machine); at ``stream_close`` it appends them to
     ``$STEP_LOG``, one JSON line per stream."""
+
+    def spawn(self, config: Any) -> dict[str, Any]:
+        import dataclasses
+
+        return super().spawn(dataclasses.replace(config, num_threads=THREADS))
 
     def stream_step(self, states: list[Sequence]) -> list[Any]:
         now = time.monotonic()
@@ -115,17 +128,18 @@ async def stream(port: int, body: dict[str, Any], leave_after: int | None = None
 # ---- the measurements --------------------------------------------------------------------
 
 class InProcess:
-    """The model's own first chunk: ``stream_open`` + the first ``stream_step``, called in
-    this process on the same worker class, weights and thread count."""
+    """The model's own first chunk: ``stream_open`` + the first ``stream_step``, called
+    directly on the same worker class, weights and thread count. It runs in a process of its
+    own (``--baseline``): torch's threads in the client's process would slow the server's
+    worker down."""
 
     def __init__(self, model_dir: str) -> None:
         from app.contract import WorkerConfig
         from app.examples.causal_lm import GenerateRequest, LMSettings
-        from app.settings import available_cpus
 
         self.worker = CausalLM()
-        self.worker.spawn(WorkerConfig(0, model_dir, "pretrained", "cpu", "fp32",
-                                       available_cpus(), 40_000_000, options=LMSettings()))
+        self.worker.spawn(WorkerConfig(0, model_dir, "pretrained", "cpu", "fp32", THREADS,
+                                       40_000_000, options=LMSettings()))
         self.item = CausalLM.to_stream(GenerateRequest(prompt=PROMPT, max_tokens=1))
 
     def first_chunk(self) -> float:
@@ -137,26 +151,72 @@ class InProcess:
         return elapsed
 
 
+class Baseline:
+    """``InProcess`` in a subprocess: each ``first_chunk()`` asks it for one measurement."""
+
+    def __init__(self, model_dir: str) -> None:
+        import subprocess
+
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--baseline", model_dir], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+
+    def first_chunk(self) -> float:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        return float(self.process.stdout.readline())
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def serve_baseline(model_dir: str) -> None:
+    """``--baseline``: one in-process first chunk per line read from stdin."""
+    local = InProcess(model_dir)
+    for _ in sys.stdin:
+        print(local.first_chunk(), flush=True)
+
+
 async def first_chunk(port: int) -> float:
     seen = await stream(port, {"prompt": PROMPT, "max_tokens": 1})
     return seen.arrivals[0] - seen.sent
 
 
-async def staggered(port: int, streams: int, tokens: int) -> tuple[float, list[Events]]:
+def staggered(port: int, streams: int, tokens: int, step_log: Path
+              ) -> tuple[float, list[Events], list[list[float]]]:
+    """Total tokens/s of ``streams`` streams arriving ``STAGGER_S`` apart, what each client
+    saw, and when the worker stepped each stream."""
     async def one(i: int) -> Events:
         await asyncio.sleep(i * STAGGER_S)
         return await stream(port, {"prompt": PROMPT, "max_tokens": tokens})
 
+    async def all_of_them() -> list[Events]:
+        return list(await asyncio.gather(*(one(i) for i in range(streams))))
+
+    step_log.write_text("")
     started = time.monotonic()
-    runs = await asyncio.gather(*(one(i) for i in range(streams)))
-    return sum(r.tokens for r in runs) / (time.monotonic() - started), list(runs)
+    runs = asyncio.run(all_of_them())
+    rate = sum(r.tokens for r in runs) / (time.monotonic() - started)
+    return rate, runs, worker_steps(step_log, streams)
 
 
-def step_time(runs: list[Events], since: float) -> float:
-    """The median gap between two events of the streams, from ``since`` (all of them run)."""
-    gaps = [b - a for r in runs for a, b in zip(r.arrivals, r.arrivals[1:], strict=False)
-            if a >= since]
-    return statistics.median(gaps)
+def worker_steps(step_log: Path, streams: int) -> list[list[float]]:
+    """When each step of the last ``streams`` streams ran, as the worker recorded them."""
+    deadline = time.monotonic() + 10
+    while len(lines := step_log.read_text().splitlines()) < streams:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(lines)} of {streams} streams were recorded")
+        time.sleep(0.01)
+    return [json.loads(line)["steps"] for line in lines[-streams:]]
+
+
+def step_time(steps: list[list[float]], since: float = 0.0) -> float:
+    """The median time between two steps of the worker, from ``since``."""
+    times = sorted({t for stream in steps for t in stream if t >= since})
+    return statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
 
 
 async def disconnect(port: int, step_log: Path) -> tuple[int, float, float]:
@@ -175,14 +235,17 @@ async def disconnect(port: int, step_log: Path) -> tuple[int, float, float]:
 
 
 def measure(quick: bool) -> dict[str, Any]:
-    from app.examples.causal_lm import make_tiny
+    import subprocess
+
     from loadtest.servers import ServerProcess, ServerSpec
 
     rounds = 3 if quick else 9
     tokens = 60 if quick else 200
     rows: list[tuple[str, str, str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny(str(Path(tmp) / "tiny-lm"))
+        model_dir = str(Path(tmp) / "tiny-lm")
+        subprocess.run([sys.executable, "-m", "app.examples.causal_lm", "make-tiny", model_dir],
+                       cwd=ROOT, check=True, capture_output=True)
         step_log = Path(tmp) / "steps.jsonl"
         spec = ServerSpec("lm", "the tiny LM", "app")
         env = {"WORKER_CLASS": "benchmarks.stream_server_bench:CountingLM",
@@ -192,31 +255,38 @@ def measure(quick: bool) -> dict[str, Any]:
         with ServerProcess(spec, env, Path(tmp) / "server.log") as server:
             server.wait_ready(180)
             port = server.port
-            local = InProcess(model_dir)
+            local = Baseline(model_dir)
             for _ in range(3):  # warm up: first calls, lazy imports
                 asyncio.run(first_chunk(port))
                 local.first_chunk()
-            # Alternated, so that a busy moment of the machine weighs on both sides.
-            pairs = [(local.first_chunk(), asyncio.run(first_chunk(port)))
-                     for _ in range(rounds * 3)]
+            # Alternated, so that a busy moment of the machine weighs on both sides; apart,
+            # because torch's threads spin a while after each call, taking a core.
+            pairs = []
+            for _ in range(rounds * 3):
+                direct_s = local.first_chunk()
+                time.sleep(0.2)
+                pairs.append((direct_s, asyncio.run(first_chunk(port))))
+                time.sleep(0.2)
+            local.close()
             direct = statistics.median(p[0] for p in pairs)
             served = statistics.median(p[1] for p in pairs)
             rows.append(("time to first chunk (ms)", f"{served * 1e3:.2f}",
                          f"{direct * 1e3:.2f} in-process stream_open + first stream_step",
                          f"+{(served - direct) * 1e3:.2f} ms", "<= +2 ms"))
 
-            alone_runs = [asyncio.run(staggered(port, 1, tokens)) for _ in range(rounds)]
+            alone_runs = [staggered(port, 1, tokens, step_log) for _ in range(rounds)]
             alone = statistics.median(r[0] for r in alone_runs)
-            lone_step = statistics.median(step_time(r[1], 0) for r in alone_runs)
-            runs = [asyncio.run(staggered(port, STREAMS, tokens)) for _ in range(rounds)]
+            lone_step = statistics.median(step_time(r[2]) for r in alone_runs)
+            runs = [staggered(port, STREAMS, tokens, step_log) for _ in range(rounds)]
             total = statistics.median(r[0] for r in runs)
             rows.append((f"{STREAMS} streams {STAGGER_S * 1e3:.0f} ms apart, {tokens} tokens "
                          "each: tokens/s", f"{total:,.0f}", f"{alone:,.0f} one stream alone",
                          f"{total / alone:.2f}x", ">= 3x"))
             lasts, batch_steps = [], []
-            for _, events in runs:
+            for _, events, steps in runs:
                 last = events[-1]
-                batch_step = step_time(events, last.arrivals[0])
+                # Step times of the batch the last stream found running when it arrived.
+                batch_step = step_time(steps, last.sent)
                 lasts.append((last.arrivals[0] - last.sent) / batch_step)
                 batch_steps.append(batch_step)
             batch_step = statistics.median(batch_steps)
@@ -233,7 +303,8 @@ def measure(quick: bool) -> dict[str, Any]:
                          f"{after:g}", f"{step * 1e3:.1f} ms step", "-", "<= 1"))
             rows.append(("client leaves mid-stream: time to stream_close (step times)",
                          f"{to_close:.2f}", f"{step * 1e3:.1f} ms step", "-", "<= 1"))
-    title = (f"Streamed answers through the server: tiny GPT-2, 1 CPU worker "
+    title = (f"Streamed answers through the server: tiny GPT-2, 1 CPU worker, {THREADS} torch "
+             "thread "
              f"({os.cpu_count()} CPUs, Python {platform.python_version()}"
              f"{', quick run' if quick else ''}, median of {rounds} rounds)")
     return {"title": title, "rows": rows}
@@ -253,7 +324,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--render", metavar="JSON", help="print the table of a saved run, exit")
+    parser.add_argument("--baseline", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.baseline:
+        serve_baseline(args.baseline)
+        return
     if args.render:
         print(render(json.loads(Path(args.render).read_text())))
         return
