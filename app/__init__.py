@@ -8,10 +8,12 @@ Where things are:
   ``device_images`` (decoding on the GPU);
 * ``examples/``: the models, one file each; ``vit`` is the default (``app.worker:ViTWorker``);
 * ``serving/``: the serving core, no web framework: one request path for every protocol
-  (``core``), the worker's declaration, serving errors and load shedding, a request's
-  lifetime, the pool's state and lifespan, the worker plan, Ray;
-* ``protocols/``: the wire formats around the core, one module each (``predict``, ``v2``),
-  the server's own routes (``probes``), and what they share (``http``);
+  (``core``), a streamed answer under way (``streams``), the worker's declaration, serving
+  errors and load shedding, a request's lifetime, the pool's state and lifespan, the worker
+  plan, Ray;
+* ``protocols/``: the wire formats around the core, one module each (``predict``, ``v2``,
+  ``generate``), server-sent events for streamed answers (``sse``), the server's own routes
+  (``probes``), and what they share (``http``);
 * ``ops/``: logs, metrics, tracing, middleware;
 * ``main`` (``create_app``), ``settings`` (the environment), ``__main__`` (``python -m app``,
   ``spool-serve``), ``healthcheck`` (the container's health probe).

@@ -37,7 +37,7 @@ from ..serving.core import ServedModel, ServingCore
 from ..serving.errors import ServingError
 from ..serving.streams import OpenStream
 from .http import DEADLINE_HEADER, DeadlineHeader, Guards, Protocol, request_lifetime
-from .sse import EVENT_STREAM, EventStreamResponse, event, event_stream_docs
+from .sse import EVENT_STREAM, Encode, EventStreamResponse, event, event_stream_docs
 from .v2 import PREFIX, TIMEOUT_PARAMETER, error_docs_v2, render, served_model, timeout_parameter
 from .v2_tensors import RESERVED_PARAMETERS, load_json
 
@@ -115,7 +115,7 @@ def with_model(model: ServedModel, adapter: TypeAdapter[Any], value: Any) -> dic
     return {"model_name": model.name, "model_version": VERSION, **fields}
 
 
-def encoder(model: ServedModel) -> Any:
+def encoder(model: ServedModel) -> Encode:
     """``generate_stream``'s events: each chunk with the model's name; an error as
     ``{"error": message}``, the shape of Triton's error answers."""
     adapter = model.chunk_adapter

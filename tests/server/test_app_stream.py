@@ -19,8 +19,12 @@ from typing import Any
 import httpx
 import pytest
 from app_helpers import http_client, serve, wait_ready
+from app_streams import Tick, Ticker, TickRequest
 from httpx_sse import connect_sse
 from procs import wait_until
+
+from app.contract import ModelWorker
+from app.serving.declaration import declaration_of
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +90,51 @@ def read_events(http: httpx.Client, body: dict[str, Any], path: str = "/predict"
 
 def ticks(events: list[tuple[str, Any, float]]) -> list[int]:
     return [data["i"] for name, data, _ in events if name == "message"]
+
+
+# ---- the declaration ------------------------------------------------------------------------
+
+class NoGenerator(ModelWorker):
+    chunk_model = Tick
+
+    @classmethod
+    def to_stream(cls, request: TickRequest) -> TickRequest:
+        return request
+
+    def execute(self, item: TickRequest) -> list[Tick]:
+        return [Tick(i=0)]
+
+
+class NoChunkModel(Ticker):
+    chunk_model = None
+
+
+class NoToStream(ModelWorker):
+    chunk_model = Tick
+
+    def stream_open(self, item: Any) -> Any:
+        return item
+
+    def stream_step(self, states: list[Any]) -> list[Any]:
+        return states
+
+
+def test_a_streaming_worker_declared_wrongly_is_refused_at_startup_naming_what_is_missing():
+    with pytest.raises(ValueError, match="sets chunk_model, so it streams, but defines "
+                                         "neither a generator execute"):
+        declaration_of(NoGenerator)
+    with pytest.raises(ValueError, match="streams .* but sets no chunk_model"):
+        declaration_of(NoChunkModel)
+    with pytest.raises(ValueError, match=r"must define the class method to_stream\(request\)"):
+        declaration_of(NoToStream)
+
+
+def test_a_streaming_worker_declares_its_request_chunk_and_default_answer():
+    decl = declaration_of(Ticker)
+    assert decl.streams and decl.chunk_type is Tick and decl.request_type is TickRequest
+    assert decl.answer_type.__name__ == "TickerChunks"
+    answer = decl.to_answer(TickRequest(), [Tick(i=0)])
+    assert answer.model_dump() == {"chunks": [{"i": 0}]}
 
 
 # ---- a generator execute ---------------------------------------------------------------------
