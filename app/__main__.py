@@ -22,8 +22,8 @@ from typing import NoReturn
 import uvicorn
 from pydantic import ValidationError
 
-from .logs import configure_logging
 from .main import create_app
+from .ops.logs import configure_logging
 from .settings import Settings
 
 
@@ -80,7 +80,7 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
 
 def download_weights() -> int:
     """Spawn the configured worker in this process on CPU with pretrained weights."""
-    from .plan import load_worker_class, make_plan
+    from .serving.plan import load_worker_class, make_plan
 
     os.environ.update(MODEL_WEIGHTS="pretrained", DEVICE="cpu", NUM_WORKERS="1")
     settings = Settings()

@@ -1,4 +1,4 @@
-"""The application factory: settings -> worker class -> plan -> routes; the state owns the pool.
+"""The application factory: settings -> worker class -> plan -> serving core -> protocols.
 
 One uvicorn process, one pool: parallelism comes from the pool's worker processes (one per
 GPU), never from uvicorn workers, each of which would load its own copy of the model.
@@ -10,17 +10,17 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 
-from . import tracing
-from .endpoint import add_inference_route, declaration_of
-from .errors import install_error_handlers
-from .metrics import Metrics
-from .middleware import BodyLimitMiddleware, RequestContextMiddleware
-from .plan import load_worker_class, make_plan, plan_workers
-from .routes import build_router, require_api_key
-from .served import Telemetry
+from .ops import tracing
+from .ops.metrics import Metrics
+from .ops.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from .protocols import PROTOCOLS, renderer_for
+from .protocols.http import install_error_handlers, require_api_key
+from .serving.core import ServedModel, ServingCore
+from .serving.declaration import declaration_of
+from .serving.plan import load_worker_class, make_plan, plan_workers
+from .serving.shell import Telemetry
+from .serving.state import ServerState
 from .settings import Settings
-from .state import ServerState
-from .v2 import build_v2_router
 
 __all__ = ["create_app", "load_worker_class", "plan_workers"]
 
@@ -44,6 +44,8 @@ def create_app(settings: Settings | None = None, *,
     state = ServerState(settings, worker_cls, make_plan(settings, worker_cls), on_fatal)
     state.telemetry = Telemetry(settings.log_format, tracing.enable())
     metrics = Metrics(state.pool_stats, state.random_weight_workers)
+    core = ServingCore(state, [ServedModel(state.plan.served_name, state.plan.model_name,
+                                           declaration)], metrics)
     app = FastAPI(
         title="stateful-pool inference server",
         summary=f"{state.plan.model_name} ({worker_cls.__name__}) behind a stateful_pool.SPool",
@@ -52,17 +54,20 @@ def create_app(settings: Settings | None = None, *,
     app.state.server = state
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.core = core
     # Without a key the dependency is left out, not merely short-circuited: resolving it
     # costs each request.
     guards = [require_api_key] if settings.api_key is not None else []
-    add_inference_route(app.router, declaration, guards)
-    app.include_router(build_router(guards))
-    app.include_router(build_v2_router(declaration, state.plan.model_name, guards))
-    install_error_handlers(app)
+    for protocol in PROTOCOLS:
+        protocol.mount(app, core, guards)
+    render_for = renderer_for(PROTOCOLS)
+    install_error_handlers(app, render_for)
     known_paths = {getattr(route, "path", "") for route in app.routes}
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
+                       render_for=render_for)
     if state.telemetry.tracing and not tracing.fastapi_traces_requests():
         app.add_middleware(tracing.TracingMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,
-                       known_paths=lambda: known_paths)
+                       known_paths=lambda: known_paths, render_for=render_for,
+                       refuse_now=core.refuse_now)
     return app

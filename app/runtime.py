@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings
 
 from .contract import InvalidImageError, WorkerConfig
 from .images import configure_decoder, decode_rgb
-from .logs import configure_worker_logging
+from .ops.logs import configure_worker_logging
 
 if TYPE_CHECKING:
     import torch

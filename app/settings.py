@@ -37,6 +37,10 @@ class Settings(BaseSettings):
 
     model_name: str | None = Field(
         None, description="the model the worker loads; unset: the worker's default_model")
+    served_model_name: str | None = Field(
+        None, pattern=r"^[^/]+$",
+        description="the name clients call the model by (the {name} of /v2/models/{name}); "
+                    "unset: the last part of MODEL_NAME (org/name and /models/name: name)")
     model_weights: str = Field(
         "auto", description="auto | pretrained | random | hf-hub:org/name | path to a "
                             ".safetensors/.pth file")
@@ -67,7 +71,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     shutdown_timeout_s: float = Field(30.0, gt=0)
     pool_backend: Literal["process", "ray"] = Field(
-        "process", description="process: local worker processes; ray: Ray actors (app/cluster.py)")
+        "process", description="process: local worker processes; ray: Ray actors (docs/RAY.md)")
     ray_address: str | None = Field(
         None, description="the Ray cluster to join with POOL_BACKEND=ray (default: a local one)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -105,9 +109,7 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-# Default number of CPU workers: one, using every core. Measured on the 2-core reference
-# machine (ViT-L/16, fp32, ``server_bench.py --cpu-workers``): at batch 8 two 1-thread workers
-# serve 8% more than one 2-thread worker (1.71 against 1.58 img/s), while one worker answers a
-# lone image faster (1.08 s against 1.21 s) and holds one copy of the model instead of two
-# (1.2 GB each). NUM_WORKERS overrides it.
+# Default number of CPU workers: one, using every core: on two cores it serves a lone image
+# faster than two 1-thread workers and holds one copy of the model instead of two, for a few
+# percent less throughput at batch 8 (docs/BENCHMARKS.md). NUM_WORKERS overrides it.
 CPU_WORKERS = 1

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Everything docs/GPU.md asks a GPU to measure, in about 7 minutes on a GPU machine lent briefly
+# Everything docs/GPU.md asks a GPU to measure, in about 7 minutes on a GPU machine
 # (loadtest/gpu_check.py: the bare model at fp32/TF32/bf16/bf16+compile, then the server at
 # 64 and 256 users with GPU and Pillow decoding). docs/GPU.md says how to run it there.
 #
-# Those machines have torch, timm and pillow but no fastapi, uvicorn or locust
-# (../shared/ENV.md): their wheels are installed from WHEELS (default: .whl, shared/gpu-wheels,
-# ../shared/gpu-wheels) into /tmp/site. Results go to $OUT (the device runner's output
-# folder) or results/loadtest/gpu-check.
+# A GPU machine may have torch, timm and pillow but not fastapi, uvicorn or locust: when they
+# are missing, their wheels are installed from the folder WHEELS (default: .whl at the
+# repository root) into /tmp/site. Results go to $OUT when it is set, else
+# results/loadtest/gpu-check.
 #
 #   WHEELS=.whl bash loadtest/gpu_check.sh [python -m loadtest.gpu_check options]
 #   SMOKE=1 bash loadtest/gpu_check.sh     # the same steps with vit_tiny on CPU, seconds
@@ -16,11 +16,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c "import fastapi, uvicorn, locust, multipart, pydantic_settings" 2>/dev/null; then
-    WHEELS=${WHEELS:-}
-    for candidate in .whl shared/gpu-wheels ../shared/gpu-wheels /work/shared/gpu-wheels; do
-        if [ -z "$WHEELS" ] && [ -d "$candidate" ]; then WHEELS=$candidate; fi
-    done
-    if [ -z "$WHEELS" ]; then echo "no gpu-wheels folder found; set WHEELS=" >&2; exit 2; fi
+    WHEELS=${WHEELS:-.whl}
+    if [ ! -d "$WHEELS" ]; then
+        echo "fastapi, uvicorn or locust is missing and there is no wheel folder $WHEELS; " \
+             "set WHEELS=" >&2
+        exit 2
+    fi
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade \
         --target /tmp/site "$WHEELS"/*.whl
     export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -67,8 +67,7 @@ def measure(model: str, device: str, precision: str, batch_sizes: list[int],
     One worker, as the servers configure it: a GPU (times the GPUs), or on CPU a process with
     ``cpus // workers`` threads (times ``workers``). Timing all the CPU threads in one process
     instead would measure another configuration, and OpenMP barriers make a multi-thread
-    forward collapse when another process takes one of the cores (seen here: 0.7 vs 49
-    images/s on the shared 2-core machine).
+    forward collapse when another process takes one of the cores (docs/BENCHMARKS.md).
     """
     import torch
 

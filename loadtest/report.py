@@ -160,7 +160,7 @@ def markdown(summary: dict[str, Any], aggregates: Sequence[Aggregate],
                 "images/s and a lower p99; on a GPU, spool-batch >= 3x the better baseline and "
                 ">= 0.8x the bare model at 1 image/request.", ""] + [f"- {line}" for line in checks]
     out += ["", "Code size: lines holding code (no blank, comment or docstring lines), without "
-            "the model and upload-checking modules every server shares (`app/worker.py`, "
+            "the model and upload-checking modules every server shares (`app/examples/`, "
             "`app/contract.py`, `app/images.py`, `app/settings.py`; for the seed-shaped servers, "
             "`loadtest/seed/model.py` and `loadtest/seed/serving.py`).", "",
             "| server | what it is | lines of code | files |", "|---|---|---:|---|"]

@@ -24,10 +24,10 @@ from typing import Any
 from .processes import ROOT, child_environment, group_members, log_tail
 
 HOST = "127.0.0.1"
-# Modules every server uses unchanged (the model, the upload checks, the settings) are not
+# Modules every server uses unchanged (the models, the upload checks, the settings) are not
 # counted in any server's code size; nor is the Docker HEALTHCHECK probe, a separate program.
 NOT_SERVER_CODE = {"__init__.py", "worker.py", "contract.py", "images.py", "settings.py",
-                   "healthcheck.py"}
+                   "healthcheck.py", "examples"}
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class ServerSpec:
 
 def app_server_files() -> tuple[str, ...]:
     """``app/`` minus what the baselines share with it."""
-    return tuple(sorted(f"app/{p.name}" for p in (ROOT / "app").glob("*.py")
-                        if p.name not in NOT_SERVER_CODE))
+    app = ROOT / "app"
+    return tuple(sorted(f"app/{p.relative_to(app).as_posix()}" for p in app.rglob("*.py")
+                        if not NOT_SERVER_CODE & {p.name, *p.relative_to(app).parts[:-1]}))
 
 
 def server_specs(max_batch_size: int, max_batch_wait_ms: float) -> dict[str, ServerSpec]:

@@ -26,6 +26,8 @@ class PoolConfig:
     restart_window: float = 60.0
     restart_backoff: float = 0.1
     abort_grace: float = 1.0
+    crash_loop_backoff: float | None = None
+    crash_loop_max_delay: float = 300.0
     first_chunk_timeout: float | None = None
     chunk_timeout: float | None = None
     stream_buffer: int = 64
@@ -39,6 +41,7 @@ class PoolConfig:
         check_timeout("execution_timeout", self.execution_timeout)
         check_timeout("spawn_timeout", self.spawn_timeout)
         check_timeout("hang_timeout", self.hang_timeout)
+        check_timeout("crash_loop_backoff", self.crash_loop_backoff)
         check_timeout("first_chunk_timeout", self.first_chunk_timeout)
         check_timeout("chunk_timeout", self.chunk_timeout)
         at_least = {"max_batch_size": (self.max_batch_size, 1, ""),
@@ -52,5 +55,8 @@ class PoolConfig:
                 raise ValueError(f"{name} must be >= {least}{unit}, got {value}")
         if self.max_restarts is not None and self.max_restarts < 0:
             raise ValueError(f"max_restarts must be None or >= 0, got {self.max_restarts}")
+        if not self.crash_loop_max_delay > 0:
+            raise ValueError("crash_loop_max_delay must be > 0 seconds, got "
+                             f"{self.crash_loop_max_delay!r}")
         if self.restart_window <= 0:
             raise ValueError(f"restart_window must be > 0 seconds, got {self.restart_window}")

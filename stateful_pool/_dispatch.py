@@ -46,7 +46,7 @@ from ._config import PoolConfig
 from ._deadlines import PRUNE_AT, Deadlines
 from ._inbox import Cancelled, Close, Credit, Message, StartWorker, StopStream
 from ._poll import Poller
-from ._restart import RestartPolicy
+from ._restart import MAX_RESTART_DELAY, RestartPolicy
 from ._shutdown import WorkerShutdown
 from ._slot import WorkerSlot
 from ._states import LIVE_STATES, TaskState, WorkerState
@@ -80,7 +80,8 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         self.hang_timeout = config.hang_timeout
         self.prefetch = config.prefetch
         self._restart_args = (config.max_restarts, config.restart_window,
-                              config.restart_backoff)
+                              config.restart_backoff, MAX_RESTART_DELAY,
+                              config.crash_loop_backoff, config.crash_loop_max_delay)
         self.release_slot = release_slot
 
         self.pending: PendingQueue[Task] = PendingQueue(

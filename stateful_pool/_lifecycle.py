@@ -165,6 +165,7 @@ class WorkerLifecycle:
                 f"{self.spawn_timeout} s and was killed")
         else:
             error = SpawnError(f"worker {slot.id} (pid {pid}) died during spawn with {how}")
+        slot.last_failure = f"spawn failed: {error!r}"
         future, slot.spawn_future = slot.spawn_future, None
         if future is not None:  # a first spawn: the caller learns, no respawn
             if error is not None:
@@ -179,6 +180,7 @@ class WorkerLifecycle:
             why = f"it was killed after running a task for more than {self.hang_timeout} s"
         else:
             why = f"it died with {how}"
+        slot.last_failure = why.removeprefix("it ")
         tasks = list(slot.tasks.values())
         slot.tasks.clear()
         slot.messages = 0
@@ -197,14 +199,20 @@ class WorkerLifecycle:
             slot.state = W.STOPPED
             return
         now = time.monotonic()
-        delay = slot.restarts.delay(now)
+        policy = slot.restarts
+        spent = policy.budget_spent(now)
+        delay = policy.delay(now)
         if delay is None:
             logger.error("worker %d gave up: %d restarts within %.0f s (max_restarts=%s)",
-                         slot.id, slot.restarts.recent(now), slot.restarts.window,
-                         slot.restarts.max_restarts)
+                         slot.id, policy.recent(now), policy.window, policy.max_restarts)
             self._lose_worker(slot, None)
             return
-        slot.state = W.RESTARTING
+        if spent:
+            logger.error("worker %d backs off for %.0f s: %d restarts within %.0f s "
+                         "(max_restarts=%s); last failure: %s", slot.id, delay,
+                         policy.recent(now), policy.window, policy.max_restarts,
+                         slot.last_failure)
+        slot.state = W.BACKING_OFF if spent else W.RESTARTING
         slot.restart_at = now + delay
         self._timers_armed = True
 
@@ -230,9 +238,10 @@ class WorkerLifecycle:
         armed = False
         for slot in self.slots:
             state = slot.state
-            if state == W.RESTARTING or (state == W.STARTING and slot.spawn_deadline is not None):
+            waiting = state == W.RESTARTING or state == W.BACKING_OFF
+            if waiting or (state == W.STARTING and slot.spawn_deadline is not None):
                 armed = True
-            if state == W.RESTARTING and slot.restart_at <= now:
+            if waiting and slot.restart_at <= now:
                 slot.restarts.record(now)
                 self.counts.restarts += 1
                 logger.info("respawning worker %d (restart %d)", slot.id, slot.restarts.total)
@@ -253,7 +262,7 @@ class WorkerLifecycle:
     def _worker_timer_times(self) -> list[float]:
         times = []
         for slot in self.slots:
-            if slot.state == W.RESTARTING:
+            if slot.state == W.RESTARTING or slot.state == W.BACKING_OFF:
                 times.append(slot.restart_at)
             elif slot.state == W.STARTING and slot.spawn_deadline is not None:
                 times.append(slot.spawn_deadline)

@@ -86,6 +86,14 @@ class SPool(Submission, Generic[SpawnR, ExecR]):
         max_restarts: respawns allowed per worker within ``restart_window`` seconds after
             crashes; ``0`` turns respawning off, ``None`` means no limit. Default 5.
         restart_window: the window, in seconds, over which restarts are counted. Default 60.
+        crash_loop_backoff: what a worker does once its restart budget is spent. ``None``
+            (default): it is given up for good (state ``"dead"``). Seconds: it backs off that
+            long (state ``"backing_off"``), then respawns; each further spent budget doubles
+            the wait, up to ``crash_loop_max_delay``, and the doubling starts over after a
+            whole ``restart_window`` without a respawn. Tasks queued meanwhile wait for it
+            (give them a timeout). What a long-running server wants: a crash burst slows the
+            respawns down but never leaves the slot empty for good.
+        crash_loop_max_delay: the cap of that back-off, in seconds. Default 300.
         prefetch: opt-in, for micro-tasks: when every worker is busy and tasks still wait, a
             busy worker may be sent up to this many more tasks (or batches) to run next, which
             hides the round trip between tasks. It gives up strict work conservation: a task
@@ -133,6 +141,8 @@ class SPool(Submission, Generic[SpawnR, ExecR]):
         restart_window: float = 60.0,
         restart_backoff: float = 0.1,
         abort_grace: float = 1.0,
+        crash_loop_backoff: float | None = None,
+        crash_loop_max_delay: float = 300.0,
         first_chunk_timeout: float | None = None,
         chunk_timeout: float | None = None,
         stream_buffer: int = 64,
@@ -141,8 +151,10 @@ class SPool(Submission, Generic[SpawnR, ExecR]):
             raise TypeError(f"worker_cls must be a subclass of SWorker, got {worker_cls!r}")
         config = PoolConfig(queue_size, submission_timeout, execution_timeout, max_batch_size,
                             max_batch_wait, spawn_timeout, hang_timeout, max_restarts, prefetch,
-                            restart_window, restart_backoff, abort_grace, first_chunk_timeout,
-                            chunk_timeout, stream_buffer)
+                            restart_window, restart_backoff, abort_grace,
+                            crash_loop_backoff, crash_loop_max_delay,
+                            first_chunk_timeout=first_chunk_timeout,
+                            chunk_timeout=chunk_timeout, stream_buffer=stream_buffer)
         self.abort_grace = abort_grace
         self._transport = make_transport(backend, mp_context)
         self.backend = backend

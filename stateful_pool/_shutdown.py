@@ -27,9 +27,6 @@ W = WorkerState
 # runs its close() hook and leaves with os._exit (no interpreter teardown), so milliseconds
 # is the norm; a slow close() gets this long.
 STOP_GRACE = 10.0
-# A busy worker whose tasks nobody waits for any more is sent SIGTERM at shutdown, and
-# SIGKILL if it is still there after this long.
-TERM_GRACE = 1.0
 
 
 class WorkerShutdown(WorkerLifecycle):
@@ -105,12 +102,12 @@ class WorkerShutdown(WorkerLifecycle):
 
     def _stop_one(self, slot: WorkerSlot) -> float:
         """Tell one worker to stop; return how long it may take before it is killed."""
-        if self.kill_on_close or slot.state == W.STARTING or slot.holds_wanted_task():
-            slot.process.kill()  # a second Ctrl-C, or still working past the drain deadline
+        # A second Ctrl-C, still working past the drain deadline, or busy with tasks nobody
+        # waits for: no need to be gentle (a worker ignores SIGTERM, so it is SIGKILL).
+        if (self.kill_on_close or slot.state == W.STARTING or slot.state == W.BUSY
+                or slot.holds_wanted_task()):
+            slot.process.kill()
             return 0.0
-        if slot.state == W.BUSY:  # only tasks nobody waits for: no need to be gentle
-            getattr(slot.process, "terminate", slot.process.kill)()
-            return TERM_GRACE
         try:
             m.send_message(slot.conn.send_bytes, m.Kind.STOP, [])  # type: ignore[union-attr]
         except OSError:

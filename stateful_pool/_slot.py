@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
@@ -43,7 +44,8 @@ class WorkerSlot:
         self.spawn_deadline: float | None = None
         self.spawn_error: BaseException | None = None
         self.kill_reason = ""  # why the pool killed it: spawn_timeout, hang_timeout...
-        self.restart_at = 0.0
+        self.restart_at = 0.0  # monotonic time of the next respawn (restarting, backing off)
+        self.last_failure: str | None = None  # why its previous process ended, if it failed
         self.reaping = False
         # Its work.
         self.tasks: dict[int, Task] = {}
@@ -145,12 +147,17 @@ class WorkerSlot:
     def stats(self) -> WorkerStats:
         """This worker at about this moment (read from any thread; no lock)."""
         where = self.location
-        return WorkerStats(worker_id=self.id, pid=self.pid, state=self.state,
+        state = self.state
+        restart_in = None
+        if state == WorkerState.RESTARTING or state == WorkerState.BACKING_OFF:
+            restart_in = max(0.0, self.restart_at - time.monotonic())
+        return WorkerStats(worker_id=self.id, pid=self.pid, state=state,
                            tasks_done=self.tasks_done, restarts=self.restarts.total,
                            running=len(self.tasks), last_exitcode=self.last_exitcode,
                            host=where.get("host"), node=where.get("node"),
                            gpu_ids=tuple(where.get("gpu_ids", ())),
-                           run_time=self.run_time.snapshot())
+                           run_time=self.run_time.snapshot(), restart_in=restart_in,
+                           last_failure=self.last_failure)
 
 
 class FrameWriter:

@@ -48,12 +48,16 @@ class WorkerStats:
     """One worker at the moment of the snapshot.
 
     ``state`` is a ``WorkerState`` (a ``str`` enum: ``"starting"``, ``"idle"``, ``"busy"``,
-    ``"restarting"`` (waiting out its backoff after a crash), ``"stopping"``, ``"stopped"`` or
-    ``"dead"`` (restart budget spent)). ``restarts`` counts respawns after crashes;
-    ``last_exitcode`` is the exit code of its previous process (negative: killed by that
-    signal), or ``None``. ``host`` and ``node`` say where it runs (the machine's name or
-    IP; the Ray node id, ``None`` for local processes); ``gpu_ids`` are the GPUs Ray
-    assigned to it.
+    ``"restarting"`` (waiting out its backoff after a crash), ``"backing_off"`` (its restart
+    budget is spent and the pool heals: it waits longer, then respawns), ``"stopping"``,
+    ``"stopped"`` or ``"dead"`` (spawn failed, or restart budget spent without healing)).
+    ``restarts`` counts respawns after crashes; ``last_exitcode`` is the exit code of its
+    previous process (negative: killed by that signal), or ``None``; ``last_failure`` says
+    why its previous process failed (``"died with signal SIGKILL"``, ``"spawn failed:
+    ..."``), or ``None``; ``restart_in`` is the seconds left before its next respawn while
+    restarting or backing off, else ``None``. ``host`` and ``node`` say where it runs (the
+    machine's name or IP; the Ray node id, ``None`` for local processes); ``gpu_ids`` are the
+    GPUs Ray assigned to it.
     """
 
     worker_id: int
@@ -67,6 +71,8 @@ class WorkerStats:
     node: str | None = None
     gpu_ids: tuple[int, ...] = ()
     run_time: Histogram = field(default_factory=Histogram)
+    restart_in: float | None = None
+    last_failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,8 +105,15 @@ class PoolStats:
 
     @property
     def live_workers(self) -> int:
-        """Workers that can take tasks now or soon (starting, idle, busy or restarting)."""
+        """Workers that can take tasks now or will again on their own (starting, idle, busy,
+        restarting or backing off)."""
         return sum(w.state in LIVE_STATES for w in self.workers)
+
+    @property
+    def serving_workers(self) -> int:
+        """Workers running now (idle or busy): what a readiness check counts."""
+        return sum(w.state == WorkerState.IDLE or w.state == WorkerState.BUSY
+                   for w in self.workers)
 
     @property
     def busy_workers(self) -> int:

@@ -125,8 +125,11 @@ def worker_main(conn: Connection, worker_cls: ClassRef, parent_pid: int) -> None
 
     Runs in the worker process.
     """
-    # Ctrl-C reaches the whole process group; the parent decides how to shut down.
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd's default, a process
+    # manager, kill -- -PGID), reach the workers too: the parent decides how to shut down, so
+    # running tasks can be drained. A worker whose parent died still exits (_watch_parent).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
                      name="stateful_pool-parent-watch").start()
     send = conn.send_bytes

@@ -1,1 +1,6 @@
-"""Example workers for ``WORKER_CLASS``, one file each (docs/SERVE_YOUR_MODEL.md)."""
+"""Example models for ``WORKER_CLASS``, one file each (docs/SERVE_YOUR_MODEL.md).
+
+``vit`` (the default image classifier, ``app.worker:ViTWorker``), ``echo_worker`` (no model:
+what the server costs), ``embedder`` (image embeddings), ``detector`` (object detection),
+``text`` (text classification from a JSON body).
+"""

@@ -120,6 +120,29 @@ def test_restart_budget_then_no_workers(make_pool):
         pool.execute("echo", 1)
 
 
+def test_spent_budget_backs_off_then_the_worker_comes_back(make_pool):
+    """A crash burst spends the budget; with crash_loop_backoff the slot is not given up: it
+    shows why and when it comes back, work queued meanwhile waits, and it serves again."""
+    pool = make_pool(Tasks, max_restarts=1, restart_backoff=0.01, crash_loop_backoff=1.0)
+    pool.spawn()
+    with pytest.raises(WorkerCrashedError):
+        pool.execute("exit", 1)
+    assert wait_until(lambda: pool.stats().workers[0].state == "idle", timeout=5)
+    with pytest.raises(WorkerCrashedError):
+        pool.execute("exit", 3)
+    crashed_at = time.monotonic()
+    worker = pool.stats().workers[0]
+    assert worker.state == "backing_off"
+    assert 0.5 < worker.restart_in <= 1.0
+    assert worker.last_failure == "died with exit code 3"
+    assert pool.stats().live_workers == 1 and pool.stats().serving_workers == 0
+    waiting = pool.submit_execute("echo", "after the back-off")
+    assert waiting.result(timeout=10) == "after the back-off"
+    assert time.monotonic() - crashed_at >= 0.9
+    worker = pool.stats().workers[0]
+    assert worker.state == "idle" and worker.restart_in is None and worker.restarts == 2
+
+
 def test_restarts_can_be_turned_off(make_pool):
     pool = make_pool(Tasks, max_restarts=0)
     pool.spawn()

@@ -39,10 +39,18 @@ def test_seed_signature_is_kept():
                           "execution_timeout", "thread_pool"]
     new = [p for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert new and all(p.default is not inspect.Parameter.empty for p in new)
+    # The seed's methods are all there, the async ones as coroutine functions.
+    for method in ("spawn", "execute", "submit_spawn", "submit_execute", "shutdown", "stats",
+                   "__enter__", "__exit__"):
+        assert not inspect.iscoroutinefunction(getattr(SPool, method)), method
+    for method in ("async_spawn", "async_execute", "__aenter__", "__aexit__"):
+        assert inspect.iscoroutinefunction(getattr(SPool, method)), method
+    # Any arguments reach the worker's own spawn and execute.
     for method in ("spawn", "execute", "submit_spawn", "submit_execute", "async_spawn",
-                   "async_execute", "shutdown", "stats", "__enter__", "__exit__",
-                   "__aenter__", "__aexit__"):
-        assert callable(getattr(SPool, method))
+                   "async_execute"):
+        kinds = [p.kind for p in inspect.signature(getattr(SPool, method)).parameters.values()]
+        assert kinds == [inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL,
+                         inspect.Parameter.VAR_KEYWORD], method
 
 
 def test_library_has_no_runtime_dependencies_and_ships_py_typed():

@@ -181,3 +181,60 @@ def test_shutdown_deadline_during_a_slow_spawn_resolves_the_spawn_future():
     spawn = pool.submit_spawn(60)
     time.sleep(0.2)
     assert_shutdown_ends_in_time(pool, spawn, "before this worker finished spawning")
+
+
+def _group_sigterm(body: str) -> tuple[list[int], str, str]:
+    """Run ``body`` in a session of its own (its own process group, as under systemd or a
+    process manager); once it prints its worker pids, SIGTERM the whole group. Return the
+    pids and the program's stdout and stderr."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}")
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(body)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]  # type: ignore[union-attr]
+        assert len(pids) == 2, proc.stderr.read()  # type: ignore[union-attr]
+        time.sleep(0.3)  # the tasks have reached the workers
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5)
+        return pids, out, err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def test_a_group_sigterm_leaves_the_drain_to_the_program():
+    """SIGTERM to the whole process group: the workers do not die mid-task; a program that
+    handles SIGTERM by shutting the pool down gets every running task's result."""
+    _, out, err = _group_sigterm("""
+        import signal, threading
+        from stateful_pool import SPool
+        from workers import Tasks
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        pool = SPool(Tasks)
+        pids = [pool.spawn(), pool.spawn()]
+        futures = [pool.submit_execute("sleep", 1.0, i) for i in range(2)]
+        print(*pids, flush=True)
+        stop.wait(30)
+        pool.shutdown()
+        print("results", [f.result(timeout=5) for f in futures], flush=True)
+    """)
+    assert "results [0, 1]" in out, err
+
+
+def test_a_group_sigterm_to_a_program_that_does_not_handle_it_still_ends_the_workers():
+    """The default SIGTERM ends the program at once; its workers notice and exit too."""
+    pids, _, _ = _group_sigterm("""
+        import time
+        from stateful_pool import SPool
+        from workers import Tasks
+        pool = SPool(Tasks)
+        pids = [pool.spawn(), pool.spawn()]
+        pool.submit_execute("sleep", 60)
+        print(*pids, flush=True)
+        time.sleep(60)
+    """)
+    assert not any(pid_alive(p) for p in pids)

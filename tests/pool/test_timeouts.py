@@ -10,7 +10,7 @@ import time
 import pytest
 from workers import Tasks
 
-from stateful_pool import QueueFullError, SPool, TaskTimeoutError
+from stateful_pool import QueueFullError, TaskTimeoutError
 
 
 def test_execution_timeout_raises_a_timeout_error_at_the_deadline(make_pool):
@@ -143,13 +143,12 @@ def test_running_task_cannot_be_cancelled(make_pool):
 
 
 def test_execution_timeout_also_applies_to_async(make_pool):
-    pool = SPool  # noqa: F841 (documentation: the same pool options apply to async callers)
-    p = make_pool(Tasks, execution_timeout=0.3)
-    p.spawn()
+    pool = make_pool(Tasks, execution_timeout=0.3)
+    pool.spawn()
 
     async def main():
         with pytest.raises(TimeoutError):
-            await p.async_execute("sleep", 2)
+            await pool.async_execute("sleep", 2)
 
     asyncio.run(asyncio.wait_for(main(), 5))
 

@@ -15,8 +15,9 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from app.contract import ImageFile, ModelWorker
-from app.endpoint import add_inference_route, declaration_of
 from app.main import create_app
+from app.protocols.predict import add_inference_route
+from app.serving.declaration import declaration_of
 from app.settings import Settings
 
 TEXT = "app.examples.text:TextClassifier"

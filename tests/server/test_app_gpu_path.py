@@ -142,7 +142,7 @@ def test_corrupt_jpeg_on_the_device_path_gets_pillows_400(monkeypatch):
 
 
 def test_bad_decode_setting_stops_the_server_naming_it(monkeypatch):
-    from app.plan import make_plan
+    from app.serving.plan import make_plan
 
     monkeypatch.setenv("DECODE", "gpu")
     with pytest.raises(ValueError, match="decode"):

@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray", reason="Ray is the optional extra stateful-pool
 
 from app_helpers import image_bytes, running_app, settings  # noqa: E402
 
-from app import cluster  # noqa: E402
+from app.serving import cluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -181,7 +181,7 @@ def test_the_distribution_ships_the_server_and_its_console_script(tmp_path):
         names = archive.namelist()
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert "spool-serve = app.__main__:run" in archive.read(entry_points).decode()
-    for module in ("app/v2.py", "app/main.py", "app/examples/text.py",
+    for module in ("app/protocols/v2.py", "app/main.py", "app/examples/text.py",
                    "stateful_pool/py.typed"):
         assert module in names
     assert not any(n.startswith("tests/") for n in names)

@@ -1,4 +1,4 @@
-"""loadtest/gpu_check.sh, the one script a lent GPU machine runs, kept from rotting:
+"""loadtest/gpu_check.sh, the one script a GPU machine runs, kept from rotting:
 its CPU smoke mode end to end, and its wheel install in the device runner's layout."""
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def test_smoke_mode_runs_every_step_and_returns_few_files(tmp_path):
 
 
 def test_wheels_carried_as_dot_whl_are_installed_and_put_on_the_path(tmp_path):
-    """The device runner's layout: the checkout is the repo root, the wheels ride along in
-    .whl/. A stand-in python records what the script asks of it."""
+    """The checkout is the repository root and the missing wheels are in .whl/. A stand-in
+    python records what the script asks of it."""
     repo = tmp_path / "repo"
     (repo / "loadtest").mkdir(parents=True)
     shutil.copy(SCRIPT, repo / "loadtest" / "gpu_check.sh")

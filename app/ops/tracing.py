@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from .logs import request_id_var
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SERVICE_DEFAULT = "stateful-pool"
 _enabled = False

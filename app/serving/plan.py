@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from stateful_pool import SWorker
 
-from .contract import WorkerConfig
-from .settings import CPU_WORKERS, Settings, available_cpus
+from ..contract import WorkerConfig
+from ..settings import CPU_WORKERS, Settings, available_cpus
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class WorkerPlan:
 
     Attributes:
         model_name: ``MODEL_NAME``, or the worker class's ``default_model``.
+        served_name: ``SERVED_MODEL_NAME``, or ``served_name_for(model_name)``.
         options: the worker's own settings (``settings_model``), or None.
     """
 
@@ -32,6 +33,11 @@ class WorkerPlan:
     model_name: str
     options: Any = None
     pool_options: dict[str, Any] = field(default_factory=dict)
+    served_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.served_name:
+            object.__setattr__(self, "served_name", served_name_for(self.model_name))
 
 
 def load_worker_class(spec: str) -> type[SWorker[Any, Any]]:
@@ -70,11 +76,18 @@ def model_name_for(settings: Settings, worker_cls: type[SWorker[Any, Any]]) -> s
             or worker_cls.__qualname__)
 
 
+def served_name_for(model_name: str) -> str:
+    """The name clients call a model by when ``SERVED_MODEL_NAME`` is unset: the last part
+    of a hub id or a path (``org/name`` and ``/models/name`` are ``name``), else the name."""
+    last = model_name.rstrip("/").rsplit("/", 1)[-1]
+    return last or model_name
+
+
 def make_plan(settings: Settings, worker_cls: type[SWorker[Any, Any]] | None = None
               ) -> WorkerPlan:
     """One worker per visible GPU (or NUM_WORKERS, round-robin over the GPUs); without a
     GPU, CPU workers that split the cores between them. With POOL_BACKEND=ray, one worker per
-    GPU of the whole Ray cluster (see app/cluster.py).
+    GPU of the whole Ray cluster (see app/serving/cluster.py).
 
     Raises:
         ValueError: ``WORKER_CLASS`` cannot be imported, its settings are invalid, or
@@ -121,7 +134,8 @@ def make_plan(settings: Settings, worker_cls: type[SWorker[Any, Any]] | None = N
         )
         for index, device in enumerate(devices)
     ]
-    return WorkerPlan(configs, model_name, options, pool_options)
+    return WorkerPlan(configs, model_name, options, pool_options,
+                      settings.served_model_name or served_name_for(model_name))
 
 
 def plan_workers(settings: Settings) -> list[WorkerConfig]:

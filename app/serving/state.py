@@ -14,24 +14,18 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-from fastapi import FastAPI, Request
-
 from stateful_pool import PoolStats, SPool, SWorker, WorkerState
 
+from ..settings import Settings
 from .errors import NotReadyError
 from .plan import WorkerPlan
-from .served import Telemetry, shell_for
-from .settings import Settings
+from .shell import Telemetry, shell_for
 
 logger = logging.getLogger("app")
 
 READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
 # How long a stop waits for the workers while some are still loading their model.
 STOP_LOADING_S = 0.5
-
-
-def server_state(request: Request) -> ServerState:
-    return request.app.state.server  # type: ignore[no-any-return]
 
 
 class ServerState:
@@ -102,6 +96,7 @@ class ServerState:
         options = self.plan.options
         return {
             "model": self.plan.model_name,
+            "served_model_name": self.plan.served_name,
             "weights": s.model_weights,
             "random_weights": bool(self.random_weight_workers()),
             "worker_class": s.worker_class,
@@ -117,7 +112,7 @@ class ServerState:
         }
 
     @asynccontextmanager
-    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
         s = self.settings
         configs = self.plan.configs
         self.pool = SPool(
@@ -163,13 +158,22 @@ class ServerState:
             else:
                 self.spawn_info[config.worker_index] = outcome if isinstance(
                     outcome, dict) else {"spawn_result": repr(outcome)}
-                info = self.spawn_info[config.worker_index]
-                logger.info("worker %d ready: pid %s on %s, weights %s (%s)",
-                            config.worker_index, info.get("pid"), info.get("device"),
-                            info.get("weights"), info.get("weights_source"))
+                logger.info("worker %d ready%s", config.worker_index,
+                            ready_details(self.spawn_info[config.worker_index]))
         self.spawning = False
         if len(failures) == len(configs):
             self.startup_error = "no model worker could start: " + "; ".join(failures)
             logger.critical(self.startup_error)
             if self.on_fatal is not None:
                 self.on_fatal()
+
+
+def ready_details(info: dict[str, Any]) -> str:
+    """``: pid 12 on cuda:0, weights pretrained (hub)`` from what ``spawn`` returned: only
+    the keys it has, so a worker that reports other things gets no ``None`` in its line."""
+    where = " ".join(f"{label}{info[key]}" for key, label in (("pid", "pid "), ("device", "on "))
+                     if info.get(key) is not None)
+    weights = "" if info.get("weights") is None else f"weights {info['weights']}" + (
+        f" ({info['weights_source']})" if info.get("weights_source") is not None else "")
+    details = ", ".join(part for part in (where, weights) if part)
+    return f": {details}" if details else ""

@@ -14,8 +14,8 @@ from typing import Any
 
 from stateful_pool import SWorker, current_contexts
 
-from .contract import ModelWorker, WorkerConfig
-from .logs import LogFormat, configure_worker_logging
+from ..contract import ModelWorker, WorkerConfig
+from ..ops.logs import LogFormat, configure_worker_logging
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ServedWorker(SWorker[Any, Any]):
               telemetry: Telemetry) -> Any:
         configure_worker_logging(config.worker_index, config.log_level, telemetry.log_format)
         if telemetry.tracing:
-            from .tracing import worker_tracer
+            from ..ops.tracing import worker_tracer
 
             self.tracer, self.provider = worker_tracer(config.worker_index)
         self.inner = worker_cls()
@@ -44,7 +44,7 @@ class ServedWorker(SWorker[Any, Any]):
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         if self.tracer is None:
             return self.inner.execute(*args, **kwargs)
-        from .tracing import task_spans
+        from ..ops.tracing import task_spans
 
         with task_spans(self.tracer, current_contexts(), 1):
             return self.inner.execute(*args, **kwargs)
@@ -64,7 +64,7 @@ class ServedBatchWorker(ServedWorker):
         inner: Any = self.inner
         if self.tracer is None:
             return inner.execute_batch(items)  # type: ignore[no-any-return]
-        from .tracing import task_spans
+        from ..ops.tracing import task_spans
 
         with task_spans(self.tracer, current_contexts(), len(items)):
             return inner.execute_batch(items)  # type: ignore[no-any-return]

@@ -1,38 +1,17 @@
-"""Response bodies of the fixed routes; ``predict_response_model`` types a plain ``SWorker``.
+"""Response bodies of the server's own routes, and ``/predict``'s error body.
 
-A ``ModelWorker`` declares its own answer type (``app.contract``).
+The inference answers are typed by the worker's own declaration (``app.contract``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
-
-
-class AnyOutput(BaseModel):
-    """Stand-in for a worker that declares no ``output_model``: any JSON object."""
-
-    model_config = ConfigDict(extra="allow")
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorBody(BaseModel):
     detail: str | list[Any] = Field(description="what went wrong, for a human")
-
-
-def predict_response_model(output_model: type[BaseModel] | None) -> type[BaseModel]:
-    """``{"predictions": [{"filename": ..., **output}, ...]}`` for the given worker output."""
-    base = output_model or AnyOutput
-    # The filename first, then the worker's fields (inheriting would put it last).
-    fields: dict[str, Any] = {
-        "filename": (str | None, Field(description="the upload's filename, if it had one"))}
-    fields.update({name: (info.annotation, info) for name, info in base.model_fields.items()})
-    item = create_model(f"{base.__name__}Prediction", __config__=base.model_config, **fields)
-    return create_model(
-        "PredictResponse",
-        predictions=(list[item],  # a model built at runtime
-                     Field(description="one entry per uploaded file, in order")),
-    )
 
 
 class Health(BaseModel):
@@ -67,7 +46,9 @@ class Batching(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    model: str
+    model: str = Field(description="MODEL_NAME: what the workers load")
+    served_model_name: str = Field(
+        description="SERVED_MODEL_NAME: what clients call it (the v2 routes' model name)")
     weights: str = Field(description="MODEL_WEIGHTS as configured; per worker: what loaded")
     random_weights: bool = Field(
         False, description="true when a worker serves RANDOM weights (meaningless answers)")

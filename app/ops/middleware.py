@@ -1,7 +1,9 @@
 """Pure ASGI middleware: request ids, access log and metrics; the upload size limit.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so that the body streams through untouched and
-an error raised while the body is read still gets an answer with the request id.
+an error raised while the body is read still gets an answer with the request id. The errors
+answered here (a body over the limit, load shedding, shutdown, an unhandled error) are
+rendered by the protocol that owns the path, as the routes' own errors are.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-import json
 import logging
 import os
 import re
@@ -20,22 +21,28 @@ from fastapi import HTTPException
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import drain_rate
-from .lifetime import RECEIVED_AT
+from ..serving.errors import ServingError
 from .logs import request_id_var
 from .metrics import Metrics
 
 logger = logging.getLogger("app.access")
 
+# Where RequestContextMiddleware notes when the request arrived (time.monotonic()): the
+# deadline counts from there, so reading a slow upload spends the request's budget too.
+RECEIVED_AT = "app.received_at"
 # A client's id is echoed into headers and logs: keep it short and free of separators.
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # Probes and scrapers hit these every few seconds; their lines would drown the rest.
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
+# ``path -> render``: the error answer in the shape of the protocol that owns the path
+# (``app.protocols.renderer_for``); a response is an ASGI app.
+RenderFor = Callable[[str], Callable[[ServingError], ASGIApp]]
 
-# Request ids: a random per-process prefix and a counter. uuid4() per request cost 9% of the
-# event loop's time under load (py-spy): os.urandom is a syscall that also drops
-# the GIL, and getting it back behind the dispatcher thread costs more than the call.
+
+# Request ids: a random per-process prefix and a counter, not uuid4() per request:
+# os.urandom is a syscall that also drops the GIL, and getting it back behind the dispatcher
+# thread costs more than the call (docs/BENCHMARKS.md).
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count(1)
 
@@ -49,39 +56,11 @@ def freeze_heap() -> None:
 
     Under load the collector's oldest generation runs about once a second, and each run walks
     every object of the process: with the app, FastAPI, pydantic and their schemas loaded,
-    that took 30-130 ms on the reference machine, during which no request moves: these
-    pauses were the server's p99 latency spikes. Frozen objects are never walked again (they
-    were going to live as long as the process anyway).
+    those pauses were the server's p99 latency spikes (docs/BENCHMARKS.md). Frozen objects are
+    never walked again (they were going to live as long as the process anyway).
     """
     gc.collect()
     gc.freeze()
-
-
-def shed_now(scope: Scope) -> int | None:
-    """Retry-After seconds if this POST should get 503 before its body is read, else None.
-
-    Only while shedding (a full queue answered 503 in the last second, ``app.errors``) and
-    the queue is still full: a request that would be refused anyway then costs no upload
-    read, no multipart parse, no image check. Under 512 clients on 2 cores those made a 503
-    take seconds. At other times this is one attribute read.
-    """
-    app = scope.get("app")
-    if app is None or time.monotonic() >= getattr(app.state, "shedding_until", 0.0):
-        return None
-    state = app.state.server
-    stats = state.pool_stats()
-    if stats is None or stats.queue_depth < state.settings.queue_size:
-        return None
-    return drain_rate(app.state).retry_after(stats)
-
-
-async def send_json(send: Send, status: int, body: dict[str, object],
-                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()), *(headers or [])]})
-    await send({"type": "http.response.body", "body": payload})
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -96,10 +75,13 @@ class RequestContextMiddleware:
     the response, sets it for log lines, writes one access-log line, records the metrics,
     and answers any unhandled error 500 in JSON (the traceback goes to the log only)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], set[str]]):
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], set[str]],
+                 render_for: RenderFor, refuse_now: Callable[[], ServingError | None]):
         self.app = app
         self.metrics = metrics
         self.known_paths = known_paths
+        self.render_for = render_for
+        self.refuse_now = refuse_now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -125,32 +107,33 @@ class RequestContextMiddleware:
                 MutableHeaders(scope=message).append("X-Request-ID", request_id)
             await send(message)
 
+        async def answer(error: ServingError) -> None:
+            await self.render_for(scope["path"])(error)(scope, receive, send_with_id)
+
         self.metrics.in_progress.inc()
         try:
-            retry_after = shed_now(scope) if scope["method"] == "POST" else None
-            if retry_after is None:
+            # Load shedding: while the queue stays full, a POST is refused before its body
+            # is read (``LoadShedder``).
+            refused = self.refuse_now() if scope["method"] == "POST" else None
+            if refused is None:
                 await self.app(scope, receive, send_with_id)
             else:
-                await send_json(send_with_id, 503, {
-                    "detail": "the server is at capacity (request queue full); retry in "
-                              f"about {retry_after} s"},
-                    [(b"retry-after", str(retry_after).encode())])
+                await answer(refused)
         except asyncio.CancelledError:
             # Only uvicorn cancels a request task: on shutdown, once SHUTDOWN_TIMEOUT_S has
-            # passed (a client that leaves is handled in app.lifetime, without a cancel).
-            # Tell the client in JSON rather than let uvicorn answer a bare 500 and log a
-            # traceback; then end quietly, as the cancel asked.
+            # passed (a client that leaves is handled by its lifetime, without a cancel).
+            # Answer in the protocol's shape rather than let uvicorn answer a bare 500 and
+            # log a traceback; then end quietly, as the cancel asked.
             if response_started:
                 raise
-            await send_json(send_with_id, 503, {
-                "detail": "the server is shutting down and this request did not finish "
-                          "within SHUTDOWN_TIMEOUT_S; retry it"},
-                [(b"retry-after", b"1"), (b"connection", b"close")])
+            await answer(ServingError(
+                503, "the server is shutting down and this request did not finish within "
+                     "SHUTDOWN_TIMEOUT_S; retry it", {"Retry-After": "1", "Connection": "close"}))
         except Exception:
             logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if response_started:
                 raise
-            await send_json(send_with_id, 500, {"detail": "internal server error"})
+            await answer(ServingError(500, "internal server error"))
         finally:
             self.metrics.in_progress.dec()
             seconds = time.perf_counter() - started
@@ -192,9 +175,10 @@ class BodyLimitMiddleware:
     never costs more than ``max_bytes`` of memory or disk.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, render_for: RenderFor) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.render_for = render_for
 
     def _too_large(self) -> str:
         return f"request body over the limit of {self.max_bytes / 2**20:g} MiB (MAX_UPLOAD_MB)"
@@ -204,13 +188,14 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = header(scope, b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                await send_json(send, 400, {"detail": "invalid Content-Length header"})
-                return
-            if int(declared) > self.max_bytes:
-                await send_json(send, 413, {"detail": self._too_large()})
-                return
+        refused = None
+        if declared is not None and not declared.isdigit():
+            refused = ServingError(400, "invalid Content-Length header")
+        elif declared is not None and int(declared) > self.max_bytes:
+            refused = ServingError(413, self._too_large())
+        if refused is not None:
+            await self.render_for(scope["path"])(refused)(scope, receive, send)
+            return
         await self.app(scope, self._counting(receive), send)
 
     def _counting(self, receive: Receive) -> Callable[[], Awaitable[Message]]:
@@ -222,7 +207,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    # Raised inside the form parser; FastAPI re-raises HTTPException as is.
+                    # Raised inside the body parser: FastAPI re-raises an HTTPException as is
+                    # (anything else it would answer 400); the app renders it by path.
                     raise HTTPException(413, self._too_large())
             return message
 

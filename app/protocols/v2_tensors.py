@@ -1,6 +1,6 @@
 """The tensors of the Open Inference Protocol (KServe v2): the specs derived from a worker's
 declaration, and the wire format of their values (JSON data or binary chunks). No routes here:
-those are in ``app.v2``, which documents the mapping."""
+those are in ``app.protocols.v2``, which documents the mapping."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel
 
-from .endpoint import Declaration
+from ..serving.declaration import Declaration
+from ..serving.errors import ServingError
 
 HEADER_LENGTH = "inference-header-content-length"
 # numpy dtypes of the protocol's numeric datatypes (BYTES is handled apart).
@@ -27,16 +28,6 @@ DTYPES = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64
 # Request parameters of the protocol itself, never a field of the worker's request.
 RESERVED_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout", "sequence_id",
                                  "sequence_start", "sequence_end", "headers"})
-
-
-class V2Error(Exception):
-    """A protocol error: answered ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
 
 
 # ---- tensor specs from the declaration -----------------------------------------------------
@@ -147,16 +138,28 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         header, rest = body, b""
     else:
         if not header_length.isdigit() or int(header_length) > len(body):
-            raise V2Error(400, f"Inference-Header-Content-Length {header_length!r} does not "
+            raise ServingError(400, f"Inference-Header-Content-Length {header_length!r} does not "
                                f"fit a body of {len(body)} bytes")
         header, rest = body[:int(header_length)], body[int(header_length):]
-    try:
-        parsed = json.loads(header)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise V2Error(400, f"the inference request is not valid JSON: {exc}") from None
+    parsed = load_json(header, "the inference request")
     if not isinstance(parsed, dict) or not isinstance(parsed.get("inputs"), list):
-        raise V2Error(400, "the inference request must be a JSON object with an 'inputs' list")
+        raise ServingError(400, "the inference request must be a JSON object with an 'inputs' list")
     return parsed, rest
+
+
+def load_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON from a client.
+
+    Raises:
+        ServingError: 400 for text that is not JSON, or nested too deeply to parse (the
+            parser recurses once per level: thousands of ``[`` would exhaust the stack).
+    """
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ServingError(400, f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ServingError(400, f"{what} is nested too deeply to parse") from None
 
 
 def unpack_bytes(raw: bytes, name: str) -> list[bytes]:
@@ -164,11 +167,11 @@ def unpack_bytes(raw: bytes, name: str) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise V2Error(400, f"input {name!r}: truncated BYTES element length")
+            raise ServingError(400, f"input {name!r}: truncated BYTES element length")
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise V2Error(400, f"input {name!r}: a BYTES element runs past the data")
+            raise ServingError(400, f"input {name!r}: a BYTES element runs past the data")
         elements.append(raw[offset:offset + length])
         offset += length
     return elements
@@ -179,9 +182,19 @@ def pack_bytes(elements: Sequence[bytes]) -> bytes:
 
 
 def flatten(data: Any) -> list[Any]:
-    if isinstance(data, list):
-        return [x for item in data for x in flatten(item)]
-    return [data]
+    """The elements of nested lists, in order; a loop, not a recursion, so no nesting a
+    client sends can exhaust the stack."""
+    flat: list[Any] = []
+    stack = [iter([data])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
 
 
 def input_elements(tensor: dict[str, Any], binary: bytes, offset: int
@@ -192,14 +205,14 @@ def input_elements(tensor: dict[str, Any], binary: bytes, offset: int
     shape = tensor.get("shape")
     if not isinstance(name, str) or not isinstance(datatype, str) or not (
             isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise V2Error(400, "each input needs a name, a datatype and a shape of "
+        raise ServingError(400, "each input needs a name, a datatype and a shape of "
                            "non-negative integers")
     if datatype != "BYTES" and datatype not in DTYPES:
-        raise V2Error(400, f"input {name!r}: unknown datatype {datatype!r}")
+        raise ServingError(400, f"input {name!r}: unknown datatype {datatype!r}")
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-            raise V2Error(400, f"input {name!r}: binary_data_size {size!r} runs past the "
+            raise ServingError(400, f"input {name!r}: binary_data_size {size!r} runs past the "
                                "body")
         raw = binary[offset:offset + size]
         offset += size
@@ -208,15 +221,15 @@ def input_elements(tensor: dict[str, Any], binary: bytes, offset: int
         else:
             width = np.dtype(DTYPES[datatype]).itemsize
             if len(raw) % width:
-                raise V2Error(400, f"input {name!r}: {len(raw)} bytes is not a whole number "
+                raise ServingError(400, f"input {name!r}: {len(raw)} bytes is not a whole number "
                                    f"of {datatype} elements")
             elements = np.frombuffer(raw, DTYPES[datatype]).tolist()
     elif "data" in tensor:
         elements = flatten(tensor["data"])
     else:
-        raise V2Error(400, f"input {name!r} has neither data nor binary_data_size")
+        raise ServingError(400, f"input {name!r} has neither data nor binary_data_size")
     if len(elements) != math.prod(shape):
-        raise V2Error(400, f"input {name!r}: shape {shape} holds {math.prod(shape)} "
+        raise ServingError(400, f"input {name!r}: shape {shape} holds {math.prod(shape)} "
                            f"elements, got {len(elements)}")
     return name, elements, offset
 
@@ -226,7 +239,7 @@ def as_text(element: Any, name: str) -> str:
         try:
             return element.decode()
         except UnicodeDecodeError:
-            raise V2Error(400, f"input {name!r}: an element is not UTF-8 text") from None
+            raise ServingError(400, f"input {name!r}: an element is not UTF-8 text") from None
     return element if isinstance(element, str) else json.dumps(element)
 
 
@@ -237,14 +250,14 @@ def as_image_bytes(element: Any, name: str) -> bytes:
         try:
             return base64.b64decode(element, validate=True)
         except (binascii.Error, ValueError):
-            raise V2Error(400, f"input {name!r}: in a JSON tensor an image must be a base64 "
+            raise ServingError(400, f"input {name!r}: in a JSON tensor an image must be a base64 "
                                "string (or send binary tensor data)") from None
-    raise V2Error(400, f"input {name!r}: an image must be BYTES")
+    raise ServingError(400, f"input {name!r}: an image must be BYTES")
 
 
 def to_array(spec: Tensor, values: list[Any]) -> np.ndarray:
     if len(spec.shape) == 2 and len({len(v) for v in values}) > 1:
-        raise V2Error(500, f"output {spec.name!r} differs in length between items; the "
+        raise ServingError(500, f"output {spec.name!r} differs in length between items; the "
                            "protocol needs rectangular tensors")
     if spec.datatype == "BYTES":
         if len(spec.shape) == 2:

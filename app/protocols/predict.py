@@ -1,0 +1,181 @@
+"""``POST /predict`` (or the worker's ``route``): the request as the worker declares it.
+
+The route is derived from the served worker's declaration (``app.serving.declaration``); its
+signature is built so FastAPI reads it like a hand-written one, and validation, the OpenAPI
+schema and the 422 answers are FastAPI's own:
+
+    uploads (``ImageFile`` fields)  -> multipart file fields, checked by ``core.check_upload``
+    the other fields of that request -> query parameters (``?top_k=3``)
+    a request without uploads        -> the JSON body, validated by pydantic
+
+Per request: check the uploads, build the request value, ``core.infer``, serialise the
+answer. Errors are FastAPI's ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from ..serving.core import ServedModel, ServingCore
+from ..serving.declaration import Declaration, own_docstring
+from .http import (
+    DEADLINE_HEADER,
+    DeadlineHeader,
+    Guards,
+    Protocol,
+    core_of,
+    detail_response,
+    error_docs,
+    request_lifetime,
+)
+from .schemas import ErrorBody
+
+# The endpoint's parameter holding the query model; FastAPI flattens its fields into the
+# query string, so the name is never seen by a client (and cannot clash with a field).
+QUERY_PARAM = "_query"
+DEADLINE_PARAM = "_deadline"
+# The endpoint's Request: FastAPI finds it by its annotation. A leading underscore, as for the
+# two above: no pydantic field can have such a name, so an upload field may be "request".
+REQUEST_PARAM = "_request"
+COMMON_ERRORS = (401, 500, 503, 504)
+UPLOAD_ERRORS = {
+    400: "empty file, corrupt or truncated image",
+    422: f"a required file field is missing, or a parameter (or {DEADLINE_HEADER}) is out "
+         "of range",
+}
+JSON_ERRORS = {
+    413: "body over MAX_UPLOAD_MB, or more items than QUEUE_SIZE",
+    422: f"the JSON body does not match the request schema, or {DEADLINE_HEADER} is invalid",
+}
+_ERROR_SCHEMA = {"model": ErrorBody}
+
+
+def mount(app: FastAPI, core: ServingCore, guards: Guards) -> None:
+    for model in core.models:
+        add_inference_route(app.router, model, guards)
+
+
+async def check_form(request: Request, single_fields: Sequence[str],
+                     query_fields: Sequence[str]) -> None:
+    """422 for what FastAPI would drop without a word: several files for a one-file field
+    (it keeps the last), a query parameter sent as a form field (it is not read there)."""
+    if not single_fields and not query_fields:
+        return
+    form = await request.form()  # parsed by FastAPI already: this is its cached copy
+    for name in single_fields:
+        count = len(form.getlist(name))
+        if count > 1:
+            raise RequestValidationError([{
+                "type": "too_long", "loc": ("body", name), "input": None,
+                "msg": f"field {name!r} takes one file, got {count}"}])
+    for name in query_fields:
+        if name in form:
+            raise RequestValidationError([{
+                "type": "query_parameter", "loc": ("body", name), "input": None,
+                "msg": f"{name!r} is a query parameter: send it in the URL (?{name}=...), "
+                       "not as a form field"}])
+
+
+def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
+                        guards: Sequence[Callable[..., Any]] = ()) -> None:
+    """Add ``POST route`` for the model, typed by its declaration; ``guards``: dependencies
+    (the API key). A bare declaration is served under its worker's class name."""
+    if isinstance(model, Declaration):
+        name = model.worker_cls.__qualname__
+        model = ServedModel(name, name, model)
+    served = model
+    decl = model.declaration
+    answer = model.answer_adapter
+    uploads, query_model = decl.uploads, decl.query_model
+    request_type = decl.request_type
+    request_model = (request_type if isinstance(request_type, type)
+                     and issubclass(request_type, BaseModel) else None)
+
+    single_fields = [name for name, many in uploads.items() if not many]
+    query_fields = [] if query_model is None else [
+        info.alias or name for name, info in query_model.model_fields.items()]
+
+    async def answer_request(request: Request, value: Any, labels: list[str],
+                             deadline_s: float | None) -> Response:
+        lifetime = request_lifetime(request, {DEADLINE_HEADER: deadline_s})
+        result = await core_of(request).infer(served, value, lifetime, labels)
+        body = answer.dump_json(answer.validate_python(result))
+        return Response(body, media_type="application/json")
+
+    async def from_uploads(**params: Any) -> Response:
+        request: Request = params.pop(REQUEST_PARAM)
+        core = core_of(request)
+        query = params.pop(QUERY_PARAM, None)
+        deadline_s = params.pop(DEADLINE_PARAM, None)
+        core.check_file_count(
+            sum(len(v) if isinstance(v, list) else v is not None for v in params.values()))
+        await check_form(request, single_fields, query_fields)
+        values: dict[str, Any] = dict(query) if query is not None else {}
+        labels: list[str] = []
+        number = 0
+        for name, files in params.items():
+            if files is None:
+                continue
+            checked = []
+            for upload in files if isinstance(files, list) else [files]:
+                number += 1
+                label = (f"file {number} ({upload.filename})" if upload.filename
+                         else f"file {number}")
+                checked.append(core.check_upload(await upload.read(), label, upload.filename))
+            labels += [image.label for image in checked]
+            values[name] = checked if uploads[name] else checked[0]
+        # The values are keyed by field name, also those the client sent under an alias
+        # (FastAPI read ?minSide= into the query model's min_side); a model validator of the
+        # worker's request may still refuse them (422, without the input: it holds images).
+        value = served.validate(values)
+        return await answer_request(request, value, labels, deadline_s)
+
+    async def from_json(body: Any, **params: Any) -> Response:
+        return await answer_request(params[REQUEST_PARAM], body, [], params.get(DEADLINE_PARAM))
+
+    parameters = [
+        inspect.Parameter(REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        inspect.Parameter(DEADLINE_PARAM, inspect.Parameter.KEYWORD_ONLY,
+                          annotation=DeadlineHeader, default=None)]
+    if uploads:
+        assert request_model is not None
+        endpoint: Callable[..., Any] = from_uploads
+        for name, many in uploads.items():
+            info = request_model.model_fields[name]
+            kind: Any = list[UploadFile] if many else UploadFile
+            required = info.is_required()
+            parameters.append(inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[kind if required else kind | None,
+                                     File(description=info.description,
+                                          min_length=1 if many else None)],
+                default=inspect.Parameter.empty if required else None))
+        if query_model is not None:
+            parameters.append(inspect.Parameter(
+                QUERY_PARAM, inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[query_model, Query()]))
+        statuses: tuple[int, ...] = (400, 413, 415, 422)
+        texts = UPLOAD_ERRORS
+    else:
+        endpoint = from_json
+        parameters.append(inspect.Parameter(
+            "body", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[request_type, Body()]))
+        statuses, texts = (400, 413, 422), JSON_ERRORS
+    endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    doc = own_docstring(decl.worker_cls)
+    router.add_api_route(
+        decl.route, endpoint, methods=["POST"], response_model=decl.answer_type,
+        responses=error_docs([*COMMON_ERRORS, *statuses], _ERROR_SCHEMA, texts),
+        dependencies=[Depends(g) for g in guards], tags=["inference"], name="predict",
+        operation_id="predict",
+        summary=f"Run {decl.worker_cls.__name__}", description=doc)
+
+
+PROTOCOL = Protocol("predict", mount, detail_response)

@@ -1,0 +1,244 @@
+"""The serving core: one request path for every protocol, and no wire format in it.
+
+A protocol (``app.protocols``) parses its wire format into the worker's request value, then
+calls the core; the core answers with the worker's answer value or raises ``ServingError``,
+which the protocol renders in its own shape::
+
+    protocol: parse -> core.model(name) -> model.validate(values) -> core.lifetime(...)
+    core.infer(model, value, lifetime, labels):
+        to_items(value)                       400 if the worker refuses the request
+        the items fit the queue?              413 (a 503 would have the client retry forever)
+        a worker ready?                       503
+        one pool task per item, each with     503 queue full, 504 deadline, 500 crash,
+          the time left, while the client       400 an item the model cannot take,
+          is connected                          499 the client left
+        to_answer(value, results)
+    protocol: serialise the answer, or render the ServingError
+
+No web framework here: a gRPC server could call the core as the HTTP protocols do. The
+checks every protocol makes before it has a request value (upload checks, the file count,
+liveness, readiness, load shedding) are here too, so they read the same everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from stateful_pool import QueueFullError, TaskTimeoutError
+
+from ..contract import ImageFile, InvalidInputError
+from ..images import ImageRejected, inspect_image
+from ..ops.metrics import Metrics
+from ..ops.tracing import task_context
+from ..settings import Settings
+from .declaration import Declaration, validation_error
+from .errors import CLIENT_CLOSED, LoadShedder, ServingError, serving_error, unavailable
+from .lifetime import ClientDisconnected, Lifetime
+from .state import ServerState
+
+logger = logging.getLogger("app.lifetime")
+
+
+@dataclass
+class ServedModel:
+    """One served model, as the protocols see it.
+
+    Attributes:
+        name: what clients call it (``SERVED_MODEL_NAME``): the ``{name}`` of the KServe v2
+            routes; never holds a slash.
+        model_name: what the workers load (``MODEL_NAME``): a hub id or a path may hold
+            slashes.
+        declaration: its request and answer types (``app.serving.declaration``).
+    """
+
+    name: str
+    model_name: str
+    declaration: Declaration
+    request_adapter: TypeAdapter[Any] = field(init=False, repr=False)
+    answer_adapter: TypeAdapter[Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.request_adapter = TypeAdapter(self.declaration.request_type)
+        self.answer_adapter = TypeAdapter(self.declaration.answer_type)
+
+    def validate(self, values: Any) -> Any:
+        """The worker's request value from plain values keyed by field name (an alias works).
+
+        Raises:
+            ServingError: 422, listing the problems (``errors``) without the input.
+        """
+        try:
+            return self.request_adapter.validate_python(values, by_name=True)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+
+class ServingCore:
+    """The request path every protocol shares; one per app.
+
+    Args:
+        state: the pool and what the server knows about its workers.
+        models: the served models (one today; ``model(name)`` finds one by its name).
+        metrics: counts the requests that expire and those whose client leaves.
+    """
+
+    def __init__(self, state: ServerState, models: Sequence[ServedModel],
+                 metrics: Metrics) -> None:
+        self.state = state
+        self.models = tuple(models)
+        self.metrics = metrics
+        self.shedder = LoadShedder()
+        self._by_name = {model.name: model for model in self.models}
+
+    @property
+    def settings(self) -> Settings:
+        return self.state.settings
+
+    # ---- before a request value exists ------------------------------------------------------
+
+    def model(self, name: str) -> ServedModel:
+        """The model served under ``name``.
+
+        Raises:
+            ServingError: 404 naming the models this server serves.
+        """
+        model = self._by_name.get(name)
+        if model is None:
+            served = ", ".join(repr(m.name) for m in self.models)
+            raise ServingError(404, f"unknown model {name!r}; this server serves {served}")
+        return model
+
+    def lifetime(self, received_at: float | None = None,
+                 client_limits: Mapping[str, float | None] | None = None,
+                 client_gone: Callable[[], Awaitable[Any]] | None = None) -> Lifetime:
+        """A request's deadline (``REQUEST_TIMEOUT_S`` or a client's shorter limit, keyed by
+        how the client said it) and how to know the client has gone."""
+        return Lifetime.of(float(self.settings.request_timeout_s), received_at, client_limits,
+                           client_gone)
+
+    def check_file_count(self, count: int) -> None:
+        """Raises ServingError 413 when a request carries more files than ``MAX_FILES``."""
+        if count > self.settings.max_files:
+            raise ServingError(413, f"{count} files in one request; the limit is "
+                                    f"{self.settings.max_files} (MAX_FILES)")
+
+    def check_upload(self, data: bytes, label: str, filename: str | None = None) -> ImageFile:
+        """An uploaded image checked from its header (format, size, pixels), not decoded.
+
+        Raises:
+            ServingError: 400 empty or broken, 413 too many pixels, 415 not an allowed image.
+        """
+        try:
+            header = inspect_image(data, max_pixels=self.settings.max_image_pixels, name=label)
+        except ImageRejected as exc:
+            raise ServingError(exc.status_code, exc.detail) from None
+        return ImageFile(data, header.format, header.width, header.height, filename, label)
+
+    def liveness(self) -> ServingError | None:
+        """503 when the server can never serve again, else None."""
+        reason = self.state.unrecoverable_reason()
+        return ServingError(503, reason) if reason else None
+
+    def readiness(self) -> ServingError | None:
+        """503 with Retry-After until a worker can take a task, else None."""
+        if not self.state.worker_counts()[0]:
+            return unavailable(self.state.not_ready_reason())
+        return None
+
+    def refuse_now(self) -> ServingError | None:
+        """503 for a request that arrives while the queue stays full, before its body is
+        read (``LoadShedder``); None otherwise, at the cost of one attribute read."""
+        return self.shedder.refuse_now(self.state.pool_stats, self.settings.queue_size)
+
+    def client_left(self, received_at: float | None, during: str) -> ServingError:
+        """Count and log a client that left before its answer (``during``: what it left, as
+        the end of the log line); the 499 to record."""
+        waited = time.monotonic() - (received_at or time.monotonic())
+        self.metrics.abandoned.inc()
+        logger.info("client disconnected after %.0f ms%s", waited * 1000, during)
+        return ServingError(CLIENT_CLOSED, "the client closed the connection")
+
+    # ---- the request ------------------------------------------------------------------------
+
+    async def infer(self, model: ServedModel, value: Any, lifetime: Lifetime,
+                    labels: Sequence[str] = ()) -> Any:
+        """One validated request through the pool: ``to_items``, a task per item, ``to_answer``.
+
+        Args:
+            model: the served model (``model(name)``).
+            value: the worker's request value (``model.validate``).
+            lifetime: its deadline and disconnect watch (``lifetime(...)``).
+            labels: names of the items in error messages (``file 2 (cat.jpg)``); default
+                ``item N``.
+
+        Returns:
+            the worker's answer value (``to_answer``), for the protocol to serialise.
+
+        Raises:
+            ServingError: every refusal the server knows (module docstring); any other
+                exception is a bug in the worker's hooks or the server, for the caller to
+                log and answer 500.
+        """
+        decl = model.declaration
+        try:
+            items = decl.to_items(value)
+        except InvalidInputError as exc:
+            raise ServingError(400, str(exc)) from None
+        if len(labels) != len(items):
+            labels = [f"item {n}" for n in range(1, len(items) + 1)]
+        if not items:
+            return decl.to_answer(value, [])
+        if len(items) > self.settings.queue_size:
+            # Its items could never all wait at once: a 503 would have the client retry forever.
+            raise ServingError(
+                413, f"{len(items)} items in one request; at most QUEUE_SIZE="
+                     f"{self.settings.queue_size} can wait for a worker: split the request")
+        try:
+            calls = lifetime.pool_calls(self.state.ready_pool())
+            results = await lifetime.while_connected(execute_all(calls, items, labels))
+        except ClientDisconnected:
+            raise self.client_left(lifetime.received_at, "; the request's queued tasks were "
+                                                         "withdrawn") from None
+        except QueueFullError:
+            raise self.shedder.queue_full(self.state.pool_stats()) from None
+        except TaskTimeoutError:
+            self.metrics.expired.inc()
+            raise ServingError(504, f"the model did not answer within the request's deadline "
+                                    f"of {lifetime.describe()}; its unstarted work was "
+                                    "dropped") from None
+        except Exception as exc:
+            error = serving_error(exc)
+            if error is None:
+                raise
+            raise error from None
+        return decl.to_answer(value, results)
+
+
+async def execute_one(pool: Any, item: Any, label: str) -> Any:
+    try:
+        return await pool.with_context(task_context()).async_execute(item)
+    except InvalidInputError as exc:
+        raise ServingError(400, f"{label}: {exc}") from None
+
+
+async def execute_all(pool: Any, items: Sequence[Any], labels: Sequence[str]) -> list[Any]:
+    """Submit each item as its own task (so it can share a batch with other clients'),
+    and fail fast: the first error cancels the items of this request still queued."""
+    if len(items) == 1:
+        return [await execute_one(pool, items[0], labels[0])]
+    tasks = [asyncio.ensure_future(execute_one(pool, item, label))
+             for item, label in zip(items, labels, strict=True)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Collect the siblings' outcomes so none is reported as "never retrieved".
+        await asyncio.gather(*tasks, return_exceptions=True)
