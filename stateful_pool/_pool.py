@@ -185,7 +185,8 @@ class SPool(Submission, Generic[SpawnR, ExecR]):
         self._dispatcher = Dispatcher(
             worker_cls, self._transport, config, self.batching,
             release_slot=self._capacity.release,
-            streams_per_worker=max_batch_size if continuous else 1)
+            # A Ray actor runs one stream at a time (see _ray.py).
+            streams_per_worker=max_batch_size if continuous and backend == "process" else 1)
         # A pool dropped without shutdown() still stops its workers.
         finalizer = weakref.finalize(self, self._dispatcher.close, True, _ATEXIT_TIMEOUT)
         finalizer.atexit = False  # at exit, _shutdown_forgotten_pools does it and waits
