@@ -251,9 +251,12 @@ def _relay_stream(conn: Any, actor: Any, message: m.Message, backlog: deque[m.Me
 
     def control() -> None:
         while not ended.is_set():
-            if not conn.poll(0.01):
-                continue
-            news = m.recv_message(conn.recv_bytes)
+            try:
+                if not conn.poll(0.01):
+                    continue
+                news = m.recv_message(conn.recv_bytes)
+            except (EOFError, OSError):
+                return  # the dispatcher closed the pipe: the worker is being reaped
             if news.kind == m.Kind.CANCEL or news.kind == m.Kind.CREDIT:
                 if news.ids[0] != task_id:
                     continue  # for a stream that has ended
