@@ -38,7 +38,7 @@ def test_a_crash_loop_backs_off_and_the_server_returns_to_full_capacity():
                               restart_backoff_max_s=4.0)) as client:
         pool = client.app.state.server.pool
         # The pool allows 5 respawns within 60 s; the 6th crash spends the budget.
-        for kill in range(6):
+        for _ in range(6):
             assert wait_until(lambda: pool.stats().workers[0].state in ("idle", "busy"),
                               timeout=30), pool.stats().workers[0]
             os.kill(pool.stats().workers[0].pid, signal.SIGKILL)
