@@ -23,6 +23,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from .main import create_app
+from .ops.connections import bounded_http_protocol, make_room_for
 from .ops.logs import configure_logging
 from .settings import Settings
 
@@ -48,9 +49,13 @@ def main() -> int:
         return 2
     # The drain timeout as given: uvicorn hands it to asyncio.wait_for, which takes any float
     # (its annotation says int; int() made SHUTDOWN_TIMEOUT_S=0.9 no drain at all).
+    make_room_for(settings.max_connections)
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,  # type: ignore[arg-type]
+        http=bounded_http_protocol(settings.max_connections, settings.body_timeout_s,
+                                   app.state.metrics.connections_refused.inc,
+                                   app.state.metrics.connections_silent.inc),
         lifespan="on"))
     # uvicorn re-raises the signal it caught once its shutdown is complete, which would turn
     # a clean drain into exit status -15; by then there is nothing left to interrupt.

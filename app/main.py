@@ -43,7 +43,9 @@ def create_app(settings: Settings | None = None, *,
     declaration = declaration_of(worker_cls)
     state = ServerState(settings, worker_cls, make_plan(settings, worker_cls), on_fatal)
     state.telemetry = Telemetry(settings.log_format, tracing.enable())
-    metrics = Metrics(state.pool_stats, state.random_weight_workers)
+    metrics = Metrics(state.pool_stats, state.random_weight_workers,
+                      workers_planned=lambda: len(state.plan.configs),
+                      failed_to_start=lambda: len(state.spawn_failures))
     core = ServingCore(state, [ServedModel(state.plan.served_name, state.plan.model_name,
                                            declaration)], metrics)
     app = FastAPI(
@@ -64,7 +66,7 @@ def create_app(settings: Settings | None = None, *,
     install_error_handlers(app, render_for)
     known_paths = {getattr(route, "path", "") for route in app.routes}
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
-                       render_for=render_for)
+                       render_for=render_for, body_timeout=settings.body_timeout_s)
     if state.telemetry.tracing and not tracing.fastapi_traces_requests():
         app.add_middleware(tracing.TracingMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,

@@ -71,6 +71,20 @@ class Settings(BaseSettings):
         description="a batch running longer is deemed hung: its worker is killed and "
                     "respawned (its requests were answered 504 already); default: twice "
                     "REQUEST_TIMEOUT_S, at least 60")
+    restart_backoff_s: float = Field(
+        5.0, gt=0, le=MAX_REQUEST_TIMEOUT_S,
+        description="once a worker has crashed 5 times within 60 s, it waits this long "
+                    "before its next respawn, doubling per further crash loop up to "
+                    "RESTART_BACKOFF_MAX_S; it is never given up while the server runs")
+    restart_backoff_max_s: float = Field(120.0, gt=0, le=MAX_REQUEST_TIMEOUT_S)
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=MAX_REQUEST_TIMEOUT_S,
+        description="a request body must arrive within this many seconds of the request's "
+                    "start, and with no gap between its parts as long: else 408 and the "
+                    "connection is closed (stalled uploads hold no socket for long)")
+    max_connections: int = Field(
+        1000, ge=1, description="open connections and requests at most; past it a request "
+                                "is answered 503 at once and its connection closed")
     max_upload_mb: float = Field(20.0, gt=0)
     max_files: int = Field(16, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, le=PILLOW_PIXEL_CEILING)

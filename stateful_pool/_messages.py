@@ -1,8 +1,9 @@
 """What travels over a worker's pipe: the message kinds and the one way they are framed.
 
-Every message is one header, a pickled tuple of five fields, then zero or more frames::
+Every message is one header, a pickled tuple of five fields and a frame count, then that
+many frames::
 
-    (kind, ids, metas, contexts, blobs)
+    (kind, ids, metas, contexts, blobs), frames
 
 ``kind`` is a :class:`Kind` (sent as its int value); ``ids`` the task ids the message is about
 (empty for SPAWN, SPAWNED and STOP); ``metas`` one small kind-specific value per id, or
@@ -63,6 +64,7 @@ class Kind(IntEnum):
 
 
 _KINDS = {k.value: k for k in Kind}
+_VALUES = {k: k.value for k in Kind}  # (an enum's .value is a slow property)
 
 
 class Message(NamedTuple):
@@ -176,7 +178,7 @@ def encode(kind: Kind, ids: list[int], metas: list[Any] | None = None,
            blobs: list[Payload] | None = None) -> list[Any]:
     """The frames of one message: its pickled header, then each large blob."""
     if not has_large(blobs):
-        return [dumps((kind.value, ids, metas, contexts, blobs), PROTOCOL)]
+        return [dumps((_VALUES[kind], ids, metas, contexts, blobs, 0), PROTOCOL)]
     assert blobs is not None
     header: list[Any] = []
     frames: list[Any] = []
@@ -193,7 +195,8 @@ def encode(kind: Kind, ids: list[int], metas: list[Any] | None = None,
             frames.append(b)
         else:
             header.append(b)
-    return [dumps((kind.value, ids, metas, contexts, header), PROTOCOL), *frames]
+    return [dumps((_VALUES[kind], ids, metas, contexts, header, len(frames)), PROTOCOL),
+            *frames]
 
 
 def send_message(send: Callable[[Any], None], kind: Kind, ids: list[int],
@@ -207,8 +210,8 @@ def send_message(send: Callable[[Any], None], kind: Kind, ids: list[int],
 
 def recv_message(recv: Callable[[], bytes]) -> Message:
     """Receive one message sent by ``send_message``, frames included."""
-    kind, ids, metas, contexts, header = loads(recv())
-    if header is None or all(type(h) is bytes for h in header):
+    kind, ids, metas, contexts, header, frames = loads(recv())
+    if not frames:
         return Message(_KINDS[kind], ids, metas, contexts, header)
     blobs: list[Payload] = []
     for h in header:

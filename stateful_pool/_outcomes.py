@@ -25,6 +25,10 @@ _UNSENDABLE = (f"result {_UNPICKLABLE}", f"chunk {_UNPICKLABLE}")
 def send_outcomes(send: Callable[[Any], None], kind: m.Kind,
                   pairs: list[tuple[int, Outcome]]) -> None:
     """Send ``[(task_id, outcome), ...]`` as one RESULTS (or SPAWNED) message."""
+    if len(pairs) == 1 and pairs[0][1][0]:  # one task's result: the usual answer
+        task_id, (_, name, blob) = pairs[0]
+        m.send_message(send, kind, [task_id], [(True, name)], None, [blob])
+        return
     ids = []
     metas = []
     blobs: list[m.Payload] = []

@@ -152,8 +152,9 @@ class SPool(Submission, Generic[SpawnR, ExecR]):
         config = PoolConfig(queue_size, submission_timeout, execution_timeout, max_batch_size,
                             max_batch_wait, spawn_timeout, hang_timeout, max_restarts, prefetch,
                             restart_window, restart_backoff, abort_grace,
-                            crash_loop_backoff, crash_loop_max_delay, first_chunk_timeout,
-                            chunk_timeout, stream_buffer)
+                            crash_loop_backoff, crash_loop_max_delay,
+                            first_chunk_timeout=first_chunk_timeout,
+                            chunk_timeout=chunk_timeout, stream_buffer=stream_buffer)
         self.abort_grace = abort_grace
         self._transport = make_transport(backend, mp_context)
         self.backend = backend
@@ -184,7 +185,8 @@ class SPool(Submission, Generic[SpawnR, ExecR]):
         self._dispatcher = Dispatcher(
             worker_cls, self._transport, config, self.batching,
             release_slot=self._capacity.release,
-            streams_per_worker=max_batch_size if continuous else 1)
+            # A Ray actor runs one stream at a time (see _ray.py).
+            streams_per_worker=max_batch_size if continuous and backend == "process" else 1)
         # A pool dropped without shutdown() still stops its workers.
         finalizer = weakref.finalize(self, self._dispatcher.close, True, _ATEXIT_TIMEOUT)
         finalizer.atexit = False  # at exit, _shutdown_forgotten_pools does it and waits

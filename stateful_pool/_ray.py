@@ -13,6 +13,14 @@ One relay and one watch thread per *worker*, never per task: the relay forwards 
 message a worker holds at a time. A dead actor therefore looks like a dead process: its
 sentinel fires, its tasks fail with ``WorkerCrashedError`` and the pool respawns it (as a new
 actor) under the same restart budget.
+
+A stream is a Ray streaming generator (``num_returns="streaming"``): the actor yields each
+chunk as soon as it is made and the relay forwards it as a CHUNKS message. While a stream
+runs, a control thread of the relay reads the dispatcher's CREDIT and CANCEL: the relay stops
+taking chunks once ``window`` are unconsumed (and Ray's generator backpressure then pauses
+the actor's generator at that many), and a CANCEL reaches the actor through a method of its
+own concurrency group, so the generator is closed at its next yield. On Ray a worker runs one
+stream at a time (``stream_step`` batches of one).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import pickle
 import socket
 import threading
 import weakref
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -33,18 +43,20 @@ from . import _messages as m
 from . import _outcomes as o
 from ._classref import is_importable
 from ._runner import run_message, spawn_worker
+from ._stream_worker import drive_stream
 
 logger = logging.getLogger("stateful_pool")
 
 
 # Ray's stubs do not know concurrency_groups (a documented actor option).
-@ray.remote(max_restarts=0, concurrency_groups={"work": 1, "watch": 1})
+@ray.remote(max_restarts=0, concurrency_groups={"work": 1, "watch": 1, "control": 1})
 class StatefulPoolActor:
     """Hosts one SWorker. Runs in a Ray worker process."""
 
     def __init__(self, worker_cls: type, by_value: bool = False) -> None:
         self._cls = worker_cls
         self._host: Any = None
+        self._cancelled: set[int] = set()
         # Results and exceptions of types defined beside a class sent by value cross too.
         self._dumps = ray.cloudpickle.dumps if by_value else pickle.dumps
 
@@ -60,6 +72,18 @@ class StatefulPoolActor:
     @ray.method(concurrency_group="work")
     def run(self, message: m.Message) -> list[tuple[int, o.Outcome]]:
         return run_message(self._host, message)
+
+    @ray.method(concurrency_group="work", num_returns="streaming")
+    def run_stream(self, message: m.Message) -> Iterator[tuple[bool, Any]]:
+        task_id = message.ids[0]
+        try:
+            yield from drive_stream(self._host, message, lambda: task_id in self._cancelled)
+        finally:
+            self._cancelled.discard(task_id)
+
+    @ray.method(concurrency_group="control")
+    def cancel(self, task_id: int) -> None:
+        self._cancelled.add(task_id)
 
     @ray.method(concurrency_group="watch")
     def watch(self) -> None:
@@ -187,9 +211,13 @@ def _relay(conn: Any, handle: RayWorkerHandle) -> None:
             handle.kill()
             handle.mark_dead(1, "spawn failed")
             return
+        backlog: deque[m.Message] = deque()  # what arrived while a stream ran
         while True:
-            message = m.recv_message(conn.recv_bytes)
+            message = backlog.popleft() if backlog else m.recv_message(conn.recv_bytes)
             kind = message.kind
+            if kind == m.Kind.STREAM:
+                _relay_stream(conn, actor, message, backlog)
+                continue
             if kind == m.Kind.STOP:
                 ray.kill(actor, no_restart=True)
                 handle.mark_dead(0, None)
@@ -209,6 +237,56 @@ def _relay(conn: Any, handle: RayWorkerHandle) -> None:
         handle.mark_dead(1, f"the relay to the Ray actor failed: {exc!r}")
     finally:
         conn.close()
+
+
+def _relay_stream(conn: Any, actor: Any, message: m.Message, backlog: deque[m.Message]
+                  ) -> None:
+    """Forward one stream's chunks, and the dispatcher's CREDIT and CANCEL for it."""
+    task_id = message.ids[0]
+    window = message.metas[0] if message.metas else 64
+    chunks = actor.run_stream.options(_generator_backpressure_num_objects=window).remote(message)
+    flow = threading.Condition()
+    unread = [0]
+    ended = threading.Event()
+
+    def control() -> None:
+        while not ended.is_set():
+            try:
+                if not conn.poll(0.01):
+                    continue
+                news = m.recv_message(conn.recv_bytes)
+            except (EOFError, OSError):
+                return  # the dispatcher closed the pipe: the worker is being reaped
+            if news.kind == m.Kind.CANCEL or news.kind == m.Kind.CREDIT:
+                if news.ids[0] != task_id:
+                    continue  # for a stream that has ended
+                with flow:
+                    if news.kind == m.Kind.CANCEL:
+                        actor.cancel.remote(task_id)
+                        unread[0] = -(1 << 62)  # take what comes until the end
+                    else:
+                        assert news.metas is not None
+                        unread[0] -= news.metas[0]
+                    flow.notify()
+            else:
+                backlog.append(news)
+
+    thread = threading.Thread(target=control, daemon=True, name="stateful_pool-ray-control")
+    thread.start()
+    try:
+        for ref in chunks:
+            is_chunk, value = ray.get(ref)
+            if not is_chunk:
+                o.send_outcomes(conn.send_bytes, m.Kind.RESULTS, [(task_id, value)])
+                continue
+            m.send_message(conn.send_bytes, m.Kind.CHUNKS, [task_id], None, None, value)
+            with flow:
+                unread[0] += len(value)
+                while unread[0] >= window and not ended.is_set():
+                    flow.wait(0.1)
+    finally:
+        ended.set()
+        thread.join()
 
 
 def _cause(exc: BaseException) -> str:

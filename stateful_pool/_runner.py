@@ -7,7 +7,7 @@ Runs in the worker process (or Ray actor). The message loop around it is
 from __future__ import annotations
 
 import pickle
-from collections.abc import Generator
+from types import GeneratorType
 from typing import TYPE_CHECKING, Any
 
 from . import _messages as m
@@ -57,7 +57,7 @@ def run_one(host: Host, task_id: int, payload: m.Payload) -> tuple[int, o.Outcom
     try:
         args, kwargs = m.loads_payload(payload)
         result = host.worker.execute(*args, **kwargs)
-        if isinstance(result, Generator):  # a streaming worker called with execute()
+        if type(result) is GeneratorType:  # a streaming worker called with execute()
             result = list(result)
     except Exception as exc:
         return task_id, o.error_outcome(exc, host.dumps)

@@ -27,7 +27,7 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -352,3 +352,62 @@ class StreamRunner:
 
 def _describe(obj: object) -> str:
     return f"a {type(obj).__qualname__}"
+
+
+def drive_stream(host: Host, message: m.Message, cancelled: Callable[[], bool]
+                 ) -> Iterator[tuple[bool, Any]]:
+    """One stream, chunk by chunk, for a Ray actor's streaming generator: ``(True,
+    [chunk blob])`` per chunk, then ``(False, outcome)``. Flow control is Ray's generator
+    backpressure; ``cancelled()`` is read at each yield.
+
+    Runs in the Ray actor.
+    """
+    worker: Any = host.worker
+    context = message.contexts[0] if message.contexts else None
+    batched = defines_stream_step(type(worker))
+    outcome: o.Outcome | None = None
+    state: Any = None
+    it: Any = None
+    try:
+        current[:] = [context] if context is not None else []
+        assert message.blobs is not None
+        args, kwargs = m.loads_payload(message.blobs[0])
+        if batched:
+            state = worker.stream_open(*args, **kwargs)
+        else:
+            it = worker.execute(*args, **kwargs)
+            if not isinstance(it, Iterator):
+                raise TypeError(
+                    f"{type(worker).__qualname__}.execute returned {_describe(it)}, not a "
+                    "generator: to stream, execute must yield its chunks")
+        while not cancelled():
+            if batched:
+                (chunk,) = worker.stream_step([state])
+                if chunk is END_OF_STREAM:
+                    break
+                if isinstance(chunk, BaseException):
+                    raise chunk
+            else:
+                try:
+                    chunk = next(it)
+                except StopIteration:
+                    break
+            try:
+                blob = m.dumps_payload(chunk, host.dumps)
+            except Exception as exc:
+                outcome = o.unpicklable(chunk, "chunk", exc)
+                break
+            yield True, [blob]
+    except Exception as exc:
+        outcome = o.error_outcome(exc, host.dumps)
+    finally:
+        try:
+            if batched and state is not None and hasattr(worker, "stream_close"):
+                worker.stream_close(state)
+            elif it is not None and hasattr(it, "close"):
+                it.close()
+        except Exception as exc:
+            if outcome is None:
+                outcome = o.error_outcome(exc, host.dumps)
+        current.clear()
+    yield False, outcome if outcome is not None else o.ok_outcome(None, host.dumps)

@@ -54,6 +54,13 @@ class PoolCollector(Collector):
             info.add_metric([str(w.worker_id), w.state, w.host or "", w.node or "",
                              ",".join(map(str, w.gpu_ids))], 1)
         yield info
+        restart_in = GaugeMetricFamily(
+            "pool_worker_restart_in_seconds", "Seconds until a down worker's next start "
+            "attempt (restarting, or backing off after a crash loop)", labels=["worker_id"])
+        for w in s.workers:
+            if w.restart_in is not None:
+                restart_in.add_metric([str(w.worker_id)], w.restart_in)
+        yield restart_in
         yield CounterMetricFamily("pool_worker_restarts", "Worker respawns after a crash",
                                   s.restarts)
         tasks = CounterMetricFamily("pool_tasks", "Tasks by outcome", labels=["outcome"])
@@ -104,8 +111,23 @@ class Metrics:
     """The app's registry and its HTTP instruments."""
 
     def __init__(self, pool_stats: Callable[[], PoolStats | None],
-                 random_weights: Callable[[], list[int]] = list) -> None:
+                 random_weights: Callable[[], list[int]] = list,
+                 workers_planned: Callable[[], int] | None = None,
+                 failed_to_start: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry()
+        if workers_planned is not None:
+            Gauge("server_workers_planned", "Workers the server runs when all is well",
+                  registry=self.registry).set_function(workers_planned)
+        if failed_to_start is not None:
+            Gauge("server_workers_failed_to_start", "Planned workers whose start failed "
+                  "(tried again with a back-off)",
+                  registry=self.registry).set_function(failed_to_start)
+        self.connections_refused = Counter(
+            "http_connections_refused", "Connections closed at once because MAX_CONNECTIONS "
+            "were open", registry=self.registry)
+        self.connections_silent = Counter(
+            "http_connections_silent", "Connections closed because no request head arrived "
+            "within BODY_TIMEOUT_S of their opening", registry=self.registry)
         self.requests = Counter(
             "http_requests", "HTTP requests by route and status",
             ["method", "route", "status"], registry=self.registry)

@@ -192,17 +192,22 @@ def stream_note(scope: Scope) -> str:
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413, declared or chunked.
+    """Refuses request bodies over ``max_bytes`` with 413, declared or chunked, and bodies
+    that have not arrived ``body_timeout`` seconds after the request's start with 408.
 
     A declared ``Content-Length`` over the limit is refused before a byte is read; a chunked
     body is counted as it streams and refused as soon as it passes the limit, so an upload
-    never costs more than ``max_bytes`` of memory or disk.
+    never costs more than ``max_bytes`` of memory or disk. A client that sends a request's
+    head and then stalls is answered 408 and its connection closed: without a limit, a few
+    thousand such clients would hold as many sockets for good.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, render_for: RenderFor) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, render_for: RenderFor,
+                 body_timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.render_for = render_for
+        self.body_timeout = body_timeout
 
     def _too_large(self) -> str:
         return f"request body over the limit of {self.max_bytes / 2**20:g} MiB (MAX_UPLOAD_MB)"
@@ -220,20 +225,35 @@ class BodyLimitMiddleware:
         if refused is not None:
             await self.render_for(scope["path"])(refused)(scope, receive, send)
             return
-        await self.app(scope, self._counting(receive), send)
+        deadline = scope.get(RECEIVED_AT, time.monotonic()) + self.body_timeout
+        await self.app(scope, self._counting(receive, deadline), send)
 
-    def _counting(self, receive: Receive) -> Callable[[], Awaitable[Message]]:
+    def _counting(self, receive: Receive, deadline: float) -> Callable[[], Awaitable[Message]]:
         received = 0
+        complete = False
 
-        async def receive_within_limit() -> Message:
-            nonlocal received
-            message = await receive()
+        async def receive_within_limits() -> Message:
+            nonlocal received, complete
+            if complete:  # past the body, receive() waits for a disconnect: no limit there
+                return await receive()
+            try:
+                # The event loop's clock is time.monotonic(), as RECEIVED_AT's.
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                # Raised inside the body parser, as the 413 below: the app renders it by path.
+                raise HTTPException(408, (
+                    f"the request body did not arrive within {self.body_timeout:g} s of the "
+                    "request's start (BODY_TIMEOUT_S)"), {"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     # Raised inside the body parser: FastAPI re-raises an HTTPException as is
                     # (anything else it would answer 400); the app renders it by path.
                     raise HTTPException(413, self._too_large())
+            else:
+                complete = True
             return message
 
-        return receive_within_limit
+        return receive_within_limits

@@ -33,15 +33,18 @@ def build_router(core: ServingCore, guards: Guards = ()) -> APIRouter:
         return detail_response(error) if error else {"status": "ok"}
 
     @router.get("/readyz", response_model=Readiness, tags=["probes"],
-                responses={503: {"model": ErrorBody}})
+                response_model_exclude_none=True, responses={503: {"model": ErrorBody}})
     async def readyz() -> Any:
-        """Readiness: 200 once at least one worker has its model loaded and is alive."""
+        """Readiness: 200 once at least one worker has its model loaded and is alive;
+        ``status`` is ``degraded`` (still 200) while fewer workers serve than planned, and
+        ``reason`` says which and why."""
         error = core.readiness()
         if error:
             return detail_response(error)
         ready, total = core.state.worker_counts()
-        return {"status": "ready", "workers_ready": ready, "workers": total,
-                **core.state.weights_summary()}
+        degraded = core.state.degraded_reason()
+        return {"status": "degraded" if degraded else "ready", "reason": degraded,
+                "workers_ready": ready, "workers": total, **core.state.weights_summary()}
 
     @router.get("/metrics", tags=["probes"], response_class=Response)
     async def metrics() -> Response:

@@ -19,7 +19,10 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str
+    status: str = Field(description="ready, or degraded while fewer workers serve than "
+                                    "planned (the server still takes requests)")
+    reason: str | None = Field(None, description="when degraded: which workers are down, "
+                                                 "why, and when each is tried again")
     workers_ready: int
     workers: int
     weights: str = Field(description="what the workers loaded: pretrained, checkpoint, random")
@@ -30,11 +33,16 @@ class Readiness(BaseModel):
 class WorkerInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    worker_id: int
+    worker_id: int | None = Field(description="null for a planned worker that failed to "
+                                              "start (worker_index names it)")
     pid: int | None
-    state: str
+    state: str = Field(description="starting, idle, busy, restarting, backing_off (after a "
+                                   "crash loop), stopping, stopped, dead or failed_to_start")
     restarts: int
     tasks_done: int
+    restart_in_s: float | None = Field(
+        None, description="seconds until its next start attempt, while it is down")
+    last_failure: str | None = Field(None, description="why its last process failed")
     host: str | None = Field(None, description="machine name or IP the worker runs on")
     node: str | None = Field(None, description="Ray node id (POOL_BACKEND=ray), else null")
     gpu_ids: list[int] = Field(default_factory=list, description="GPUs Ray gave the worker")

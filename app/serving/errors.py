@@ -33,6 +33,7 @@ from stateful_pool.errors import (
 )
 
 from ..images import ImageRejected
+from ..ops.logs import request_id_var
 
 logger = logging.getLogger("app.errors")
 
@@ -55,6 +56,7 @@ MEANINGS = {
          "message names it)",
     401: "API_KEY is set and the bearer token is missing or wrong",
     404: "no such model: the server serves one model, under its SERVED_MODEL_NAME",
+    408: "the request body did not arrive within BODY_TIMEOUT_S of the request's start",
     413: "body over MAX_UPLOAD_MB, more than MAX_FILES files (or QUEUE_SIZE items), or too "
          "many pixels",
     415: "not an image, or a format outside JPEG, PNG, WebP, BMP, GIF",
@@ -100,8 +102,10 @@ def unavailable(message: str) -> ServingError:
 
 def crashed(exc: WorkerCrashedError) -> ServingError:
     how = exc.how  # "exit code 3", "signal SIGKILL"...
-    logger.error("worker %d (pid %s) crashed under this request: %s, %s",
-                 exc.worker_id, exc.pid, how, exc.reason)
+    # The request id in the message itself, not only in the line's context: when one input
+    # keeps killing workers, grepping "crashed worker" lists the requests that did it.
+    logger.error("request %s crashed worker %d (pid %s), alone or in a batch with others: "
+                 "%s, %s", request_id_var.get(), exc.worker_id, exc.pid, how, exc.reason)
     return ServingError(500, f"the model worker crashed while handling this request ({how}); "
                              "it is being restarted, retry the request")
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-from stateful_pool import PoolStats, SPool, SWorker, WorkerState
+from stateful_pool import PoolClosedError, PoolStats, SPool, SWorker, WorkerState
 
 from ..settings import Settings
 from .errors import NotReadyError
@@ -39,6 +40,9 @@ class ServerState:
         self.on_fatal = on_fatal
         self.pool: SPool[Any, Any] | None = None
         self.spawn_info: dict[int, dict[str, Any]] = {}
+        # Planned workers whose spawn failed while others started: retried in the background
+        # with a back-off (worker index -> (why, monotonic time of the next attempt)).
+        self.spawn_failures: dict[int, tuple[str, float]] = {}
         self.spawning = True
         self.startup_error: str | None = None
         self.telemetry = Telemetry(settings.log_format)
@@ -51,6 +55,23 @@ class ServerState:
         stats = self.pool_stats()
         ready = 0 if stats is None else sum(w.state in READY_STATES for w in stats.workers)
         return ready, len(self.plan.configs)
+
+    def degraded_reason(self) -> str | None:
+        """Why fewer workers serve than planned (some restarting, backing off after a crash
+        loop, or failing to start), or None when all of them serve."""
+        ready, planned = self.worker_counts()
+        if ready >= planned or self.spawning:
+            return None
+        stats = self.pool_stats()
+        down = [f"worker {w.worker_id} {w.state.value.replace('_', ' ')}"
+                + (f" (next try in {w.restart_in:.0f} s)" if w.restart_in is not None else "")
+                + (f": {w.last_failure}" if w.last_failure else "")
+                for w in (stats.workers if stats is not None else ())
+                if w.state not in READY_STATES]
+        now = time.monotonic()
+        down += [f"worker {index} failed to start (next try in {max(0.0, at - now):.0f} s): "
+                 f"{why}" for index, (why, at) in sorted(self.spawn_failures.items())]
+        return f"{ready} of {planned} workers serve; " + "; ".join(down)
 
     def ready_pool(self) -> SPool[Any, Any]:
         """The pool, if a worker can take a task now; else NotReadyError (503)."""
@@ -91,8 +112,14 @@ class ServerState:
         workers = [] if stats is None else [
             {**self.spawn_info.get(w.worker_id, {}), "worker_id": w.worker_id, "pid": w.pid,
              "state": w.state, "restarts": w.restarts, "tasks_done": w.tasks_done,
+             "restart_in_s": w.restart_in, "last_failure": w.last_failure,
              "host": w.host, "node": w.node, "gpu_ids": list(w.gpu_ids)}
             for w in stats.workers]
+        now = time.monotonic()
+        workers += [{"worker_id": None, "worker_index": index, "pid": None,
+                     "state": "failed_to_start", "restarts": 0, "tasks_done": 0,
+                     "restart_in_s": max(0.0, at - now), "last_failure": why}
+                    for index, (why, at) in sorted(self.spawn_failures.items())]
         options = self.plan.options
         return {
             "model": self.plan.model_name,
@@ -123,6 +150,9 @@ class ServerState:
             # A hung model (a deadlock, a stuck GPU) would keep its worker busy for good while
             # the probes said ready: every request 504. Killed, it is respawned.
             hang_timeout=s.hang_timeout,
+            # A crash loop slows the respawns down; it never leaves a slot empty for good.
+            crash_loop_backoff=s.restart_backoff_s,
+            crash_loop_max_delay=s.restart_backoff_max_s,
             max_batch_size=s.max_batch_size,
             max_batch_wait=s.max_batch_wait_ms / 1000,
             **self.plan.pool_options,
@@ -148,24 +178,58 @@ class ServerState:
         outcomes = await asyncio.gather(
             *(pool.async_spawn(self.worker_cls, config, self.telemetry)
               for config in configs), return_exceptions=True)
-        failures = []
+        failed = []
         for config, outcome in zip(configs, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                failures.append(f"worker {config.worker_index}: {type(outcome).__name__}: "
-                                f"{outcome}")
-                logger.error("worker %d failed to start", config.worker_index,
-                             exc_info=outcome)
-            else:
-                self.spawn_info[config.worker_index] = outcome if isinstance(
-                    outcome, dict) else {"spawn_result": repr(outcome)}
-                logger.info("worker %d ready%s", config.worker_index,
-                            ready_details(self.spawn_info[config.worker_index]))
+            if not self._note_spawn(config, outcome):
+                failed.append(config)
         self.spawning = False
-        if len(failures) == len(configs):
-            self.startup_error = "no model worker could start: " + "; ".join(failures)
+        if len(failed) == len(configs):
+            self.startup_error = "no model worker could start: " + "; ".join(
+                f"worker {config.worker_index}: {self.spawn_failures[config.worker_index][0]}"
+                for config in failed)
+            self.spawn_failures.clear()
             logger.critical(self.startup_error)
             if self.on_fatal is not None:
                 self.on_fatal()
+            return
+        # Some workers serve: the others are tried again, as a crashed worker would be
+        # respawned, with a back-off that grows to RESTART_BACKOFF_MAX_S (a GPU that was
+        # busy or short of memory at start-up may be free later).
+        await asyncio.gather(*(self._retry_spawn(pool, config) for config in failed))
+
+    def _note_spawn(self, config: Any, outcome: Any) -> bool:
+        """Record what one spawn gave; False if it failed."""
+        index = config.worker_index
+        if isinstance(outcome, BaseException):
+            why = f"{type(outcome).__name__}: {outcome}"
+            self.spawn_failures[index] = (why, time.monotonic())
+            logger.error("worker %d failed to start", index, exc_info=outcome)
+            return False
+        self.spawn_failures.pop(index, None)
+        self.spawn_info[index] = outcome if isinstance(outcome, dict) else {
+            "spawn_result": repr(outcome)}
+        logger.info("worker %d ready%s", index, ready_details(self.spawn_info[index]))
+        return True
+
+    async def _retry_spawn(self, pool: SPool[Any, Any], config: Any) -> None:
+        """Start one planned worker that failed to, until it does or the server stops."""
+        s = self.settings
+        delay = s.restart_backoff_s
+        while True:
+            why, _ = self.spawn_failures[config.worker_index]
+            self.spawn_failures[config.worker_index] = (why, time.monotonic() + delay)
+            logger.warning("worker %d: next start attempt in %.0f s", config.worker_index,
+                           delay)
+            await asyncio.sleep(delay)
+            try:
+                outcome = await pool.async_spawn(self.worker_cls, config, self.telemetry)
+            except PoolClosedError:
+                return  # the server is stopping
+            except Exception as exc:
+                outcome = exc
+            if self._note_spawn(config, outcome):
+                return
+            delay = min(2 * delay, s.restart_backoff_max_s)
 
 
 def ready_details(info: dict[str, Any]) -> str:

@@ -236,3 +236,83 @@ def test_types_defined_beside_a_local_worker_class_cross_both_ways(ray_pool):
     assert type(answer) is Answer and answer.upper == "CAT"
     with pytest.raises(Refused, match="empty text"):
         pool.execute(Request(""))
+
+
+# ---- streams on Ray: the same promises as tests/pool/test_stream.py ------------------------
+
+
+def test_streams_on_ray_sync_async_and_execute(ray_pool):
+    from stream_workers import Streamer
+
+    pool = ray_pool(Streamer, execution_timeout=60)
+    pool.spawn()
+    assert list(pool.stream("count", 50)) == list(range(50))
+    assert pool.execute("count", 3) == [0, 1, 2]
+
+    async def main():
+        return [c async for c in pool.async_stream("count", 5)]
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == [0, 1, 2, 3, 4]
+
+
+def test_breaking_a_ray_stream_closes_the_generator_and_the_actor_serves_on(ray_pool, tmp_path):
+    from stream_workers import Streamer
+
+    pool = ray_pool(Streamer, execution_timeout=60)
+    pool.spawn(marker_dir=str(tmp_path))
+    for chunk in pool.stream("tracked", "r", 10_000, 0.01):
+        if chunk == 3:
+            break
+    started = time.monotonic()
+    report = pool.execute("report", "r")
+    assert time.monotonic() - started < 5
+    assert report["closed"] is True and report["steps"] < 100
+    assert (tmp_path / "r").exists()
+
+
+def test_ray_stream_faults_come_after_the_chunks(ray_pool):
+    from stream_workers import Streamer
+
+    pool = ray_pool(Streamer, execution_timeout=60, restart_backoff=0.05)
+    pool.spawn()
+    got = []
+    with pytest.raises(ValueError, match="failed after 2"):
+        for chunk in pool.stream("raise_after", 2):
+            got.append(chunk)
+    assert got == [0, 1]
+    got = []
+    with pytest.raises(WorkerCrashedError):
+        for chunk in pool.stream("sigkill_after", 3):
+            got.append(chunk)
+    assert got == [0, 1, 2]
+    assert wait_until(lambda: pool.stats().workers[0].state == "idle", timeout=60)
+    assert list(pool.stream("count", 2)) == [0, 1]
+
+
+def test_a_slow_reader_bounds_a_ray_stream(ray_pool, tmp_path):
+    from stream_workers import Streamer
+
+    pool = ray_pool(Streamer, execution_timeout=60, stream_buffer=4)
+    pool.spawn(marker_dir=str(tmp_path))
+    stream = pool.stream("progress", "rp", 10_000)
+    for expected in range(10):
+        assert next(stream) == expected
+        time.sleep(0.05)
+    time.sleep(0.5)
+    # The relay takes at most stream_buffer unconsumed chunks; Ray's backpressure holds the
+    # actor's generator within as many more.
+    assert int((tmp_path / "rp").read_text()) <= 10 + 2 * 4 + 2
+    stream.close()
+
+
+def test_stream_step_on_ray_runs_one_stream_at_a_time(ray_pool):
+    from stream_workers import StepOnly
+
+    pool = ray_pool(StepOnly, max_batch_size=4, execution_timeout=60)
+    pool.spawn(step_s=0.0)
+    assert list(pool.stream("s", 3)) == [("s", 0), ("s", 1), ("s", 2)]
+    bad = []
+    with pytest.raises(ValueError, match="b failed at 1"):
+        for chunk in pool.stream("b", 5, 1):
+            bad.append(chunk)
+    assert bad == [("b", 0)]

@@ -4,6 +4,7 @@ teardown or wait for workers with nothing to do."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -62,3 +63,29 @@ def test_a_server_still_loading_its_model_stops_at_once_on_sigterm(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
         assert time.monotonic() - t0 < 3.0
+
+
+def test_a_sigterm_to_the_whole_process_group_drains_the_requests_in_flight(tmp_path):
+    """systemd, process managers and ``kill -- -PGID`` signal every process of the group:
+    the workers must not die mid-batch; the server drains, then stops them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = ("a.png", image_bytes("PNG", size=(32, 32)), "image/png")
+    with serve(tmp_path, WORKER_CLASS="app_helpers:SlowEchoWorker", NUM_WORKERS="2",
+               MAX_BATCH_SIZE="4", SHUTDOWN_TIMEOUT_S="20") as (process, url, log), \
+            http_client(url) as http:
+        wait_ready(http, process, log)
+
+        def post(_: int) -> int:
+            with http_client(url) as own:
+                return own.post("/predict", files=[("files", image)] * 4).status_code
+
+        with ThreadPoolExecutor(4) as clients:
+            answers = [clients.submit(post, n) for n in range(4)]
+            assert wait_until(lambda: "pool_busy_workers 2.0" in http.get("/metrics").text,
+                              timeout=20), log.read_text()
+            os.killpg(process.pid, signal.SIGTERM)
+            statuses = [a.result(timeout=60) for a in answers]
+        assert statuses == [200] * 4, log.read_text()
+        assert process.wait(timeout=30) == 0, log.read_text()
+        assert "lost" not in log.read_text()

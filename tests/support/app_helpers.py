@@ -525,3 +525,15 @@ def request_from_openapi(spec: dict[str, Any], path: str = "/predict") -> tuple[
             files.append((name, (f"{name}{n}.png", image_bytes("PNG", (64 + 16 * n, 48), n),
                                  "image/png")))
     return {"files": files, "params": params}, len(files)
+
+
+class FlakySpawnWorker(EchoWorker):
+    """Worker 1's first start fails (as on a GPU short of memory); later starts succeed.
+    The file named by ``FLAKY_SPAWN_MARKER`` remembers the failure across processes."""
+
+    def spawn(self, config: WorkerConfig) -> dict[str, Any]:
+        marker = Path(os.environ["FLAKY_SPAWN_MARKER"])
+        if config.worker_index == 1 and not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().spawn(config)
