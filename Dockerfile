@@ -27,7 +27,7 @@ COPY pyproject.toml README.md ./
 COPY stateful_pool ./stateful_pool
 COPY app ./app
 RUN /srv/.venv/bin/python -m pip install --no-cache-dir -q -c constraints.txt \
-        '.[serve,otel,interactive]' \
+        '.[serve,llm,otel,interactive]' \
     && rm -rf stateful_pool app
 
 USER 10001:10001

@@ -11,7 +11,7 @@ PORT   ?= 8000
 # wheels takes about 2 minutes; the Dockerfile runs the same pip command.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[serve,otel,dev,loadtest,ray,interactive]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[serve,llm,otel,dev,loadtest,ray,interactive]'
 	touch $@
 
 install: $(VENV)/.installed

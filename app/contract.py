@@ -15,6 +15,22 @@ A model is served by one class, a ``ModelWorker`` subclass, in one file:
 * ``spawn(config)`` and ``execute_batch(items)``: run in the worker process, as for any
   ``SWorker``; ``config.options`` holds the worker's own settings (``settings_model``).
 
+A worker whose answer is a **stream** (text token by token, audio chunk by chunk, progress)
+sets ``chunk_model`` (the type of one chunk) and defines, instead of ``to_items``:
+
+* ``to_stream(request) -> item``: the one pool item of the request's stream (the request type
+  is the annotation of its first parameter). Runs in the API process.
+* in the worker, either ``execute(item)`` as a generator that yields chunks, or the batched
+  trio ``stream_open(item) -> state``, ``stream_step(states) -> [chunk | END_OF_STREAM |
+  exception, ...]`` and ``stream_close(state)`` (continuous batching: several streams share
+  one step, a new one joins at the next step).
+* optionally ``to_answer(request, chunks) -> answer``: the whole answer for a client that did
+  not ask for a stream; its return annotation types that answer. Without it the answer is
+  ``{"chunks": [...]}``.
+
+An ``InvalidInputError`` raised by ``stream_open`` or before the generator's first chunk is a
+400, as for any item.
+
 Kept free of FastAPI and torch so that both sides import it cheaply.
 """
 
@@ -132,11 +148,16 @@ class ModelWorker(SWorker[dict[str, Any], Any]):
         settings_model: a pydantic-settings class with its own ``env_prefix``; the server
             reads it from the environment and hands it to ``spawn`` as ``config.options``.
         route: the path of the inference endpoint.
+        chunk_model: set by a worker that streams: the type of one chunk (a pydantic model,
+            or any type pydantic validates). The server then answers a request with
+            server-sent events, one chunk per event, when the client asks for a stream, and
+            with the whole answer otherwise (module docstring).
     """
 
     default_model: ClassVar[str | None] = None
     settings_model: ClassVar[type[BaseSettings] | None] = None
     route: ClassVar[str] = "/predict"
+    chunk_model: ClassVar[Any] = None
 
     @classmethod
     def to_items(cls, request: Any) -> list[Any]:
@@ -144,8 +165,20 @@ class ModelWorker(SWorker[dict[str, Any], Any]):
         raise NotImplementedError(f"{cls.__qualname__} does not define to_items()")
 
     @classmethod
+    def to_stream(cls, request: Any) -> Any:
+        """The one pool item of a streaming request (with ``chunk_model`` set): what the
+        worker's generator ``execute`` or its ``stream_open`` receives. Runs in the API
+        process; an ``InvalidInputError`` here answers 400.
+        """
+        raise NotImplementedError(f"{cls.__qualname__} does not define to_stream()")
+
+    @classmethod
     def to_answer(cls, request: Any, results: list[Any]) -> Any:
-        """Build the answer from one result per item, in order. Runs in the API process."""
+        """Build the answer from one result per item, in order. Runs in the API process.
+
+        For a streaming worker, ``results`` are the stream's chunks, in order: the answer of
+        a client that did not ask for a stream.
+        """
         raise NotImplementedError(f"{cls.__qualname__} does not define to_answer()")
 
     def execute(self, item: Any) -> Any:

@@ -58,6 +58,14 @@ class Settings(BaseSettings):
         60.0, gt=0, le=MAX_REQUEST_TIMEOUT_S,
         description="each request's deadline, from its arrival; a client may shorten it with "
                     "the X-Request-Timeout header (seconds, at most a day)")
+    stream_timeout_s: float = Field(
+        600.0, gt=0, le=MAX_REQUEST_TIMEOUT_S,
+        description="the longest a streamed answer (server-sent events) may last, from the "
+                    "request's arrival; REQUEST_TIMEOUT_S bounds the wait for its first chunk")
+    stream_chunk_timeout_s: float | None = Field(
+        None, gt=0, le=MAX_REQUEST_TIMEOUT_S,
+        description="the longest a stream may go without a chunk once it has started (time "
+                    "paused for a slow reader does not count); default: REQUEST_TIMEOUT_S")
     hang_timeout_s: float | None = Field(
         None, gt=0, le=MAX_REQUEST_TIMEOUT_S,
         description="a batch running longer is deemed hung: its worker is killed and "
@@ -109,6 +117,11 @@ class Settings(BaseSettings):
         if self.hang_timeout_s is not None:
             return self.hang_timeout_s
         return max(MIN_DEFAULT_HANG_TIMEOUT_S, 2 * self.request_timeout_s)
+
+    @property
+    def stream_chunk_timeout(self) -> float:
+        """STREAM_CHUNK_TIMEOUT_S, or its default: as long as a request may wait."""
+        return self.stream_chunk_timeout_s or self.request_timeout_s
 
     @property
     def max_upload_bytes(self) -> int:

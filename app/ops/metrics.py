@@ -24,6 +24,8 @@ from stateful_pool import Histogram, PoolStats, WorkerState
 # Latency buckets span an echo worker (ms) to ViT-L on CPU under load (tens of seconds).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A progress report has a few chunks, a generated text thousands of tokens.
+CHUNK_BUCKETS = (0, 1, 4, 16, 64, 256, 1024, 4096, 16384)
 
 
 class PoolCollector(Collector):
@@ -140,6 +142,12 @@ class Metrics:
         self.expired = Counter(
             "http_requests_expired", "Inference requests answered 504: their deadline passed",
             registry=self.registry)
+        self.first_chunk = PromHistogram(
+            "stream_first_chunk_seconds", "Time from a streaming request's arrival to its "
+            "first chunk", buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.stream_chunks = PromHistogram(
+            "stream_chunks", "Chunks per stream (those the client received, or collected into "
+            "one answer)", buckets=CHUNK_BUCKETS, registry=self.registry)
         ProcessCollector(registry=self.registry)
         self.registry.register(PoolCollector(pool_stats, random_weights))
 

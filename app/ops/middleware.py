@@ -30,6 +30,9 @@ logger = logging.getLogger("app.access")
 # Where RequestContextMiddleware notes when the request arrived (time.monotonic()): the
 # deadline counts from there, so reading a slow upload spends the request's budget too.
 RECEIVED_AT = "app.received_at"
+# Where a streamed answer leaves its stream (``app.serving.streams.OpenStream``): the access
+# line records how many chunks the client got and whether it left before the end.
+STREAM = "app.stream"
 # A client's id is echoed into headers and logs: keep it short and free of separators.
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # Probes and scrapers hit these every few seconds; their lines would drown the rest.
@@ -140,8 +143,9 @@ class RequestContextMiddleware:
             route = self._route_label(scope)
             self.metrics.observe(scope["method"], route, status, seconds)
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
-            logger.log(level, '"%s %s" %d %.1f ms', scope["method"], scope["path"], status,
-                       seconds * 1000, extra=access_fields(scope, status, seconds))
+            logger.log(level, '"%s %s" %d %.1f ms%s', scope["method"], scope["path"], status,
+                       seconds * 1000, stream_note(scope),
+                       extra=access_fields(scope, status, seconds))
             request_id_var.reset(token)
 
     @staticmethod
@@ -163,8 +167,28 @@ class RequestContextMiddleware:
 
 def access_fields(scope: Scope, status: int, seconds: float) -> dict[str, object]:
     """The access line's fields, for LOG_FORMAT=json (the text line ignores them)."""
-    return {"method": scope["method"], "path": scope["path"], "status": status,
-            "duration_ms": round(seconds * 1000, 3)}
+    fields: dict[str, object] = {"method": scope["method"], "path": scope["path"],
+                                 "status": status, "duration_ms": round(seconds * 1000, 3)}
+    stream = scope.get(STREAM)
+    if stream is not None:
+        fields["stream_chunks"] = stream.chunks
+        fields["client_left"] = stream.client_left
+        if stream.error is not None:
+            fields["stream_error"] = stream.error.status
+    return fields
+
+
+def stream_note(scope: Scope) -> str:
+    """`` (stream: 12 chunks, client left)`` for a streamed answer, else nothing."""
+    stream = scope.get(STREAM)
+    if stream is None:
+        return ""
+    notes = [f"stream: {stream.chunks} chunks"]
+    if stream.error is not None:
+        notes.append(f"ended by error {stream.error.status}")
+    if stream.client_left:
+        notes.append("client left")
+    return f" ({', '.join(notes)})"
 
 
 class BodyLimitMiddleware:

@@ -4,7 +4,8 @@ and errors in its own shape.
 ``http`` (what they share: the ``Protocol`` record, the deadline header, the API key),
 ``probes`` (``/healthz``, ``/readyz``, ``/metrics``, ``/v1/model``), ``predict``
 (``POST /predict``: uploads or a JSON body, errors ``{"detail"}``), ``v2`` and ``v2_tensors``
-(KServe v2 / Open Inference Protocol, errors ``{"error"}``), ``schemas`` (response bodies).
+(KServe v2 / Open Inference Protocol, errors ``{"error"}``), ``generate`` (Triton's generate
+extension), ``sse`` (server-sent events for streamed answers), ``schemas`` (response bodies).
 
 Adding a protocol is a module that defines ``PROTOCOL`` and one line in ``PROTOCOLS``.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import predict, probes, v2
+from . import generate, predict, probes, v2
 from .http import Protocol, Renderer, detail_response
 
 PROTOCOLS: tuple[Protocol, ...] = (
     predict.PROTOCOL,
     probes.PROTOCOL,
     v2.PROTOCOL,
+    generate.PROTOCOL,
 )
 
 

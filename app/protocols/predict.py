@@ -10,6 +10,10 @@ schema and the 422 answers are FastAPI's own:
 
 Per request: check the uploads, build the request value, ``core.infer``, serialise the
 answer. Errors are FastAPI's ``{"detail": ...}``.
+
+A streaming worker's route answers with server-sent events when the client asks for a stream
+(``Accept: text/event-stream``, or a true ``stream`` field), one chunk per event
+(``app.protocols.sse``); otherwise with the whole answer in JSON, as any route.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .http import (
     request_lifetime,
 )
 from .schemas import ErrorBody
+from .sse import EventStreamResponse, detail_encoder, event_stream_docs, wants_events
 
 # The endpoint's parameter holding the query model; FastAPI flattens its fields into the
 # query string, so the name is never seen by a client (and cannot clash with a field).
@@ -102,9 +107,15 @@ def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
     query_fields = [] if query_model is None else [
         info.alias or name for name, info in query_model.model_fields.items()]
 
+    chunks = served.chunk_adapter
+    encode = None if chunks is None else detail_encoder(chunks)
+
     async def answer_request(request: Request, value: Any, labels: list[str],
                              deadline_s: float | None) -> Response:
         lifetime = request_lifetime(request, {DEADLINE_HEADER: deadline_s})
+        if encode is not None and wants_events(request, value):
+            return EventStreamResponse(
+                await core_of(request).stream(served, value, lifetime), encode)
         result = await core_of(request).infer(served, value, lifetime, labels)
         body = answer.dump_json(answer.validate_python(result))
         return Response(body, media_type="application/json")
@@ -170,9 +181,17 @@ def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
         statuses, texts = (400, 413, 422), JSON_ERRORS
     endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     doc = own_docstring(decl.worker_cls)
+    responses = error_docs([*COMMON_ERRORS, *statuses], _ERROR_SCHEMA, texts)
+    if chunks is not None:
+        responses[200] = {
+            "description": "The whole answer in JSON; or, when the client sends `Accept: "
+                           "text/event-stream` or sets `stream` true, server-sent events as "
+                           "the model writes: `data: <chunk>` per chunk, and `event: error` "
+                           "with `data: {\"detail\": ...}` for an error after the first chunk",
+            **event_stream_docs(chunks, "one chunk: the JSON of each event's data line")}
     router.add_api_route(
         decl.route, endpoint, methods=["POST"], response_model=decl.answer_type,
-        responses=error_docs([*COMMON_ERRORS, *statuses], _ERROR_SCHEMA, texts),
+        responses=responses,
         dependencies=[Depends(g) for g in guards], tags=["inference"], name="predict",
         operation_id="predict",
         summary=f"Run {decl.worker_cls.__name__}", description=doc)

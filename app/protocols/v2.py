@@ -250,6 +250,18 @@ def encode_response(model: V2Model, request_id: str | None, arrays: dict[str, np
 
 # ---- the routes ------------------------------------------------------------------------------
 
+def served_model(core: ServingCore, name: str, version: str | None) -> ServedModel:
+    """The model of a ``/v2/models/{name}[/versions/{version}]`` path.
+
+    Raises:
+        ServingError: 404 for a model or version this server does not serve.
+    """
+    model = core.model(name)
+    if version not in (None, "", "1"):
+        raise ServingError(404, f"unknown version {version!r} of {name!r}; it has version 1")
+    return model
+
+
 def mount(app: FastAPI, core: ServingCore, guards: Guards) -> None:
     app.include_router(build_v2_router(core, guards))
 
@@ -263,11 +275,7 @@ def build_v2_router(core: ServingCore, guards: Guards = ()) -> APIRouter:
 
     def model_named(name: str, version: str | None) -> V2Model:
         """Raises ServingError 404 for a model or version this server does not serve."""
-        model = models[core.model(name).name]
-        if version not in (None, "", "1"):
-            raise ServingError(404, f"unknown version {version!r} of {name!r}; it has "
-                                    "version 1")
-        return model
+        return models[served_model(core, name, version).name]
 
     @router.get("/health/live")
     async def live() -> Response:
@@ -313,13 +321,13 @@ def build_v2_router(core: ServingCore, guards: Guards = ()) -> APIRouter:
         base = "/models/{name}" + suffix
         router.add_api_route(base, model_metadata, methods=["GET"], dependencies=guarded,
                              name=f"v2_model_metadata{suffix and '_version'}",
-                             responses=_errors(401, 404))
+                             responses=error_docs_v2(401, 404))
         router.add_api_route(base + "/ready", model_ready, methods=["GET"],
                              name=f"v2_model_ready{suffix and '_version'}",
-                             responses=_errors(404, 503))
+                             responses=error_docs_v2(404, 503))
         router.add_api_route(base + "/infer", infer, methods=["POST"], dependencies=guarded,
                              name=f"v2_infer{suffix and '_version'}",
-                             responses=_errors(400, 401, 404, 413, 415, 500, 503, 504))
+                             responses=error_docs_v2(400, 401, 404, 413, 415, 500, 503, 504))
     return router
 
 
@@ -333,7 +341,7 @@ _ERROR_SCHEMA = {"content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def error_docs_v2(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI description of the error answers: the protocol's ``{"error": "..."}``."""
     return error_docs(statuses, _ERROR_SCHEMA, _ERROR_TEXTS)
 

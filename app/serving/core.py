@@ -15,6 +15,17 @@ which the protocol renders in its own shape::
         to_answer(value, results)
     protocol: serialise the answer, or render the ServingError
 
+A streaming worker's request takes ``core.stream`` instead (``app.serving.streams``): the same
+checks and refusals until its first chunk, then an ``OpenStream`` of chunks that the protocol
+relays, with an error after the first chunk as its last item. ``core.infer`` on a streaming
+worker collects the stream's chunks into ``to_answer``: the answer of a client that did not
+ask for a stream.
+
+Time limits of a stream: the request's deadline (``REQUEST_TIMEOUT_S``, or the client's
+shorter one) bounds the wait for its first chunk, as it bounds any answer;
+``STREAM_CHUNK_TIMEOUT_S`` the time between two chunks; ``STREAM_TIMEOUT_S`` the whole
+stream. Collected into one answer, the stream is bounded by the request's deadline.
+
 No web framework here: a gRPC server could call the core as the HTTP protocols do. The
 checks every protocol makes before it has a request value (upload checks, the file count,
 liveness, readiness, load shedding) are here too, so they read the same everywhere.
@@ -42,6 +53,7 @@ from .declaration import Declaration, validation_error
 from .errors import CLIENT_CLOSED, LoadShedder, ServingError, serving_error, unavailable
 from .lifetime import ClientDisconnected, Lifetime
 from .state import ServerState
+from .streams import ChunkMismatch, OpenStream
 
 logger = logging.getLogger("app.lifetime")
 
@@ -63,10 +75,13 @@ class ServedModel:
     declaration: Declaration
     request_adapter: TypeAdapter[Any] = field(init=False, repr=False)
     answer_adapter: TypeAdapter[Any] = field(init=False, repr=False)
+    chunk_adapter: TypeAdapter[Any] | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.request_adapter = TypeAdapter(self.declaration.request_type)
         self.answer_adapter = TypeAdapter(self.declaration.answer_type)
+        chunk_type = self.declaration.chunk_type
+        self.chunk_adapter = None if chunk_type is None else TypeAdapter(chunk_type)
 
     def validate(self, values: Any) -> Any:
         """The worker's request value from plain values keyed by field name (an alias works).
@@ -187,6 +202,8 @@ class ServingCore:
                 log and answer 500.
         """
         decl = model.declaration
+        if decl.streams:
+            return decl.to_answer(value, await self._collect(model, value, lifetime))
         try:
             items = decl.to_items(value)
         except InvalidInputError as exc:
@@ -219,6 +236,113 @@ class ServingCore:
                 raise
             raise error from None
         return decl.to_answer(value, results)
+
+    async def stream(self, model: ServedModel, value: Any, lifetime: Lifetime) -> OpenStream:
+        """One validated request of a streaming worker, up to its first chunk.
+
+        Args:
+            model: the served model; its worker streams (``declaration.streams``).
+            value: the worker's request value (``model.validate``).
+            lifetime: its deadline and disconnect watch.
+
+        Returns:
+            the open stream, its first chunk in hand (none if the stream ended without one):
+            iterate it for the chunks and close it (``async with``); an error after the
+            first chunk comes as its last item, a ``ServingError``.
+
+        Raises:
+            ServingError: what ``infer`` raises, until the first chunk.
+        """
+        return await self._open(model, value, lifetime, whole=False)
+
+    async def _collect(self, model: ServedModel, value: Any, lifetime: Lifetime) -> list[Any]:
+        """Every chunk of the request's stream, for ``to_answer``; an error raises."""
+        async with await self._open(model, value, lifetime, whole=True) as chunks:
+            collected = [chunk async for chunk in chunks]
+            if chunks.client_left:  # counted and logged as the stream closes
+                raise ServingError(CLIENT_CLOSED, "the client closed the connection")
+        if collected and isinstance(collected[-1], ServingError):
+            raise collected[-1]
+        return collected
+
+    async def _open(self, model: ServedModel, value: Any, lifetime: Lifetime, *,
+                    whole: bool) -> OpenStream:
+        """Submit the stream and wait for its first chunk; ``whole``: the request's deadline
+        bounds the whole stream (its chunks are collected into one answer)."""
+        decl = model.declaration
+        assert decl.to_stream is not None and model.chunk_adapter is not None
+        try:
+            item = decl.to_stream(value)
+        except InvalidInputError as exc:
+            raise ServingError(400, str(exc)) from None
+        settings = self.settings
+        first_s = lifetime.remaining()
+        total_s = first_s if whole else (
+            lifetime.received_at + settings.stream_timeout_s - time.monotonic())
+        try:
+            if min(first_s, total_s) <= 0:
+                raise TaskTimeoutError("the request's deadline passed before its stream was "
+                                       "submitted")
+            calls = self.state.ready_pool().with_timeout(total_s).with_stream_timeouts(
+                first_chunk_timeout=None if whole else first_s,
+                chunk_timeout=settings.stream_chunk_timeout).with_context(task_context())
+            source = calls.async_stream(item)
+        except Exception as exc:
+            raise self._stream_refusal(exc, False, lifetime, 0.0, whole) or exc from None
+        ends_at = time.monotonic() + total_s
+
+        def refusal(exc: BaseException, started: bool) -> ServingError | None:
+            return self._stream_refusal(exc, started, lifetime, ends_at, whole)
+
+        opened = OpenStream(source, lifetime, model.chunk_adapter, refusal, self._stream_closed)
+        try:
+            await opened.open()
+        except ClientDisconnected:
+            raise self.client_left(lifetime.received_at, "; its stream was withdrawn before "
+                                                         "its first chunk") from None
+        if opened.first_chunk_s is not None:
+            self.metrics.first_chunk.observe(opened.first_chunk_s)
+        return opened
+
+    def _stream_refusal(self, exc: BaseException, started: bool, lifetime: Lifetime,
+                        ends_at: float, whole: bool) -> ServingError | None:
+        """What ended a stream, as the client should read it; ``started``: after its first
+        chunk (an error event then, the status has gone out); ``ends_at``: when its time
+        was up; ``whole``: collected into one answer."""
+        if isinstance(exc, InvalidInputError):
+            return ServingError(400, str(exc))
+        if isinstance(exc, QueueFullError):
+            return self.shedder.queue_full(self.state.pool_stats())
+        if isinstance(exc, TaskTimeoutError):
+            self.metrics.expired.inc()
+            if not started:
+                return ServingError(504, "the model did not start its answer within the "
+                                         f"request's deadline of {lifetime.describe()}; the "
+                                         "stream was dropped")
+            settings = self.settings
+            # The pool's timer fires at the limit, or a hair after it.
+            if time.monotonic() < ends_at - 0.01:
+                why = (f"wrote no chunk for STREAM_CHUNK_TIMEOUT_S="
+                       f"{settings.stream_chunk_timeout:g} s")
+            elif whole:
+                return ServingError(504, "the model did not finish its answer within the "
+                                         f"request's deadline of {lifetime.describe()}; it "
+                                         "was stopped")
+            else:
+                why = f"lasted STREAM_TIMEOUT_S={settings.stream_timeout_s:g} s"
+            return ServingError(504, f"the stream {why}; it was stopped")
+        if isinstance(exc, ChunkMismatch):
+            logger.error("%s", exc)
+            return ServingError(500, str(exc))
+        return serving_error(exc)
+
+    def _stream_closed(self, stream: OpenStream) -> None:
+        if not stream.started:
+            return
+        self.metrics.stream_chunks.observe(stream.chunks)
+        if stream.client_left:
+            self.client_left(stream.lifetime.received_at, f" after {stream.chunks} chunks; "
+                             "its stream was stopped in the worker")
 
 
 async def execute_one(pool: Any, item: Any, label: str) -> Any:

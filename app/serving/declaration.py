@@ -5,6 +5,11 @@ request type (the annotation of ``to_items``'s request parameter), the answer ty
 annotation of ``to_answer``) and which request fields are uploads (``ImageFile``). Every
 protocol derives its wire format from it: ``/predict`` its form fields and JSON body, KServe
 v2 its tensors.
+
+A streaming worker (``chunk_model`` set) declares its request with ``to_stream`` instead of
+``to_items``; its chunk type is ``chunk_model``, and its answer type, for clients that do not
+ask for a stream, is the return annotation of its ``to_answer`` or, without one,
+``{"chunks": [chunk, ...]}``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class Declaration:
         query_model: the non-upload fields of an upload request (``/predict``'s query
             parameters, KServe v2's request parameters).
         route: the worker's ``/predict`` path (``ModelWorker.route``).
+        chunk_type: the type of one chunk (``chunk_model``) of a streaming worker, else None.
+        to_stream: the stream's pool item from a request, for a streaming worker, else None.
     """
 
     worker_cls: type[SWorker[Any, Any]]
@@ -42,6 +49,13 @@ class Declaration:
     uploads: dict[str, bool]
     query_model: type[BaseModel] | None
     route: str
+    chunk_type: Any = None
+    to_stream: Callable[[Any], Any] | None = None
+
+    @property
+    def streams(self) -> bool:
+        """Whether the worker's answer is a stream of chunks."""
+        return self.to_stream is not None
 
 
 def declaration_of(worker_cls: type[SWorker[Any, Any]]) -> Declaration:
@@ -55,27 +69,91 @@ def declaration_of(worker_cls: type[SWorker[Any, Any]]) -> Declaration:
     if not issubclass(worker_cls, ModelWorker):
         raise ValueError(f"{name} must subclass app.contract.ModelWorker (it declares the "
                          "request and answer types the server needs)")
+    if worker_cls.chunk_model is not None:
+        return _stream_declaration(worker_cls)
+    if _yields(worker_cls):
+        raise ValueError(f"{name} streams (a generator execute() or stream_step()) but sets "
+                         "no chunk_model: set it to the type of one chunk")
     for hook in ("to_items", "to_answer"):
-        if getattr(worker_cls, hook).__func__ is getattr(ModelWorker, hook).__func__:
+        if not _defines(worker_cls, hook):
             raise ValueError(f"{name} must define the class method {hook}()")
-    try:
-        item_hints = typing.get_type_hints(worker_cls.to_items)
-        answer_hints = typing.get_type_hints(worker_cls.to_answer)
-    except NameError as exc:
-        raise ValueError(f"{name}: cannot resolve an annotation ({exc}); define the request "
-                         "and answer types at module level") from None
-    params = [p for p in inspect.signature(worker_cls.to_items).parameters]
-    if not params or params[0] not in item_hints:
-        raise ValueError(f"{name}.to_items(request) must annotate its request parameter")
-    if "return" not in answer_hints:
-        raise ValueError(f"{name}.to_answer() must annotate its return type (the answer)")
-    request_type = item_hints[params[0]]
+    request_type = _request_type(worker_cls, "to_items")
+    answer_type = _answer_type(worker_cls)
     uploads = _split_uploads(name, request_type)
     if (worker_cls.execute_batch is ModelWorker.execute_batch
             and worker_cls.execute is ModelWorker.execute):
         raise ValueError(f"{name} must define execute_batch() or execute()")
-    return Declaration(worker_cls, request_type, answer_hints["return"],
+    return Declaration(worker_cls, request_type, answer_type,
                        worker_cls.to_items, worker_cls.to_answer, *uploads, worker_cls.route)
+
+
+def _stream_declaration(worker_cls: type[ModelWorker]) -> Declaration:
+    name = worker_cls.__qualname__
+    if not _yields(worker_cls):
+        raise ValueError(
+            f"{name} sets chunk_model, so it streams, but defines neither a generator "
+            "execute(self, item) that yields chunks nor stream_open/stream_step (continuous "
+            "batching)")
+    if not _defines(worker_cls, "to_stream"):
+        raise ValueError(f"{name} must define the class method to_stream(request) (the "
+                         "one pool item of a request's stream)")
+    request_type = _request_type(worker_cls, "to_stream")
+    chunk_type = worker_cls.chunk_model
+    to_answer: Callable[[Any, list[Any]], Any]
+    if _defines(worker_cls, "to_answer"):
+        answer_type = _answer_type(worker_cls)
+        to_answer = worker_cls.to_answer
+    else:
+        answer_type = create_model(f"{worker_cls.__name__}Chunks",
+                                   chunks=(list[chunk_type], ...))  # type: ignore[valid-type]
+
+        def chunks_answer(request: Any, chunks: list[Any]) -> Any:
+            return answer_type(chunks=chunks)
+
+        to_answer = chunks_answer
+
+    def to_items(request: Any) -> list[Any]:
+        return [worker_cls.to_stream(request)]
+
+    return Declaration(worker_cls, request_type, answer_type, to_items, to_answer,
+                       *_split_uploads(name, request_type), worker_cls.route,
+                       chunk_type, worker_cls.to_stream)
+
+
+def _defines(worker_cls: type[ModelWorker], hook: str) -> bool:
+    return getattr(worker_cls, hook).__func__ is not getattr(ModelWorker, hook).__func__
+
+
+def _yields(worker_cls: type[ModelWorker]) -> bool:
+    """A generator ``execute`` or a ``stream_step``: the worker's results are streams."""
+    return (inspect.isgeneratorfunction(worker_cls.execute)
+            or callable(getattr(worker_cls, "stream_step", None)))
+
+
+def _hints(worker_cls: type[ModelWorker], hook: str) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(getattr(worker_cls, hook))
+    except NameError as exc:
+        raise ValueError(f"{worker_cls.__qualname__}: cannot resolve an annotation ({exc}); "
+                         "define the request and answer types at module level") from None
+
+
+def _request_type(worker_cls: type[ModelWorker], hook: str) -> Any:
+    """The annotation of the hook's first parameter (the request)."""
+    hints = _hints(worker_cls, hook)
+    params = list(inspect.signature(getattr(worker_cls, hook)).parameters)
+    if not params or params[0] not in hints:
+        raise ValueError(f"{worker_cls.__qualname__}.{hook}(request) must annotate its "
+                         "request parameter")
+    return hints[params[0]]
+
+
+def _answer_type(worker_cls: type[ModelWorker]) -> Any:
+    hints = _hints(worker_cls, "to_answer")
+    if "return" not in hints:
+        raise ValueError(f"{worker_cls.__qualname__}.to_answer() must annotate its return "
+                         "type (the answer)")
+    return hints["return"]
 
 
 def _split_uploads(name: str, request_type: Any) -> tuple[dict[str, bool], type[BaseModel] | None]:

@@ -1,14 +1,17 @@
 """The served worker inside a thin shell that sets up its logs and tracing.
 
 The pool spawns ``ServedWorker`` (or ``ServedBatchWorker`` when the worker defines
-``execute_batch``, so batching is decided as for the worker itself) with the worker's class
-and config; the shell configures the worker process's logging (``LOG_FORMAT``, worker id,
-request ids) and, when tracing is on, its tracer, then creates the worker and hands every
-call to it. A worker file needs nothing of this.
+``execute_batch``, ``ServedStreamStepWorker`` when it defines ``stream_step``, so batching is
+decided as for the worker itself) with the worker's class and config; the shell configures
+the worker process's logging (``LOG_FORMAT``, worker id, request ids) and, when tracing is
+on, its tracer, then creates the worker and hands every call to it. A worker file needs
+nothing of this.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +49,19 @@ class ServedWorker(SWorker[Any, Any]):
             return self.inner.execute(*args, **kwargs)
         from ..ops.tracing import task_spans
 
-        with task_spans(self.tracer, current_contexts(), 1):
+        contexts = current_contexts()
+        if inspect.isgeneratorfunction(type(self.inner).execute):
+            return self._traced_stream(self.inner.execute(*args, **kwargs), contexts)
+        with task_spans(self.tracer, contexts, 1):
             return self.inner.execute(*args, **kwargs)
+
+    def _traced_stream(self, chunks: Iterator[Any], contexts: list[dict[str, Any]]
+                       ) -> Iterator[Any]:
+        """The generator's whole life, first step to close, is the stream's span."""
+        from ..ops.tracing import task_spans
+
+        with task_spans(self.tracer, contexts, 1):
+            yield from chunks
 
     def close(self) -> None:
         try:
@@ -70,7 +84,25 @@ class ServedBatchWorker(ServedWorker):
             return inner.execute_batch(items)  # type: ignore[no-any-return]
 
 
+class ServedStreamStepWorker(ServedWorker):
+    """The shell of a worker with ``stream_step``: the pool sees the three methods, so it
+    runs the worker's streams as one continuous batch."""
+
+    def stream_open(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.stream_open(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def stream_step(self, states: list[Any]) -> list[Any]:
+        return self.inner.stream_step(states)  # type: ignore[attr-defined, no-any-return]
+
+    def stream_close(self, state: Any) -> None:
+        close = getattr(self.inner, "stream_close", None)
+        if close is not None:
+            close(state)
+
+
 def shell_for(worker_cls: type[SWorker[Any, Any]]) -> type[ServedWorker]:
+    if callable(getattr(worker_cls, "stream_step", None)):
+        return ServedStreamStepWorker
     batching = callable(getattr(worker_cls, "execute_batch", None))
     # A ModelWorker that defines only execute(item) is served item by item: the
     # execute_batch it inherits would only raise NotImplementedError.

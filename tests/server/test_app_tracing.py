@@ -4,6 +4,7 @@ spans drawn in the worker as its children (the trace context crosses with the ta
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import pytest
 from app_helpers import image_bytes, running_app, settings
@@ -94,6 +95,25 @@ def test_request_span_has_queue_wait_and_execution_children_from_the_worker(
     assert queued["end_time"] <= executed["start_time"] <= executed["end_time"]
     assert executed["attributes"]["batch.size"] == 1
     assert request_span.start_time <= request_span.end_time
+
+
+def test_a_streamed_answer_is_one_execute_span_from_its_first_step_to_its_end(
+        global_provider, monkeypatch, capfd):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "spool-test")
+    with running_app(settings(worker_class="app.examples.progress:Progress",
+                              model_name="progress")) as client:
+        response = client.post("/predict", json={"steps": 3, "step_s": 0.1, "stream": True},
+                               headers={"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01"})
+        assert response.text.count("data: ") == 3
+    spans = console_spans(capfd.readouterr().out)
+    assert sorted(s["name"] for s in spans) == ["execute", "queue wait"]
+    [executed] = [s for s in spans if s["name"] == "execute"]
+    assert executed["context"]["trace_id"] == f"0x{TRACE_ID}"
+    assert executed["attributes"]["request.id"] == response.headers["x-request-id"]
+    # The span lasts as long as the generator ran: three steps of 0.1 s.
+    started, ended = (datetime.fromisoformat(executed[k]) for k in ("start_time", "end_time"))
+    assert (ended - started).total_seconds() >= 0.25
 
 
 def test_tracing_off_adds_nothing(monkeypatch):
