@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from app_helpers import free_port, http_client, serve, wait_ready
+from app_helpers import free_port, http_client, serve, wait_ready, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -198,3 +198,23 @@ def test_embeddings_in_float_and_base64_match_the_models_answer(embedder_url):
     assert list(vector) == pytest.approx(expected["embeddings"][0], abs=1e-6)
     with pytest.raises(openai.NotFoundError):  # an embedder does not write text
         api.completions.create(model="byte-embedder", prompt="a", max_tokens=2)
+
+
+def test_a_client_that_leaves_a_stream_stops_it(lm_url):
+    """The same lifetime as /predict's: the client's disconnect stops the worker's stream
+    and is counted as abandoned."""
+    def abandoned(http: httpx.Client) -> float:
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith("http_requests_abandoned_total "):
+                return float(line.split()[1])
+        return 0.0
+
+    with httpx.Client(base_url=lm_url, timeout=30, trust_env=False,
+                      headers={"Authorization": f"Bearer {KEY}"}) as http:
+        before = abandoned(http)
+        with http.stream("POST", "/v1/completions", json={
+                "model": SERVED, "prompt": PROMPT, "max_tokens": 400, "stream": True}) as r:
+            assert r.status_code == 200
+            first = next(r.iter_lines())
+            assert first.startswith("data: {")
+        assert wait_until(lambda: abandoned(http) == before + 1, timeout=10)
