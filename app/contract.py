@@ -152,12 +152,21 @@ class ModelWorker(SWorker[dict[str, Any], Any]):
             or any type pydantic validates). The server then answers a request with
             server-sent events, one chunk per event, when the client asks for a stream, and
             with the whole answer otherwise (module docstring).
+        task: what the model does, for protocols that serve one kind of model:
+            ``"text-generation"`` (a streaming worker whose request has ``prompt`` and/or
+            ``messages`` and whose chunks have ``text``, ``tokens``, ``finish_reason`` and
+            ``prompt_tokens``, as ``app.examples.causal_lm``) or ``"embedding"`` (a request
+            with an ``input`` list of texts, an answer with ``embeddings`` and
+            ``prompt_tokens``, as ``app.examples.text_embedder``) put the model on the
+            OpenAI routes (``/v1/completions``, ``/v1/chat/completions``,
+            ``/v1/embeddings``). ``None`` (default): ``/predict`` and KServe v2 only.
     """
 
     default_model: ClassVar[str | None] = None
     settings_model: ClassVar[type[BaseSettings] | None] = None
     route: ClassVar[str] = "/predict"
     chunk_model: ClassVar[Any] = None
+    task: ClassVar[str | None] = None
 
     @classmethod
     def to_items(cls, request: Any) -> list[Any]:

@@ -242,6 +242,7 @@ class CausalLM(ModelWorker):
     default_model = "gpt2"
     settings_model = LMSettings
     chunk_model = TextChunk
+    task = "text-generation"
 
     @classmethod
     def to_stream(cls, request: GenerateRequest) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import generate, predict, probes, v2
+from . import generate, openai, predict, probes, v2
 from .http import Protocol, Renderer, detail_response
 
 PROTOCOLS: tuple[Protocol, ...] = (
@@ -22,6 +22,7 @@ PROTOCOLS: tuple[Protocol, ...] = (
     probes.PROTOCOL,
     v2.PROTOCOL,
     generate.PROTOCOL,
+    openai.PROTOCOL,
 )
 
 

@@ -83,6 +83,18 @@ class ServedModel:
         chunk_type = self.declaration.chunk_type
         self.chunk_adapter = None if chunk_type is None else TypeAdapter(chunk_type)
 
+    @property
+    def task(self) -> str | None:
+        """What the model does (``ModelWorker.task``): which task protocols serve it."""
+        return getattr(self.declaration.worker_cls, "task", None)
+
+    @property
+    def request_fields(self) -> frozenset[str]:
+        """The names (and aliases) of the fields of its request, when it is a pydantic model:
+        the parameters a protocol may hand it by name."""
+        fields = getattr(self.declaration.request_type, "model_fields", {})
+        return frozenset(fields) | frozenset(f.alias for f in fields.values() if f.alias)
+
     def validate(self, values: Any) -> Any:
         """The worker's request value from plain values keyed by field name (an alias works).
 
