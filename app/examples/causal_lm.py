@@ -140,7 +140,8 @@ class BatchDecoder:
         cache = DynamicCache(layers) if layers else DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                          **{self._cache_arg: cache})
-        cache = getattr(out, "past_key_values", None) or cache
+        # The cache passed in grows in place; reading it back from the output would go
+        # through an attribute newer transformers deprecate.
         return out.logits[:, -1, :], [(layer.keys, layer.values) for layer in cache.layers]
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
