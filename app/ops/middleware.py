@@ -126,6 +126,7 @@ class RequestContextMiddleware:
             # log a traceback; then end quietly, as the cancel asked.
             if response_started:
                 raise
+            self.metrics.refused_by("shutting_down")
             await answer(ServingError(
                 503, "the server is shutting down and this request did not finish within "
                      "SHUTDOWN_TIMEOUT_S; retry it", {"Retry-After": "1", "Connection": "close"}))
