@@ -158,11 +158,12 @@ class DrainRate:
     """How many tasks the workers finish per second while there is work waiting.
 
     Sampled from ``pool.stats()`` at most every 0.2 s, when asked (so it costs nothing while
-    nobody asks), over the last 5 s. Only the spans that began with a queue count: an idle
-    server finishes few tasks because few arrive, and that would read as a slow one. Tasks
-    that left the queue unrun (deadline passed, client gone) are no work done and do not
-    count. ``None`` until 0.5 s of such spans were seen: a cold start refuses nothing on a
-    guess.
+    nobody asks), over the last 5 s of such time. Only the spans that began with a queue
+    count: an idle server finishes few tasks because few arrive, and that would read as a
+    slow one; so after a quiet spell the rate is the one last measured (a burst after it is
+    met with what is known of the workers, not with a blank). Tasks that left the queue
+    unrun (deadline passed, client gone) are no work done and do not count. ``None`` until
+    0.5 s of such spans were seen: a cold start refuses nothing on a guess.
     """
 
     WINDOW_S = 5.0
@@ -193,9 +194,11 @@ class DrainRate:
             if busy and now > then:
                 self._spans.append((now, now - then, done - done_then))
         self._last = (now, done, stats.queue_depth > 0)
-        while self._spans and now - self._spans[0][0] > self.WINDOW_S:
-            self._spans.popleft()
         seconds = sum(span[1] for span in self._spans)
+        # Old spans go only while newer ones cover enough time to measure on.
+        while (self._spans and now - self._spans[0][0] > self.WINDOW_S
+               and seconds - self._spans[0][1] >= self.MIN_SPAN_S):
+            seconds -= self._spans.popleft()[1]
         tasks = sum(span[2] for span in self._spans)
         self._rate = tasks / seconds if seconds >= self.MIN_SPAN_S and tasks > 0 else None
         return self._rate

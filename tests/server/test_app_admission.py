@@ -128,6 +128,11 @@ def test_the_estimate_counts_only_time_with_work_waiting():
     assert drain.rate(5.4) is None  # 0.4 s of busy time: not enough to go on
     pool.done += 30
     assert drain.rate(6.0) == pytest.approx(50 / 1.0)
+    # The queue drains at that rate, then a quiet minute: the capacity measured last holds.
+    pool.done += 50
+    pool.queued = 0
+    assert drain.rate(7.0) == pytest.approx(50 / 1.0)
+    assert drain.rate(67.0) == pytest.approx(50 / 1.0)
 
 
 def test_admission_refuses_only_on_a_measured_rate_and_with_headroom():
