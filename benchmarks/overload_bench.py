@@ -69,6 +69,9 @@ class Answers:
             "expired_504": len(expired), "expired_share": len(expired) / total if total else 0,
             "other_status": total - len(ok) - len(refused) - len(expired),
             "broken_connections": self.broken, "request_timeout_s": timeout_s,
+            # When in the phase the 504s came (seconds): a burst at the start, or all along.
+            "expired_at_s": sorted(round(t - s, 1) for t, status, s in self.answers
+                                   if status == 504),
             "cpu_cores": {k: round(v, 3) for k, v in self.cpu.items()}}
 
 
@@ -129,6 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.logs = Path(logs)
         with app_server(args, "overload", args.workers, worker, extra) as server:
             server.wait_ready(READY_TIMEOUT)
+            assert server.process is not None
+            print(f"server pid {server.process.pid}", flush=True)  # for py-spy --pid
             request = multipart_request(server.port, image)
             phase(server, request, 8, 2.0)  # warm-up: first calls, and a measured drain rate
             phases = {}

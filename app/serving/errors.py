@@ -23,6 +23,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from stateful_pool import PoolStats
@@ -154,6 +155,11 @@ def refusal_reason(exc: BaseException) -> str | None:
     return None
 
 
+# Items a request already counts in ``LoadShedder.in_flight`` from before its body was read
+# (``LoadShedder.reserve``), so ``hold`` does not count them twice.
+_reserved: ContextVar[int] = ContextVar("reserved", default=0)
+
+
 class DrainRate:
     """How many tasks the workers finish per second while there is work waiting.
 
@@ -242,7 +248,13 @@ class LoadShedder:
 
     def hold(self, items: int) -> _Held:
         """``with shedder.hold(n):`` around the submission and wait of a request's items."""
-        return _Held(self, items)
+        return _Held(self, items - _reserved.get())
+
+    def reserve(self) -> _Reserved:
+        """``with shedder.reserve():`` around a request admitted before its body is read: it
+        counts as one item ahead of those that arrive while it is read (a burst of requests
+        would otherwise all pass the check before any of them was counted)."""
+        return _Reserved(self)
 
     def estimate(self, items: int) -> float | None:
         """Seconds until ``items`` more would be done, at the measured rate; None: unknown."""
@@ -303,3 +315,18 @@ class _Held:
 
     def __exit__(self, *exc_info: object) -> None:
         self.shedder.in_flight -= self.items
+
+
+class _Reserved:
+    __slots__ = ("shedder", "token")
+
+    def __init__(self, shedder: LoadShedder) -> None:
+        self.shedder = shedder
+
+    def __enter__(self) -> None:
+        self.shedder.in_flight += 1
+        self.token = _reserved.set(1)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shedder.in_flight -= 1
+        _reserved.reset(self.token)
