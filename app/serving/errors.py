@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -138,8 +139,9 @@ def serving_error(exc: BaseException) -> ServingError | None:
 
 # Admission keeps this much headroom between a request's estimated finish and its deadline:
 # under steady overload every admitted request sits at the edge of the rule, so without it
-# a drain rate a few percent slower than measured would turn many of them into 504s.
-ADMISSION_HEADROOM = 1.25
+# a drain rate a few percent slower than measured would turn many of them into 504s. On
+# shared CPUs the rate moved by a quarter between seconds (docs/BENCHMARKS.md).
+ADMISSION_HEADROOM = 1.5
 # Refusal reasons counted in ``http_requests_refused_total{reason}``.
 QUEUE_FULL, DEADLINE, NOT_READY, SHUTTING_DOWN, SHED = (
     "queue_full", "deadline", "not_ready", "shutting_down", "shed")
@@ -218,6 +220,9 @@ class DrainRate:
 
 
 def bounded_retry(seconds: float) -> int:
+    """``seconds`` stretched by up to half at random, rounded up and bounded: the clients
+    refused in one burst come back spread out, not as the same burst again."""
+    seconds *= 1 + random.random() / 2
     return max(RETRY_AFTER_S, min(RETRY_AFTER_MAX_S, math.ceil(seconds)))
 
 
@@ -267,7 +272,7 @@ class LoadShedder:
               ) -> ServingError | None:
         """The 503 for ``items`` that would not be done within ``remaining`` seconds (the
         request's deadline, ``budget`` as the client is told it), else None."""
-        estimate = self.estimate(items)
+        estimate = self.estimate(items - _reserved.get())
         if estimate is None or estimate * ADMISSION_HEADROOM <= remaining:
             return None
         self._count(reason)
