@@ -163,31 +163,33 @@ _reserved: ContextVar[int] = ContextVar("reserved", default=0)
 
 
 class DrainRate:
-    """How many tasks the workers finish per second while there is work waiting.
+    """How many tasks the pool can finish per second: what one worker finishes per second
+    of its running time, times the workers serving now.
 
-    Sampled from ``pool.stats()`` at most every 0.2 s, when asked (so it costs nothing while
-    nobody asks), over the last 5 s of such time. Only the spans that began with a queue
-    count: an idle server finishes few tasks because few arrive, and that would read as a
-    slow one; so after a quiet spell the rate is the one last measured (a burst after it is
-    met with what is known of the workers, not with a blank). Tasks that left the queue
-    unrun (deadline passed, client gone) are no work done and do not count. ``None`` until
-    0.5 s of such spans were seen: a cold start refuses nothing on a guess.
+    Measured from ``pool.stats()``, sampled at most every 0.2 s when asked (so it costs
+    nothing while nobody asks), over the last 5 s: the tasks that ran, the batches they ran
+    in and their run time give one worker's rate while it runs (``tasks * batch size / run
+    time``, each task of a batch recording the batch's time). Not the tasks that left the
+    pool per second: that is the load, not the capacity, whenever the server keeps up, and
+    a rate measured while admission held the load back would hold it back for good. A
+    worker killed shows at once (fewer serve); one respawned counts again as soon as it
+    serves. After a quiet spell the rate last measured holds. ``None`` until tasks have
+    run: a cold start refuses nothing on a guess.
     """
 
     WINDOW_S = 5.0
     EVERY_S = 0.2
-    MIN_SPAN_S = 0.5
 
     def __init__(self, stats: Callable[[], PoolStats | None]) -> None:
         self._stats = stats
-        self._last: tuple[float, int, bool] | None = None  # (when, tasks done, queue?)
-        self._spans: deque[tuple[float, float, int]] = deque()  # (end, seconds, tasks)
+        # (when, tasks run, batches, run time summed over tasks)
+        self._samples: deque[tuple[float, int, int, float]] = deque()
+        self._per_worker: float | None = None
         self._next_at = 0.0
         self._rate: float | None = None
-        self.queue_depth = 0  # at the last sample
 
     def rate(self, now: float | None = None) -> float | None:
-        """Tasks finished per second while work waited, or None when not known yet."""
+        """Tasks per second the serving workers can finish, or None when not known yet."""
         now = time.monotonic() if now is None else now
         if now < self._next_at:
             return self._rate
@@ -195,20 +197,18 @@ class DrainRate:
         stats = self._stats()
         if stats is None:
             return None
-        done = stats.completed + stats.failed
-        self.queue_depth = stats.queue_depth
-        if self._last is not None:
-            then, done_then, busy = self._last
-            if busy and now > then:
-                self._spans.append((now, now - then, done - done_then))
-        self._last = (now, done, stats.queue_depth > 0)
-        seconds = sum(span[1] for span in self._spans)
-        # Old spans go only while newer ones cover enough time to measure on.
-        while (self._spans and now - self._spans[0][0] > self.WINDOW_S
-               and seconds - self._spans[0][1] >= self.MIN_SPAN_S):
-            seconds -= self._spans.popleft()[1]
-        tasks = sum(span[2] for span in self._spans)
-        self._rate = tasks / seconds if seconds >= self.MIN_SPAN_S and tasks > 0 else None
+        run = stats.run_time
+        self._samples.append((now, run.count, stats.batches, run.sum))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW_S:
+            self._samples.popleft()
+        _, tasks0, batches0, sum0 = self._samples[0]
+        tasks, batches, seconds = run.count - tasks0, stats.batches - batches0, run.sum - sum0
+        if tasks > 0 and seconds > 0:
+            per_batch = tasks / batches if batches > 0 else 1.0
+            self._per_worker = tasks * per_batch / seconds
+        serving = stats.serving_workers
+        self._rate = None if self._per_worker is None or not serving else (
+            self._per_worker * serving)
         return self._rate
 
     def retry_after(self, queued: float) -> int:
@@ -230,7 +230,7 @@ class LoadShedder:
     """Deadline-aware admission, and refusals before the body is read.
 
     ``admit`` refuses a request of ``items`` items whose estimated finish (the items ahead of
-    it and its own, over the measured drain rate, times ``ADMISSION_HEADROOM``) falls after
+    it and its own, over the pool's measured rate, times ``ADMISSION_HEADROOM``) falls after
     its deadline: 503 with ``Retry-After`` at once, rather than a queued request that fails
     with 504 when its deadline has passed. It only refuses on a measured rate (``DrainRate``)
     and counts the items ahead itself (``hold``): exact and free, where the pool's snapshot

@@ -101,52 +101,60 @@ def test_a_request_that_killed_its_worker_is_not_handed_to_another(caplog):
 # ---- the estimate itself: a cold start or an idle spell refuses nothing -------------------
 
 class FakePool:
-    def __init__(self) -> None:
-        self.done = 0
-        self.queued = 0
+    """What ``pool.stats()`` tells of the tasks run: counts, batches, run time, workers."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self.tasks = self.batches = 0
+        self.run_sum = 0.0
+        self.workers = workers
+
+    def ran(self, batches: int, size: int, seconds: float) -> None:
+        """``batches`` batches of ``size`` tasks ran, ``seconds`` each."""
+        self.batches += batches
+        self.tasks += batches * size
+        self.run_sum += batches * size * seconds
 
     def stats(self) -> Any:
-        from stateful_pool import PoolStats
-        return PoolStats(workers=(), queue_depth=self.queued, in_flight=self.queued,
-                         submitted=0, completed=self.done, failed=0, cancelled=0, timed_out=0,
-                         restarts=0, batches=0, batch_size_mean=0.0, batch_size_max=0)
+        from stateful_pool import Histogram, PoolStats, WorkerState, WorkerStats
+        workers = tuple(WorkerStats(n, 100 + n, WorkerState.BUSY, 0, 0, 1, None)
+                        for n in range(self.workers))
+        return PoolStats(workers=workers, queue_depth=0, in_flight=0, submitted=0,
+                         completed=self.tasks, failed=0, cancelled=0, timed_out=0, restarts=0,
+                         batches=self.batches, batch_size_mean=0.0, batch_size_max=0,
+                         run_time=Histogram(sum=self.run_sum, count=self.tasks))
 
 
-def test_the_estimate_counts_only_time_with_work_waiting():
+def test_the_rate_is_what_the_serving_workers_can_do_not_what_they_were_sent():
     from app.serving.errors import DrainRate
 
-    pool = FakePool()
+    pool = FakePool(workers=2)
     drain = DrainRate(pool.stats)
-    assert drain.rate(0.0) is None
-    # Idle for 4 s: few tasks done because few came; that says nothing of the capacity.
-    for t in range(1, 5):
-        pool.done += 1
-        assert drain.rate(float(t)) is None
-    pool.queued = 10
-    assert drain.rate(5.0) is None  # the span before had no queue
-    pool.done += 20
-    assert drain.rate(5.4) is None  # 0.4 s of busy time: not enough to go on
-    pool.done += 30
-    assert drain.rate(6.0) == pytest.approx(50 / 1.0)
-    # The queue drains at that rate, then a quiet minute: the capacity measured last holds.
-    pool.done += 50
-    pool.queued = 0
-    assert drain.rate(7.0) == pytest.approx(50 / 1.0)
-    assert drain.rate(67.0) == pytest.approx(50 / 1.0)
+    assert drain.rate(0.0) is None  # nothing ran yet: no guess
+    # A few lone images in 4 s, 0.1 s each: a light load, not a slow server.
+    pool.ran(4, 1, 0.1)
+    assert drain.rate(4.0) == pytest.approx(2 * 10)
+    # Batches of 16 in 0.8 s each: 20 tasks/s per worker.
+    pool.ran(10, 16, 0.8)
+    assert drain.rate(10.0) == pytest.approx(2 * 20)
+    pool.workers = 1  # one killed: half the capacity at once
+    assert drain.rate(10.5) == pytest.approx(20)
+    pool.workers = 2  # respawned; then a quiet minute: the last measure holds
+    assert drain.rate(70.0) == pytest.approx(40)
+    pool.workers = 0
+    assert drain.rate(71.0) is None
 
 
 def test_admission_refuses_only_on_a_measured_rate_and_with_headroom():
     from app.serving.errors import ADMISSION_HEADROOM, LoadShedder
 
-    pool = FakePool()
+    pool = FakePool(workers=1)
     counted: list[str] = []
     shedder = LoadShedder(pool.stats, counted.append)
-    assert LoadShedder(pool.stats, counted.append).admit(1, 0.01, "x") is None  # cold start
     with shedder.hold(100):
-        pool.queued = 50
-        shedder.drain.rate(0.0)
-        pool.done = 50
-        shedder.drain.rate(1.0)  # 50 tasks/s while work waited
+        assert shedder.admit(1, 0.01, "x") is None  # cold start: no rate, no refusal
+        shedder.drain._next_at = 0.0
+        pool.ran(5, 10, 0.2)  # 50 tasks/s
+        shedder.drain.rate(1.0)
         shedder.drain._next_at = float("inf")  # frozen at that: the test's clock, not ours
         # 101 items at 50/s: about 2 s of work.
         assert shedder.admit(1, 2.02 * ADMISSION_HEADROOM + 0.01, "x") is None
