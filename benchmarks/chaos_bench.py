@@ -1,7 +1,8 @@
 """Chaos: worker processes killed at random under load, then quiet; does the server heal?
 
 vit_tiny_patch16_224 (random weights) on 2 CPU workers, started as ``make serve`` starts it,
-16 clients each posting one 500x375 JPEG in a closed loop. Phases: ``--baseline`` seconds of
+16 clients each posting one 500x375 JPEG in a closed loop (a 503 is retried after its
+``Retry-After``). Phases: ``--baseline`` seconds of
 load (the capacity to come back to), ``--chaos`` seconds during which a random worker
 process is SIGKILLed every 2-6 s (its pid from the server's ``/v1/model``: only the server's
 own workers, only on 127.0.0.1), then ``--quiet`` seconds of the same load without kills.
@@ -40,13 +41,17 @@ from benchmarks.proc_cpu import load_average  # noqa: E402
 ANSWER_TIMEOUT_S = 60.0
 
 
-async def get_json(port: int, path: str) -> Any:
+async def get(port: int, path: str) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
                  .encode())
     data = await reader.read()
     writer.close()
-    return json.loads(data.split(b"\r\n\r\n", 1)[1])
+    return data.split(b"\r\n\r\n", 1)[1]
+
+
+async def get_json(port: int, path: str) -> Any:
+    return json.loads(await get(port, path))
 
 
 async def chaos(port: int, image: bytes, args: argparse.Namespace) -> dict[str, Any]:
@@ -65,12 +70,16 @@ async def chaos(port: int, image: bytes, args: argparse.Namespace) -> dict[str, 
     async def one_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(request)
         status = int((await reader.readline()).split()[1])
-        length = 0
+        length, retry = 0, 0
         while (line := await reader.readline()) not in (b"\r\n", b""):
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
+            elif line[:12].lower() == b"retry-after:":
+                retry = int(line[12:])
         await reader.readexactly(length)
         answers.append((loop.time() - start, status))
+        if status == 503:  # a polite client: back after Retry-After
+            await asyncio.sleep(min(retry, max(0.0, end - loop.time())))
 
     async def client() -> None:
         nonlocal unanswered
@@ -103,6 +112,12 @@ async def chaos(port: int, image: bytes, args: argparse.Namespace) -> dict[str, 
 
     await asyncio.gather(killer(), watch_ready(), *(client() for _ in range(args.clients)))
 
+    metrics = (await get(port, "/metrics")).decode()
+    refused = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("http_requests_refused_total{")}
+    # From here on, times are seconds since the start, as the answers' are.
+    chaos_at, quiet_at, end = args.baseline, args.baseline + args.chaos, (
+        args.baseline + args.chaos + args.quiet)
     last_kill = kills[-1] if kills else quiet_at
     back = None  # the first moment after the last kill from which every worker stays ready
     for t, ready, planned in ready_log:
@@ -113,6 +128,7 @@ async def chaos(port: int, image: bytes, args: argparse.Namespace) -> dict[str, 
         elif back is None:
             back = t
     failed = [t for t, status in answers if status != 200]
+    crashed = [t for t, status in answers if status == 500]
     statuses = Counter(status for _, status in answers)
     half = quiet_at + args.quiet / 2
     before = sum(1 for t, s in answers if s == 200 and 0.5 <= t <= chaos_at) / (
@@ -123,10 +139,14 @@ async def chaos(port: int, image: bytes, args: argparse.Namespace) -> dict[str, 
         "quiet_s": args.quiet, "kills": len(kills), "answers": len(answers),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "failed": len(failed), "failed_per_kill": len(failed) / len(kills) if kills else 0.0,
-        "unanswered": unanswered,
+        "crashed_500_per_kill": len(crashed) / len(kills) if kills else 0.0,
+        "unanswered": unanswered, "refused_by_reason": refused,
         "back_to_full_capacity_s": None if back is None else back - last_kill,
         "ok_per_s_before": before, "ok_per_s_quiet_second_half": after,
         "kill_times_s": [round(t, 1) for t in kills],
+        # Answers per second of the run, by status: the dip at each kill, the way back.
+        "timeline": [dict(Counter(str(status) for t, status in answers if int(t) == second))
+                     for second in range(int(end - start) + 1)],
     }
 
 
@@ -160,8 +180,12 @@ def main() -> None:
     print(f"| {args.workers} workers, {args.clients} clients | |\n|---|---:|\n"
           f"| kills (SIGKILL, every 2-6 s for {args.chaos:g} s) | {result['kills']} |\n"
           f"| answers | {result['answers']} ({result['statuses']}) |\n"
-          f"| failed requests per kill | {result['failed_per_kill']:.1f} |\n"
+          f"| failed requests per kill (any answer but 200) | "
+          f"{result['failed_per_kill']:.1f} |\n"
+          f"| of which 500 (lost with the killed worker) per kill | "
+          f"{result['crashed_500_per_kill']:.1f} |\n"
           f"| requests without an answer | {result['unanswered']} |\n"
+          f"| 503s by reason | {result['refused_by_reason']} |\n"
           f"| last kill to every worker ready | "
           f"{'never' if back is None else f'{back:.1f} s'} |\n"
           f"| req/s before the kills | {result['ok_per_s_before']:.1f} |\n"
