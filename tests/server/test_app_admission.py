@@ -15,8 +15,6 @@ import pytest
 from app_helpers import image_bytes, running_app, settings
 from procs import wait_until
 
-pytestmark = pytest.mark.slow
-
 CLIENTS = 8  # each in a closed loop: about 8 images waiting at 0.25 s each, 2 s of work
 
 
@@ -32,6 +30,7 @@ def refused_total(client: Any, reason: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.slow
 def test_a_request_that_cannot_finish_in_time_is_refused_at_once_and_one_that_can_is_served():
     with running_app(settings(worker_class="app_helpers:QuarterEchoWorker", max_batch_size=1,
                               request_timeout_s=30)) as client, \
@@ -77,6 +76,7 @@ def test_a_request_that_cannot_finish_in_time_is_refused_at_once_and_one_that_ca
         assert set(statuses) == {200}, statuses
 
 
+@pytest.mark.slow
 def test_a_request_that_killed_its_worker_is_not_handed_to_another(caplog):
     caplog.set_level(logging.ERROR, logger="app.errors")
     with running_app(settings(worker_class="app_helpers:PoisonEchoWorker", num_workers=2,
