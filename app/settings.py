@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         60.0, gt=0, le=MAX_REQUEST_TIMEOUT_S,
         description="each request's deadline, from its arrival; a client may shorten it with "
                     "the X-Request-Timeout header (seconds, at most a day)")
+    admission_headroom: float = Field(
+        1.5, ge=0, le=100,
+        description="a request is refused at once (503, Retry-After) when its estimated "
+                    "finish, times this, falls after its deadline; 0 turns the rule off: every "
+                    "request is queued, and one whose deadline passes in the queue gets 504")
     hang_timeout_s: float | None = Field(
         None, gt=0, le=MAX_REQUEST_TIMEOUT_S,
         description="a batch running longer is deemed hung: its worker is killed and "

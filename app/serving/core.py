@@ -103,7 +103,8 @@ class ServingCore:
         self.state = state
         self.models = tuple(models)
         self.metrics = metrics
-        self.shedder = LoadShedder(state.pool_stats, metrics.refused_by)
+        self.shedder = LoadShedder(state.pool_stats, metrics.refused_by,
+                                   state.settings.admission_headroom)
         self._by_name = {model.name: model for model in self.models}
 
     @property

@@ -137,10 +137,11 @@ def serving_error(exc: BaseException) -> ServingError | None:
     return None
 
 
-# Admission keeps this much headroom between a request's estimated finish and its deadline:
-# under steady overload every admitted request sits at the edge of the rule, so without it
-# a drain rate a few percent slower than measured would turn many of them into 504s. On
-# shared CPUs the rate moved by a quarter between seconds (docs/BENCHMARKS.md).
+# Admission keeps this much headroom (the default of ``ADMISSION_HEADROOM``) between a
+# request's estimated finish and its deadline: under steady overload every admitted request
+# sits at the edge of the rule, so without it a rate a few percent slower than measured
+# would turn many of them into 504s. On shared CPUs the rate moved by a quarter between
+# seconds (docs/BENCHMARKS.md).
 ADMISSION_HEADROOM = 1.5
 # Refusal reasons counted in ``http_requests_refused_total{reason}``.
 QUEUE_FULL, DEADLINE, NOT_READY, SHUTTING_DOWN, SHED = (
@@ -230,7 +231,7 @@ class LoadShedder:
     """Deadline-aware admission, and refusals before the body is read.
 
     ``admit`` refuses a request of ``items`` items whose estimated finish (the items ahead of
-    it and its own, over the pool's measured rate, times ``ADMISSION_HEADROOM``) falls after
+    it and its own, over the pool's measured rate, times the headroom) falls after
     its deadline: 503 with ``Retry-After`` at once, rather than a queued request that fails
     with 504 when its deadline has passed. It only refuses on a measured rate (``DrainRate``)
     and counts the items ahead itself (``hold``): exact and free, where the pool's snapshot
@@ -243,8 +244,9 @@ class LoadShedder:
     numbers.
     """
 
-    def __init__(self, stats: Callable[[], PoolStats | None], count: Callable[[str], None]
-                 ) -> None:
+    def __init__(self, stats: Callable[[], PoolStats | None], count: Callable[[str], None],
+                 headroom: float = ADMISSION_HEADROOM) -> None:
+        self.headroom = headroom  # 0: the deadline rule is off
         self.drain = DrainRate(stats)
         self._stats = stats
         self._count = count
@@ -272,12 +274,14 @@ class LoadShedder:
               ) -> ServingError | None:
         """The 503 for ``items`` that would not be done within ``remaining`` seconds (the
         request's deadline, ``budget`` as the client is told it), else None."""
+        if not self.headroom:
+            return None
         estimate = self.estimate(items - _reserved.get())
-        if estimate is None or estimate * ADMISSION_HEADROOM <= remaining:
+        if estimate is None or estimate * self.headroom <= remaining:
             return None
         self._count(reason)
         # When the work ahead will have drained far enough for such a request to fit.
-        seconds = bounded_retry(estimate - remaining / ADMISSION_HEADROOM)
+        seconds = bounded_retry(estimate - remaining / self.headroom)
         return ServingError(
             503, f"the server cannot finish this request within its deadline of {budget}: "
                  f"about {estimate:.1f} s of work is ahead of it; retry in about {seconds} s",
