@@ -71,5 +71,5 @@ def create_app(settings: Settings | None = None, *,
         app.add_middleware(tracing.TracingMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,
                        known_paths=lambda: known_paths, render_for=render_for,
-                       refuse_now=core.refuse_now)
+                       refuse_now=core.refuse_now, reserve=core.shedder.reserve)
     return app

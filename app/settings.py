@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         None, gt=0, le=MAX_REQUEST_TIMEOUT_S,
         description="the longest a stream may go without a chunk once it has started (time "
                     "paused for a slow reader does not count); default: REQUEST_TIMEOUT_S")
+    admission_headroom: float = Field(
+        1.5, ge=0, le=100,
+        description="a request is refused at once (503, Retry-After) when its estimated "
+                    "finish, times this, falls after its deadline; 0 turns the rule off: every "
+                    "request is queued, and one whose deadline passes in the queue gets 504")
     hang_timeout_s: float | None = Field(
         None, gt=0, le=MAX_REQUEST_TIMEOUT_S,
         description="a batch running longer is deemed hung: its worker is killed and "

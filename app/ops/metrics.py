@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from stateful_pool import Histogram, PoolStats, WorkerState
 
+REFUSAL_REASONS = ("deadline", "queue_full", "shed", "not_ready", "shutting_down")
 # Latency buckets span an echo worker (ms) to ViT-L on CPU under load (tens of seconds).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -148,6 +149,15 @@ class Metrics:
         self.stream_chunks = PromHistogram(
             "stream_chunks", "Chunks per stream (those the client received, or collected into "
             "one answer)", buckets=CHUNK_BUCKETS, registry=self.registry)
+        self.refused = Counter(
+            "http_requests_refused", "Inference requests answered 503 at once, by reason: "
+            "deadline (it could not finish in time), queue_full, shed (refused before its "
+            "body was read, by either rule), not_ready, shutting_down",
+            ["reason"], registry=self.registry)
+        # Every reason from the start, at 0: a rate() over a series that appears late misses
+        # its first increase.
+        self._refused: dict[str, Any] = {reason: self.refused.labels(reason)
+                                         for reason in REFUSAL_REASONS}
         ProcessCollector(registry=self.registry)
         self.registry.register(PoolCollector(pool_stats, random_weights))
 
@@ -155,6 +165,12 @@ class Metrics:
         # call, which showed in the event loop's profile under load.
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._latencies: dict[tuple[str, str], Any] = {}
+
+    def refused_by(self, reason: str) -> None:
+        counter = self._refused.get(reason)
+        if counter is None:
+            counter = self._refused[reason] = self.refused.labels(reason)
+        counter.inc()
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         counter = self._counters.get((method, route, status))

@@ -16,6 +16,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from fastapi import HTTPException
 from starlette.datastructures import MutableHeaders
@@ -79,8 +80,10 @@ class RequestContextMiddleware:
     and answers any unhandled error 500 in JSON (the traceback goes to the log only)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], set[str]],
-                 render_for: RenderFor, refuse_now: Callable[[], ServingError | None]):
+                 render_for: RenderFor, refuse_now: Callable[[], ServingError | None],
+                 reserve: Callable[[], AbstractContextManager[None]] = nullcontext):
         self.app = app
+        self.reserve = reserve
         self.metrics = metrics
         self.known_paths = known_paths
         self.render_for = render_for
@@ -115,13 +118,17 @@ class RequestContextMiddleware:
 
         self.metrics.in_progress.inc()
         try:
-            # Load shedding: while the queue stays full, a POST is refused before its body
-            # is read (``LoadShedder``).
-            refused = self.refuse_now() if scope["method"] == "POST" else None
-            if refused is None:
+            # Load shedding: a POST that would be refused once read (it cannot finish in
+            # time, or the queue stays full) is refused before its body is read
+            # (``LoadShedder``).
+            if scope["method"] != "POST":
                 await self.app(scope, receive, send_with_id)
-            else:
+            elif (refused := self.refuse_now()) is not None:
                 await answer(refused)
+            else:
+                # Counted from now, while its body is read: the next ones see it ahead.
+                with self.reserve():
+                    await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             # Only uvicorn cancels a request task: on shutdown, once SHUTDOWN_TIMEOUT_S has
             # passed (a client that leaves is handled by its lifetime, without a cancel).
@@ -129,6 +136,7 @@ class RequestContextMiddleware:
             # log a traceback; then end quietly, as the cancel asked.
             if response_started:
                 raise
+            self.metrics.refused_by("shutting_down")
             await answer(ServingError(
                 503, "the server is shutting down and this request did not finish within "
                      "SHUTDOWN_TIMEOUT_S; retry it", {"Retry-After": "1", "Connection": "close"}))

@@ -9,6 +9,7 @@ which the protocol renders in its own shape::
         to_items(value)                       400 if the worker refuses the request
         the items fit the queue?              413 (a 503 would have the client retry forever)
         a worker ready?                       503
+        can it finish before its deadline?    503 with Retry-After (``LoadShedder.admit``)
         one pool task per item, each with     503 queue full, 504 deadline, 500 crash,
           the time left, while the client       400 an item the model cannot take,
           is connected                          499 the client left
@@ -50,7 +51,14 @@ from ..ops.metrics import Metrics
 from ..ops.tracing import task_context
 from ..settings import Settings
 from .declaration import Declaration, validation_error
-from .errors import CLIENT_CLOSED, LoadShedder, ServingError, serving_error, unavailable
+from .errors import (
+    CLIENT_CLOSED,
+    LoadShedder,
+    ServingError,
+    refusal_reason,
+    serving_error,
+    unavailable,
+)
 from .lifetime import ClientDisconnected, Lifetime
 from .state import ServerState
 from .streams import ChunkMismatch, OpenStream
@@ -113,7 +121,8 @@ class ServingCore:
     Args:
         state: the pool and what the server knows about its workers.
         models: the served models (one today; ``model(name)`` finds one by its name).
-        metrics: counts the requests that expire and those whose client leaves.
+        metrics: counts the requests refused (by reason), those that expire and those whose
+            client leaves.
     """
 
     def __init__(self, state: ServerState, models: Sequence[ServedModel],
@@ -121,7 +130,8 @@ class ServingCore:
         self.state = state
         self.models = tuple(models)
         self.metrics = metrics
-        self.shedder = LoadShedder()
+        self.shedder = LoadShedder(state.pool_stats, metrics.refused_by,
+                                   state.settings.admission_headroom)
         self._by_name = {model.name: model for model in self.models}
 
     @property
@@ -180,9 +190,11 @@ class ServingCore:
         return None
 
     def refuse_now(self) -> ServingError | None:
-        """503 for a request that arrives while the queue stays full, before its body is
-        read (``LoadShedder``); None otherwise, at the cost of one attribute read."""
-        return self.shedder.refuse_now(self.state.pool_stats, self.settings.queue_size)
+        """503 for a request that would be refused once read (it could not finish before
+        ``REQUEST_TIMEOUT_S``, or the queue stays full), before its body is read
+        (``LoadShedder``); None otherwise, at the cost of some arithmetic."""
+        return self.shedder.refuse_now(self.settings.queue_size,
+                                       float(self.settings.request_timeout_s))
 
     def client_left(self, received_at: float | None, during: str) -> ServingError:
         """Count and log a client that left before its answer (``during``: what it left, as
@@ -230,13 +242,18 @@ class ServingCore:
                 413, f"{len(items)} items in one request; at most QUEUE_SIZE="
                      f"{self.settings.queue_size} can wait for a worker: split the request")
         try:
-            calls = lifetime.pool_calls(self.state.ready_pool())
-            results = await lifetime.while_connected(execute_all(calls, items, labels))
+            pool = self.state.ready_pool()
+            refused = self.shedder.admit(len(items), lifetime.remaining(), lifetime.describe())
+            if refused is not None:
+                raise refused
+            calls = lifetime.pool_calls(pool)
+            with self.shedder.hold(len(items)):
+                results = await lifetime.while_connected(execute_all(calls, items, labels))
         except ClientDisconnected:
             raise self.client_left(lifetime.received_at, "; the request's queued tasks were "
                                                          "withdrawn") from None
         except QueueFullError:
-            raise self.shedder.queue_full(self.state.pool_stats()) from None
+            raise self.shedder.queue_full() from None
         except TaskTimeoutError:
             self.metrics.expired.inc()
             raise ServingError(504, f"the model did not answer within the request's deadline "
@@ -246,6 +263,9 @@ class ServingCore:
             error = serving_error(exc)
             if error is None:
                 raise
+            reason = refusal_reason(exc)
+            if reason is not None:
+                self.metrics.refused_by(reason)
             raise error from None
         return decl.to_answer(value, results)
 
@@ -324,7 +344,7 @@ class ServingCore:
         if isinstance(exc, InvalidInputError):
             return ServingError(400, str(exc))
         if isinstance(exc, QueueFullError):
-            return self.shedder.queue_full(self.state.pool_stats())
+            return self.shedder.queue_full()
         if isinstance(exc, TaskTimeoutError):
             self.metrics.expired.inc()
             if not started:

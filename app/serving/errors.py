@@ -5,6 +5,7 @@ for the client and headers (``Retry-After``); each protocol renders it in its ow
 (``/predict``'s ``{"detail"}``, KServe v2's ``{"error"}``). ``serving_error`` turns what the
 pool raises into one:
 
+    cannot finish in time      503, Retry-After from the drain rate (``LoadShedder.admit``)
     queue full                 503, Retry-After from the drain rate (``LoadShedder``)
     no worker ready, closing   503, Retry-After 1
     deadline passed            504
@@ -19,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from stateful_pool import PoolStats
@@ -134,78 +137,205 @@ def serving_error(exc: BaseException) -> ServingError | None:
     return None
 
 
-class DrainRate:
-    """How fast the pool empties its queue, to tell a rejected client when to come back.
+# Admission keeps this much headroom (the default of ``ADMISSION_HEADROOM``) between a
+# request's estimated finish and its deadline: under steady overload every admitted request
+# sits at the edge of the rule, so without it a rate a few percent slower than measured
+# would turn many of them into 504s. On shared CPUs the rate moved by a quarter between
+# seconds (docs/BENCHMARKS.md).
+ADMISSION_HEADROOM = 1.5
+# Refusal reasons counted in ``http_requests_refused_total{reason}``.
+QUEUE_FULL, DEADLINE, NOT_READY, SHUTTING_DOWN, SHED = (
+    "queue_full", "deadline", "not_ready", "shutting_down", "shed")
 
-    ``retry_after`` samples how many tasks have left the pool (done, failed, cancelled,
-    timed out) each time it is asked, at most every 0.2 s, over the last 10 s; the answer is
-    the queue depth over that rate, rounded up and bounded. Sampled only when a 503 is
-    answered, so it costs nothing while the server keeps up. Before two samples span
-    0.5 s, the rate is estimated from the workers' mean run time and batch size.
+
+def refusal_reason(exc: BaseException) -> str | None:
+    """The ``http_requests_refused_total`` reason of a pool refusal that ``serving_error``
+    answers 503, or None."""
+    if isinstance(exc, NoWorkersError):  # NotReadyError included
+        return NOT_READY
+    if isinstance(exc, PoolClosedError):
+        return SHUTTING_DOWN
+    return None
+
+
+# Items a request already counts in ``LoadShedder.in_flight`` from before its body was read
+# (``LoadShedder.reserve``), so ``hold`` does not count them twice.
+_reserved: ContextVar[int] = ContextVar("reserved", default=0)
+
+
+class DrainRate:
+    """How many tasks the pool can finish per second: what one worker finishes per second
+    of its running time, times the workers serving now.
+
+    Measured from ``pool.stats()``, sampled at most every 0.2 s when asked (so it costs
+    nothing while nobody asks), over the last 5 s: the tasks that ran, the batches they ran
+    in and their run time give one worker's rate while it runs (``tasks * batch size / run
+    time``, each task of a batch recording the batch's time). Not the tasks that left the
+    pool per second: that is the load, not the capacity, whenever the server keeps up, and
+    a rate measured while admission held the load back would hold it back for good. A
+    worker killed shows at once (fewer serve); one respawned counts again as soon as it
+    serves. After a quiet spell the rate last measured holds. ``None`` until tasks have
+    run: a cold start refuses nothing on a guess.
     """
 
-    WINDOW_S = 10.0
+    WINDOW_S = 5.0
     EVERY_S = 0.2
-    MIN_SPAN_S = 0.5
 
-    def __init__(self) -> None:
-        self._samples: deque[tuple[float, int]] = deque()
+    def __init__(self, stats: Callable[[], PoolStats | None]) -> None:
+        self._stats = stats
+        # (when, tasks run, batches, run time summed over tasks)
+        self._samples: deque[tuple[float, int, int, float]] = deque()
+        self._per_worker: float | None = None
+        self._next_at = 0.0
+        self._rate: float | None = None
 
-    def rate(self, stats: PoolStats, now: float) -> float | None:
-        """Tasks leaving the pool per second, or None when nothing is known yet."""
-        left = stats.completed + stats.failed + stats.cancelled + stats.timed_out
-        if not self._samples or now - self._samples[-1][0] >= self.EVERY_S:
-            self._samples.append((now, left))
+    def rate(self, now: float | None = None) -> float | None:
+        """Tasks per second the serving workers can finish, or None when not known yet."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_at:
+            return self._rate
+        self._next_at = now + self.EVERY_S
+        stats = self._stats()
+        if stats is None:
+            return None
+        run = stats.run_time
+        self._samples.append((now, run.count, stats.batches, run.sum))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW_S:
             self._samples.popleft()
-        first_t, first_left = self._samples[0]
-        if now - first_t >= self.MIN_SPAN_S and left > first_left:
-            return (left - first_left) / (now - first_t)
-        run = stats.run_time
-        if run.count == 0 or run.sum <= 0 or stats.live_workers == 0:
-            return None
-        per_batch = max(1.0, stats.batch_size_mean)
-        return stats.live_workers * per_batch / (run.sum / run.count)
+        _, tasks0, batches0, sum0 = self._samples[0]
+        tasks, batches, seconds = run.count - tasks0, stats.batches - batches0, run.sum - sum0
+        if tasks > 0 and seconds > 0:
+            per_batch = tasks / batches if batches > 0 else 1.0
+            self._per_worker = tasks * per_batch / seconds
+        serving = stats.serving_workers
+        self._rate = None if self._per_worker is None or not serving else (
+            self._per_worker * serving)
+        return self._rate
 
-    def retry_after(self, stats: PoolStats | None) -> int:
-        if stats is None:
-            return RETRY_AFTER_S
-        rate = self.rate(stats, time.monotonic())
+    def retry_after(self, queued: float) -> int:
+        """Seconds for ``queued`` tasks to drain at the measured rate, bounded."""
+        rate = self.rate()
         if rate is None or rate <= 0:
             return RETRY_AFTER_S
-        seconds = math.ceil(stats.queue_depth / rate)
-        return max(RETRY_AFTER_S, min(RETRY_AFTER_MAX_S, seconds))
+        return bounded_retry(queued / rate)
+
+
+def bounded_retry(seconds: float) -> int:
+    """``seconds`` stretched by up to half at random, rounded up and bounded: the clients
+    refused in one burst come back spread out, not as the same burst again."""
+    seconds *= 1 + random.random() / 2
+    return max(RETRY_AFTER_S, min(RETRY_AFTER_MAX_S, math.ceil(seconds)))
 
 
 class LoadShedder:
-    """Refuses requests before their body is read while the queue stays full.
+    """Deadline-aware admission, and refusals before the body is read.
 
-    Each 503 for a full queue (``queue_full``) opens a window of ``SHEDDING_S``; within it
-    ``refuse_now`` checks the queue, and a request that would be refused anyway costs no
-    upload read, no multipart parse, no image check: under load those made a 503 take
-    seconds (docs/BENCHMARKS.md). Outside the window it is one attribute read.
+    ``admit`` refuses a request of ``items`` items whose estimated finish (the items ahead of
+    it and its own, over the pool's measured rate, times the headroom) falls after
+    its deadline: 503 with ``Retry-After`` at once, rather than a queued request that fails
+    with 504 when its deadline has passed. It only refuses on a measured rate (``DrainRate``)
+    and counts the items ahead itself (``hold``): exact and free, where the pool's snapshot
+    walks its queue.
+
+    ``refuse_now`` applies the same rule, and the full queue's, to a request whose body has
+    not been read: a request that would be refused anyway costs no upload read, no multipart
+    parse, no image check (under load those made a 503 take seconds). After a 503 for a full
+    queue, it checks the queue for ``SHEDDING_S``; outside that it is arithmetic on two
+    numbers.
     """
 
-    def __init__(self) -> None:
-        self.drain = DrainRate()
+    def __init__(self, stats: Callable[[], PoolStats | None], count: Callable[[str], None],
+                 headroom: float = ADMISSION_HEADROOM) -> None:
+        self.headroom = headroom  # 0: the deadline rule is off
+        self.drain = DrainRate(stats)
+        self._stats = stats
+        self._count = count
+        self.in_flight = 0  # items submitted by the server and not finished
         self.shedding_until = 0.0
 
-    def queue_full(self, stats: PoolStats | None) -> ServingError:
-        """The 503 of a request the full queue refused; opens the shedding window."""
-        self.shedding_until = time.monotonic() + SHEDDING_S
-        return self._at_capacity(self.drain.retry_after(stats))
+    def hold(self, items: int) -> _Held:
+        """``with shedder.hold(n):`` around the submission and wait of a request's items."""
+        return _Held(self, items - _reserved.get())
 
-    def refuse_now(self, stats: Callable[[], PoolStats | None], queue_size: int
-                   ) -> ServingError | None:
-        """The 503 for a new request while shedding and the queue is still full, else None."""
-        if time.monotonic() >= self.shedding_until:
+    def reserve(self) -> _Reserved:
+        """``with shedder.reserve():`` around a request admitted before its body is read: it
+        counts as one item ahead of those that arrive while it is read (a burst of requests
+        would otherwise all pass the check before any of them was counted)."""
+        return _Reserved(self)
+
+    def estimate(self, items: int) -> float | None:
+        """Seconds until ``items`` more would be done, at the measured rate; None: unknown."""
+        rate = self.drain.rate()
+        if rate is None or rate <= 0:
             return None
-        current = stats()
+        return (self.in_flight + items) / rate
+
+    def admit(self, items: int, remaining: float, budget: str, reason: str = DEADLINE
+              ) -> ServingError | None:
+        """The 503 for ``items`` that would not be done within ``remaining`` seconds (the
+        request's deadline, ``budget`` as the client is told it), else None."""
+        if not self.headroom:
+            return None
+        estimate = self.estimate(items - _reserved.get())
+        if estimate is None or estimate * self.headroom <= remaining:
+            return None
+        self._count(reason)
+        # When the work ahead will have drained far enough for such a request to fit.
+        seconds = bounded_retry(estimate - remaining / self.headroom)
+        return ServingError(
+            503, f"the server cannot finish this request within its deadline of {budget}: "
+                 f"about {estimate:.1f} s of work is ahead of it; retry in about {seconds} s",
+            {"Retry-After": str(seconds)})
+
+    def queue_full(self) -> ServingError:
+        """The 503 of a request the full queue refused; opens the shedding window."""
+        self._count(QUEUE_FULL)
+        self.shedding_until = time.monotonic() + SHEDDING_S
+        return self._at_capacity(self.drain.retry_after(self.in_flight))
+
+    def refuse_now(self, queue_size: int, budget_s: float) -> ServingError | None:
+        """The 503 for a new request that would be refused once read, else None: a one-item
+        request that cannot finish in ``budget_s`` (the server's deadline; a client can only
+        shorten it), or any while shedding and the queue is still full."""
+        refused = self.admit(1, budget_s, f"{budget_s:g} s", SHED)
+        if refused is not None or time.monotonic() >= self.shedding_until:
+            return refused
+        current = self._stats()
         if current is None or current.queue_depth < queue_size:
             return None
-        return self._at_capacity(self.drain.retry_after(current))
+        self._count(SHED)
+        return self._at_capacity(self.drain.retry_after(current.queue_depth))
 
     @staticmethod
     def _at_capacity(seconds: int) -> ServingError:
         return ServingError(503, "the server is at capacity (request queue full); retry in "
                                  f"about {seconds} s", {"Retry-After": str(seconds)})
+
+
+class _Held:
+    __slots__ = ("shedder", "items")
+
+    def __init__(self, shedder: LoadShedder, items: int) -> None:
+        self.shedder = shedder
+        self.items = items
+
+    def __enter__(self) -> None:
+        self.shedder.in_flight += self.items
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shedder.in_flight -= self.items
+
+
+class _Reserved:
+    __slots__ = ("shedder", "token")
+
+    def __init__(self, shedder: LoadShedder) -> None:
+        self.shedder = shedder
+
+    def __enter__(self) -> None:
+        self.shedder.in_flight += 1
+        self.token = _reserved.set(1)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shedder.in_flight -= 1
+        _reserved.reset(self.token)

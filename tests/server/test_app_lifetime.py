@@ -2,7 +2,10 @@
 
 One server for the module: one worker that takes 0.5 s per image, one image per task
 (``MAX_BATCH_SIZE=1``), ``REQUEST_TIMEOUT_S=2``, and a record of every image that reached
-the worker (``RECORD_FILE``), so "never ran" is checked from outside the server.
+the worker (``RECORD_FILE``), so "never ran" is checked from outside the server. Deadline
+admission is off (``ADMISSION_HEADROOM=0``): these requests are queued on purpose, to see
+what the queue does with a deadline that passes; refusing them at once is
+``test_app_admission.py``'s.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     record.touch()
     with serve(tmp, WORKER_CLASS="app_helpers:RecordingSlowWorker", NUM_WORKERS="1",
                MAX_BATCH_SIZE="1", REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S),
+               ADMISSION_HEADROOM="0",
                RECORD_FILE=str(record)) as (process, url, log), http_client(url) as http:
         wait_ready(http, process, log)
         yield http, record

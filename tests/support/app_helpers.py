@@ -184,6 +184,19 @@ class SlowerEchoWorker(SlowEchoWorker):
     DELAY = 2.0
 
 
+class QuarterEchoWorker(SlowEchoWorker):
+    DELAY = 0.25
+
+
+class PoisonEchoWorker(EchoWorker):
+    """Dies (exit code 3) on an image 13 pixels wide: an input that kills the model."""
+
+    def execute(self, item: ImageInput) -> dict[str, Any]:
+        if item.width == 13:
+            os._exit(3)
+        return super().execute(item)
+
+
 class HangingEchoWorker(EchoWorker):
     """Never returns from an image 13 pixels wide (a deadlock in a user's model)."""
 
