@@ -82,7 +82,9 @@ def test_a_sigterm_to_the_whole_process_group_drains_the_requests_in_flight(tmp_
 
         with ThreadPoolExecutor(4) as clients:
             answers = [clients.submit(post, n) for n in range(4)]
-            assert wait_until(lambda: "pool_busy_workers 2.0" in http.get("/metrics").text,
+            # Every request has reached the pool (4 x 4 images, queued or running) before
+            # the signal: a client still connecting would be refused by the stopping server.
+            assert wait_until(lambda: "pool_in_flight 16.0" in http.get("/metrics").text,
                               timeout=20), log.read_text()
             os.killpg(process.pid, signal.SIGTERM)
             statuses = [a.result(timeout=60) for a in answers]
