@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_servers import READY_TIMEOUT, app_server  # noqa: E402
-from benchmarks.http_load import multipart_request, sample_jpeg  # noqa: E402
+from benchmarks.http_load import multipart_request, read_answer, sample_jpeg  # noqa: E402
 from benchmarks.proc_cpu import load_average  # noqa: E402
 
 ANSWER_TIMEOUT_S = 60.0
@@ -69,14 +69,7 @@ async def chaos(port: int, image: bytes, args: argparse.Namespace) -> dict[str, 
 
     async def one_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(request)
-        status = int((await reader.readline()).split()[1])
-        length, retry = 0, 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-            elif line[:12].lower() == b"retry-after:":
-                retry = int(line[12:])
-        await reader.readexactly(length)
+        status, retry = await read_answer(reader)
         answers.append((loop.time() - start, status))
         if status == 503:  # a polite client: back after Retry-After
             await asyncio.sleep(min(retry, max(0.0, end - loop.time())))

@@ -114,3 +114,17 @@ def pool_caller(pool: Any, item: Any) -> Callable[[], Awaitable[Callable[[], Awa
         return call
 
     return connect
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, int]:
+    """Read one HTTP/1.1 answer with a Content-Length; returns its status and its
+    Retry-After in seconds (0 without one)."""
+    status = int((await reader.readline()).split()[1])
+    length, retry = 0, 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+        elif line[:12].lower() == b"retry-after:":
+            retry = int(line[12:])
+    await reader.readexactly(length)
+    return status, retry

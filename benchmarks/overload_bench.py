@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_servers import READY_TIMEOUT, app_server  # noqa: E402
-from benchmarks.http_load import multipart_request, sample_jpeg  # noqa: E402
+from benchmarks.http_load import multipart_request, read_answer, sample_jpeg  # noqa: E402
 from benchmarks.proc_cpu import load_average, reading, shares  # noqa: E402
 
 SLEEPY = "benchmarks.overload_bench:SleepyEchoWorker"
@@ -88,14 +88,7 @@ async def closed_loop(port: int, request: bytes, clients: int, duration: float) 
     async def one_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         t0 = loop.time()
         writer.write(request)
-        status = int((await reader.readline()).split()[1])
-        length, retry = 0, 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-            elif line[:12].lower() == b"retry-after:":
-                retry = int(line[12:])
-        await reader.readexactly(length)
+        status, retry = await read_answer(reader)
         now = loop.time()
         result.answers.append((now - start, status, now - t0))
         if status == 503:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.bench_servers import READY_TIMEOUT, app_server
-from benchmarks.http_load import multipart_request
+from benchmarks.http_load import multipart_request, read_answer
 
 # ---- overload: bounded latency for the accepted, a fast 503 for the others ----------------
 
@@ -57,14 +57,7 @@ async def overload_load(port: int, image: bytes, clients: int, duration: float,
     async def one_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         t0 = loop.time()
         writer.write(request)
-        status = int((await reader.readline()).split()[1])
-        length, retry = 0, 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-            elif line[:12].lower() == b"retry-after:":
-                retry = int(line[12:])
-        await reader.readexactly(length)
+        status, retry = await read_answer(reader)
         seconds = loop.time() - t0
         if status == 200:
             result.ok.append(seconds)

@@ -145,7 +145,13 @@ def test_a_full_queue_is_a_503_with_retry_after(lm_url):
                                                  stream=True) for _ in range(2)]
             queued = [asyncio.create_task(api.completions.create(
                 model=SERVED, prompt=PROMPT, max_tokens=4)) for _ in range(2)]
-            await asyncio.sleep(0.5)
+            async with httpx.AsyncClient(base_url=lm_url, trust_env=False) as http:
+                for _ in range(200):  # until both wait in the queue (10 s at most)
+                    if "pool_queue_depth 2.0" in (await http.get("/metrics")).text:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("the two requests never reached the queue")
             try:
                 await api.completions.create(model=SERVED, prompt=PROMPT, max_tokens=4)
             except openai.APIStatusError as exc:
