@@ -199,7 +199,8 @@ def build_router(core: ServingCore, guards: Guards = ()) -> APIRouter:
             {"id": m.name, "object": "model", "created": created, "owned_by": OWNER}
             for m in core.models]}
 
-    @router.get("/models/{model_id}")
+    @router.get("/models/{model_id}", responses={
+        404: {"description": "no model is served under this id"}})
     async def retrieve_model(model_id: str) -> Any:
         model = core.model(model_id)
         return {"id": model.name, "object": "model", "created": created, "owned_by": OWNER}
