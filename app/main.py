@@ -17,9 +17,10 @@ from .protocols import PROTOCOLS, renderer_for
 from .protocols.http import install_error_handlers, require_api_key
 from .serving.core import ServedModel, ServingCore
 from .serving.declaration import declaration_of
+from .serving.models_file import ModelsFileError, read_models_file, worker_options
 from .serving.plan import load_worker_class, make_plan, plan_workers
 from .serving.shell import Telemetry
-from .serving.state import ServerState
+from .serving.state import ModelState, ServerState
 from .settings import Settings
 
 __all__ = ["create_app", "load_worker_class", "plan_workers"]
@@ -39,18 +40,24 @@ def create_app(settings: Settings | None = None, *,
             own settings are invalid, or ``DEVICE=cuda`` without a GPU.
     """
     settings = settings or Settings()
-    worker_cls = load_worker_class(settings.worker_class)
-    declaration = declaration_of(worker_cls)
-    state = ServerState(settings, worker_cls, make_plan(settings, worker_cls), on_fatal)
+    # The metrics read the state when scraped (it is built next).
+    metrics = Metrics(lambda: state.all_stats(),
+                      lambda: {name: m.random_weight_workers()
+                               for name, m in state.models.items()},
+                      workers_planned=lambda: state.workers_planned(),
+                      failed_to_start=lambda: state.failed_to_start())
+    models, default = served_models(settings, metrics.refused_by)
+    state = ServerState(settings, [m for m, _ in models], default, on_fatal)
     state.telemetry = Telemetry(settings.log_format, tracing.enable())
-    metrics = Metrics(state.pool_stats, state.random_weight_workers,
-                      workers_planned=lambda: len(state.plan.configs),
-                      failed_to_start=lambda: len(state.spawn_failures))
-    core = ServingCore(state, [ServedModel(state.plan.served_name, state.plan.model_name,
-                                           declaration)], metrics)
+    core = ServingCore(state, [served for _, served in models], metrics)
+    main = state.main
+    summary = (f"{main.plan.model_name} ({main.worker_cls.__name__}) behind a "
+               "stateful_pool.SPool" if len(models) == 1 else
+               f"{len(models)} models ({', '.join(state.models)}), each behind its own "
+               "stateful_pool.SPool")
     app = FastAPI(
         title="stateful-pool inference server",
-        summary=f"{state.plan.model_name} ({worker_cls.__name__}) behind a stateful_pool.SPool",
+        summary=summary,
         lifespan=state.lifespan,
     )
     app.state.server = state
@@ -71,5 +78,42 @@ def create_app(settings: Settings | None = None, *,
         app.add_middleware(tracing.TracingMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,
                        known_paths=lambda: known_paths, render_for=render_for,
-                       refuse_now=core.refuse_now, reserve=core.shedder.reserve)
+                       refuse_now=core.refuse_now, reserve=core.reserve)
     return app
+
+
+def served_models(settings: Settings, refused: Callable[[str], None] = lambda reason: None
+                  ) -> tuple[list[tuple[ModelState, ServedModel]], str]:
+    """Each model's state and its face to the protocols, and the default model's name: those
+    of ``MODELS_FILE``, else the one model of the settings. ``refused``: counts a request
+    refused, by reason.
+
+    Raises:
+        ValueError: a worker class cannot be imported or declares its types wrongly, its
+            settings are invalid, a device does not exist (the message names the model).
+    """
+    if settings.models_file is None:
+        worker_cls = load_worker_class(settings.worker_class)
+        declaration = declaration_of(worker_cls)
+        plan = make_plan(settings, worker_cls)
+        state = ModelState(plan.served_name, settings, worker_cls, plan, refused=refused)
+        return [(state, ServedModel(plan.served_name, plan.model_name, declaration))], \
+            plan.served_name
+    entries, default = read_models_file(settings.models_file, settings)
+    models = []
+    for entry in entries:
+        where = f"{settings.models_file}: [models.{entry.name}]"
+        try:
+            worker_cls = load_worker_class(entry.settings.worker_class)
+            declaration = declaration_of(worker_cls)
+            options = worker_options(worker_cls, entry.worker_settings, where)
+            plan = make_plan(entry.settings, worker_cls, devices=entry.devices,
+                             options=options)
+        except ModelsFileError:
+            raise
+        except ValueError as exc:
+            raise ModelsFileError(f"{where} {exc}") from None
+        state = ModelState(entry.name, entry.settings, worker_cls, plan, refused=refused)
+        models.append((state, ServedModel(entry.name, plan.model_name, declaration)))
+    models.sort(key=lambda pair: pair[0].name != default)
+    return models, default

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         case_sensitive=False, extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
+    models_file: str | None = Field(
+        None, description="a TOML file of several models to serve, each with its own workers "
+                          "and devices (docs/MODELS.md); unset: one model, from the settings "
+                          "below")
     model_name: str | None = Field(
         None, description="the model the worker loads; unset: the worker's default_model")
     served_model_name: str | None = Field(

@@ -6,7 +6,7 @@ pool's figures are read when scraped rather than pushed on every task.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -30,63 +30,74 @@ CHUNK_BUCKETS = (0, 1, 4, 16, 64, 256, 1024, 4096, 16384)
 
 
 class PoolCollector(Collector):
-    """Exposes a pool snapshot; ``stats`` returns None before the pool exists."""
+    """Exposes a snapshot of each model's pool. ``stats`` maps a model's name to its pool's
+    snapshot (None before the pool exists). With several models every series has a
+    ``model`` label; a server of one model leaves it out, so its series are those of any
+    single-pool server."""
 
-    def __init__(self, stats: Callable[[], PoolStats | None],
-                 random_weights: Callable[[], list[int]] = list) -> None:
+    def __init__(self, stats: Callable[[], Mapping[str, PoolStats | None]],
+                 random_weights: Callable[[], Mapping[str, list[int]]] = dict) -> None:
         self._stats = stats
         self._random = random_weights
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats()
-        if s is None:
+        snapshots = {name: s for name, s in self._stats().items() if s is not None}
+        if not snapshots:
             return
-        yield GaugeMetricFamily("pool_queue_depth", "Tasks waiting for a worker", s.queue_depth)
-        yield GaugeMetricFamily("pool_in_flight", "Tasks queued or running", s.in_flight)
-        yield GaugeMetricFamily("pool_busy_workers", "Workers running a task", s.busy_workers)
-        states = GaugeMetricFamily("pool_workers", "Workers by state", labels=["state"])
-        for state in WorkerState:
-            states.add_metric([state], sum(w.state == state for w in s.workers))
-        yield states
-        info = GaugeMetricFamily(
-            "pool_worker_info", "One series per worker: where it runs and its state",
-            labels=["worker_id", "state", "host", "node", "gpu_ids"])
-        for w in s.workers:
-            info.add_metric([str(w.worker_id), w.state, w.host or "", w.node or "",
-                             ",".join(map(str, w.gpu_ids))], 1)
-        yield info
-        restart_in = GaugeMetricFamily(
-            "pool_worker_restart_in_seconds", "Seconds until a down worker's next start "
-            "attempt (restarting, or backing off after a crash loop)", labels=["worker_id"])
-        for w in s.workers:
-            if w.restart_in is not None:
-                restart_in.add_metric([str(w.worker_id)], w.restart_in)
-        yield restart_in
-        yield CounterMetricFamily("pool_worker_restarts", "Worker respawns after a crash",
-                                  s.restarts)
-        tasks = CounterMetricFamily("pool_tasks", "Tasks by outcome", labels=["outcome"])
-        for outcome in ("submitted", "completed", "failed", "cancelled", "timed_out"):
-            tasks.add_metric([outcome], getattr(s, outcome))
-        yield tasks
-        yield batch_size_histogram(s)
+        labelled = len(self._stats()) > 1
+        extra = ["model"] if labelled else []
+        random = self._random()
+
+        def family(kind: Any, name: str, doc: str, labels: Sequence[str] = ()) -> Any:
+            return kind(name, doc, labels=[*extra, *labels])
+
+        def add(metric: Any, model: str, labels: Sequence[str], *values: Any) -> None:
+            metric.add_metric([model, *labels] if labelled else list(labels), *values)
+
+        queue = family(GaugeMetricFamily, "pool_queue_depth", "Tasks waiting for a worker")
+        in_flight = family(GaugeMetricFamily, "pool_in_flight", "Tasks queued or running")
+        busy = family(GaugeMetricFamily, "pool_busy_workers", "Workers running a task")
+        states = family(GaugeMetricFamily, "pool_workers", "Workers by state", ["state"])
+        info = family(GaugeMetricFamily, "pool_worker_info", "One series per worker: where it "
+                      "runs and its state", ["worker_id", "state", "host", "node", "gpu_ids"])
+        restart_in = family(
+            GaugeMetricFamily, "pool_worker_restart_in_seconds", "Seconds until a down "
+            "worker's next start attempt (restarting, or backing off after a crash loop)",
+            ["worker_id"])
+        restarts = family(CounterMetricFamily, "pool_worker_restarts",
+                          "Worker respawns after a crash")
+        tasks = family(CounterMetricFamily, "pool_tasks", "Tasks by outcome", ["outcome"])
+        batches = family(HistogramMetricFamily, "pool_batch_size", "Tasks per execute_batch "
+                         "call")
         # Queue wait against run time: a long queue and a slow model look different here.
-        wait = HistogramMetricFamily(
-            "pool_queue_wait_seconds", "Time a task waited for a worker (submission to start)")
-        wait.add_metric([], *histogram_buckets(s.queue_wait))
-        yield wait
-        run = HistogramMetricFamily(
-            "pool_task_run_seconds", "Time a task took on its worker (start to result)",
-            labels=["worker_id"])
-        for w in s.workers:
-            run.add_metric([str(w.worker_id)], *histogram_buckets(w.run_time))
-        yield run
-        random = GaugeMetricFamily(
-            "model_random_weights", "1 while a worker serves RANDOM weights (meaningless "
-            "predictions), else 0", labels=["worker_id"])
-        on_random = set(self._random())
-        for w in s.workers:
-            random.add_metric([str(w.worker_id)], int(w.worker_id in on_random))
-        yield random
+        wait = family(HistogramMetricFamily, "pool_queue_wait_seconds",
+                      "Time a task waited for a worker (submission to start)")
+        run = family(HistogramMetricFamily, "pool_task_run_seconds",
+                     "Time a task took on its worker (start to result)", ["worker_id"])
+        on_random = family(GaugeMetricFamily, "model_random_weights", "1 while a worker serves "
+                           "RANDOM weights (meaningless predictions), else 0", ["worker_id"])
+        for model, s in snapshots.items():
+            add(queue, model, (), s.queue_depth)
+            add(in_flight, model, (), s.in_flight)
+            add(busy, model, (), s.busy_workers)
+            for state in WorkerState:
+                add(states, model, [state], sum(w.state == state for w in s.workers))
+            random_ids = set(random.get(model, ()))
+            for w in s.workers:
+                worker = str(w.worker_id)
+                add(info, model, [worker, w.state, w.host or "", w.node or "",
+                                  ",".join(map(str, w.gpu_ids))], 1)
+                if w.restart_in is not None:
+                    add(restart_in, model, [worker], w.restart_in)
+                add(run, model, [worker], *histogram_buckets(w.run_time))
+                add(on_random, model, [worker], int(w.worker_id in random_ids))
+            add(restarts, model, (), s.restarts)
+            for outcome in ("submitted", "completed", "failed", "cancelled", "timed_out"):
+                add(tasks, model, [outcome], getattr(s, outcome))
+            add(batches, model, (), *batch_size_buckets(s))
+            add(wait, model, (), *histogram_buckets(s.queue_wait))
+        yield from (queue, in_flight, busy, states, info, restart_in, restarts, tasks, batches,
+                    wait, run, on_random)
 
 
 def histogram_buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
@@ -99,20 +110,20 @@ def histogram_buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
     return buckets, h.sum
 
 
-def batch_size_histogram(s: PoolStats) -> HistogramMetricFamily:
-    buckets = [(str(bound), sum(n for size, n in s.batch_size_hist.items() if size <= bound))
-               for bound in BATCH_BUCKETS]
+def batch_size_buckets(s: PoolStats) -> tuple[list[tuple[str, float]], float]:
+    """The batch-size histogram's cumulative buckets and sum."""
+    buckets: list[tuple[str, float]] = [
+        (str(bound), sum(n for size, n in s.batch_size_hist.items() if size <= bound))
+        for bound in BATCH_BUCKETS]
     buckets.append(("+Inf", s.batches))
-    return HistogramMetricFamily(
-        "pool_batch_size", "Tasks per execute_batch call", buckets=buckets,
-        sum_value=s.batch_size_mean * s.batches)
+    return buckets, s.batch_size_mean * s.batches
 
 
 class Metrics:
     """The app's registry and its HTTP instruments."""
 
-    def __init__(self, pool_stats: Callable[[], PoolStats | None],
-                 random_weights: Callable[[], list[int]] = list,
+    def __init__(self, pool_stats: Callable[[], Mapping[str, PoolStats | None]],
+                 random_weights: Callable[[], Mapping[str, list[int]]] = dict,
                  workers_planned: Callable[[], int] | None = None,
                  failed_to_start: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry()

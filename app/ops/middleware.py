@@ -80,8 +80,9 @@ class RequestContextMiddleware:
     and answers any unhandled error 500 in JSON (the traceback goes to the log only)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], set[str]],
-                 render_for: RenderFor, refuse_now: Callable[[], ServingError | None],
-                 reserve: Callable[[], AbstractContextManager[None]] = nullcontext):
+                 render_for: RenderFor, refuse_now: Callable[[str], ServingError | None],
+                 reserve: Callable[[str], AbstractContextManager[None]] = (
+                     lambda path: nullcontext())):
         self.app = app
         self.reserve = reserve
         self.metrics = metrics
@@ -123,11 +124,11 @@ class RequestContextMiddleware:
             # (``LoadShedder``).
             if scope["method"] != "POST":
                 await self.app(scope, receive, send_with_id)
-            elif (refused := self.refuse_now()) is not None:
+            elif (refused := self.refuse_now(scope["path"])) is not None:
                 await answer(refused)
             else:
                 # Counted from now, while its body is read: the next ones see it ahead.
-                with self.reserve():
+                with self.reserve(scope["path"]):
                     await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             # Only uvicorn cancels a request task: on shutdown, once SHUTDOWN_TIMEOUT_S has

@@ -5,7 +5,8 @@ and errors in its own shape.
 ``probes`` (``/healthz``, ``/readyz``, ``/metrics``, ``/v1/model``), ``predict``
 (``POST /predict``: uploads or a JSON body, errors ``{"detail"}``), ``v2`` and ``v2_tensors``
 (KServe v2 / Open Inference Protocol, errors ``{"error"}``), ``generate`` (Triton's generate
-extension), ``sse`` (server-sent events for streamed answers), ``schemas`` (response bodies).
+extension), ``openai`` (the OpenAI API), ``admin`` (reloading a model under load), ``sse``
+(server-sent events for streamed answers), ``schemas`` (response bodies).
 
 Adding a protocol is a module that defines ``PROTOCOL`` and one line in ``PROTOCOLS``.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import generate, openai, predict, probes, v2
+from . import admin, generate, openai, predict, probes, v2
 from .http import Protocol, Renderer, detail_response
 
 PROTOCOLS: tuple[Protocol, ...] = (
@@ -23,6 +24,7 @@ PROTOCOLS: tuple[Protocol, ...] = (
     v2.PROTOCOL,
     generate.PROTOCOL,
     openai.PROTOCOL,
+    admin.PROTOCOL,
 )
 
 

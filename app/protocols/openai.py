@@ -196,7 +196,8 @@ def build_router(core: ServingCore, guards: Guards = ()) -> APIRouter:
     async def list_models() -> Any:
         """The served models, in the shape of OpenAI's model list."""
         return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": created, "owned_by": OWNER}
+            {"id": m.name, "object": "model", "created": created, "owned_by": OWNER,
+             "ready": core.readiness(m) is None}
             for m in core.models]}
 
     @router.get("/models/{model_id}", responses={

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from ..serving.core import ServedModel, ServingCore
 from ..serving.declaration import Declaration, own_docstring
+from ..serving.errors import ServingError
 from .http import (
     DEADLINE_HEADER,
     DeadlineHeader,
@@ -63,8 +64,28 @@ _ERROR_SCHEMA = {"model": ErrorBody}
 
 
 def mount(app: FastAPI, core: ServingCore, guards: Guards) -> None:
+    """Each model at ``/models/{name}/predict``; the default one also at its route
+    (``/predict``), and every other model at a route of its own that no model shares."""
+    routes = [model.declaration.route for model in core.models]
     for model in core.models:
-        add_inference_route(app.router, model, guards)
+        route = model.declaration.route
+        if model is core.default or (route != "/predict" and routes.count(route) == 1):
+            add_inference_route(app.router, model, guards)
+    for model in core.models:
+        add_inference_route(app.router, model, guards, path=model_path(model.name),
+                            operation_id=f"predict_{model.name}")
+
+    async def unknown_model(name: str) -> None:
+        core.model(name)  # raises the 404 that names the served models
+        raise ServingError(405, f"POST /models/{name}/predict is served above")  # not reached
+
+    app.router.add_api_route(
+        model_path("{name}"), unknown_model, methods=["POST"], include_in_schema=False,
+        dependencies=[Depends(g) for g in guards])
+
+
+def model_path(name: str) -> str:
+    return f"/models/{name}/predict"
 
 
 async def check_form(request: Request, single_fields: Sequence[str],
@@ -89,9 +110,11 @@ async def check_form(request: Request, single_fields: Sequence[str],
 
 
 def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
-                        guards: Sequence[Callable[..., Any]] = ()) -> None:
-    """Add ``POST route`` for the model, typed by its declaration; ``guards``: dependencies
-    (the API key). A bare declaration is served under its worker's class name."""
+                        guards: Sequence[Callable[..., Any]] = (), *, path: str | None = None,
+                        operation_id: str = "predict") -> None:
+    """Add ``POST path`` (default: the worker's ``route``) for the model, typed by its
+    declaration; ``guards``: dependencies (the API key). A bare declaration is served under
+    its worker's class name."""
     if isinstance(model, Declaration):
         name = model.worker_cls.__qualname__
         model = ServedModel(name, name, model)
@@ -190,11 +213,12 @@ def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
                            "with `data: {\"detail\": ...}` for an error after the first chunk",
             **event_stream_docs(chunks, "one chunk: the JSON of each event's data line")}
     router.add_api_route(
-        decl.route, endpoint, methods=["POST"], response_model=decl.answer_type,
+        path or decl.route, endpoint, methods=["POST"], response_model=decl.answer_type,
         responses=responses,
-        dependencies=[Depends(g) for g in guards], tags=["inference"], name="predict",
-        operation_id="predict",
-        summary=f"Run {decl.worker_cls.__name__}", description=doc)
+        dependencies=[Depends(g) for g in guards], tags=["inference"], name=operation_id,
+        operation_id=operation_id,
+        summary=f"Run {decl.worker_cls.__name__}" + (
+            f" ({served.name})" if path is not None else ""), description=doc)
 
 
 PROTOCOL = Protocol("predict", mount, detail_response)

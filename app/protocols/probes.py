@@ -43,8 +43,16 @@ def build_router(core: ServingCore, guards: Guards = ()) -> APIRouter:
             return detail_response(error)
         ready, total = core.state.worker_counts()
         degraded = core.state.degraded_reason()
+        models = None
+        if len(core.models) > 1:
+            models = {}
+            for name, model in core.state.models.items():
+                serving, planned = model.worker_counts()
+                models[name] = {"ready": serving > 0, "workers_ready": serving,
+                                "workers": planned, "reason": model.degraded_reason()}
         return {"status": "degraded" if degraded else "ready", "reason": degraded,
-                "workers_ready": ready, "workers": total, **core.state.weights_summary()}
+                "workers_ready": ready, "workers": total, **core.state.weights_summary(),
+                "models": models}
 
     @router.get("/metrics", tags=["probes"], response_class=Response)
     async def metrics() -> Response:
@@ -54,8 +62,16 @@ def build_router(core: ServingCore, guards: Guards = ()) -> APIRouter:
     @router.get("/v1/model", response_model=ModelInfo, tags=["inference"],
                 dependencies=[Depends(g) for g in guards])
     async def model_info(request: Request) -> Any:
-        """What is served: model, weights and device of each worker, batching settings."""
+        """What is served (the default model, with several): model, weights and device of
+        each worker, batching settings."""
         return core.state.model_info()
+
+    @router.get("/models/{name}", response_model=ModelInfo, tags=["inference"],
+                dependencies=[Depends(g) for g in guards],
+                responses={404: {"model": ErrorBody, "description": "no such model"}})
+    async def named_model_info(name: str) -> Any:
+        """One served model: its readiness, weights, devices, batching and workers."""
+        return core.state_of(core.model(name)).model_info()
 
     return router
 

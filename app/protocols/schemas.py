@@ -18,6 +18,13 @@ class Health(BaseModel):
     status: str
 
 
+class ModelReadiness(BaseModel):
+    ready: bool = Field(description="a worker of this model can take a task now")
+    workers_ready: int
+    workers: int
+    reason: str | None = Field(None, description="when not ready or degraded: why")
+
+
 class Readiness(BaseModel):
     status: str = Field(description="ready, or degraded while fewer workers serve than "
                                     "planned (the server still takes requests)")
@@ -28,6 +35,8 @@ class Readiness(BaseModel):
     weights: str = Field(description="what the workers loaded: pretrained, checkpoint, random")
     random_weights: bool = Field(
         description="true when a worker serves RANDOM weights: its answers are meaningless")
+    models: dict[str, ModelReadiness] | None = Field(
+        None, description="with several models: each one's readiness, by served name")
 
 
 class WorkerInfo(BaseModel):
@@ -55,6 +64,9 @@ class Batching(BaseModel):
 
 class ModelInfo(BaseModel):
     model: str = Field(description="MODEL_NAME: what the workers load")
+    ready: bool = Field(False, description="a worker can take a task now")
+    workers_ready: int = 0
+    workers_planned: int = 0
     served_model_name: str = Field(
         description="SERVED_MODEL_NAME: what clients call it (the v2 routes' model name)")
     weights: str = Field(description="MODEL_WEIGHTS as configured; per worker: what loaded")

@@ -114,7 +114,7 @@ class V2Model:
         return {"name": self.name, "versions": ["1"], "platform": "stateful-pool",
                 "inputs": [t.metadata() for t in self.inputs],
                 "outputs": [t.metadata() for t in self.outputs],
-                "parameters": core.state.weights_summary()}
+                "parameters": core.state_of(self.served).weights_summary()}
 
     def build_request(self, core: ServingCore, header: dict[str, Any], binary: bytes
                       ) -> tuple[Any, list[str]]:
@@ -289,18 +289,49 @@ def build_v2_router(core: ServingCore, guards: Guards = ()) -> APIRouter:
         error = core.readiness()
         return render(error) if error else JSONResponse({"ready": True})
 
+    # Triton's generate routes serve the models that take a JSON request (app.protocols.generate).
+    extensions = ["binary_tensor_data", "model_repository"] + (
+        ["generate"] if any(not m.declaration.uploads for m in core.models) else [])
+
     @router.get("")
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "stateful-pool", "version": __version__,
-                "extensions": ["binary_tensor_data"]}
+        return {"name": "stateful-pool", "version": __version__, "extensions": extensions}
 
     async def model_metadata(name: str, version: str | None = None) -> Response:
         return JSONResponse(model_named(name, version).metadata(core))
 
     async def model_ready(name: str, version: str | None = None) -> Response:
-        model_named(name, version)
-        error = core.readiness()
+        model = model_named(name, version)
+        error = core.readiness(model.served)
         return render(error) if error else JSONResponse({"name": name, "ready": True})
+
+    @router.post("/repository/index", dependencies=guarded, responses=error_docs_v2(401))
+    async def repository_index(request: Request) -> Response:
+        """Triton's model repository extension: every served model, its version and state
+        (``READY``, or ``UNAVAILABLE`` with the reason). A body ``{"ready": true}`` lists
+        only the ready ones."""
+        only_ready = False
+        body = await request.body()
+        if body.strip():
+            try:
+                options = json.loads(body)
+            except ValueError:
+                raise ServingError(400, "the repository index takes a JSON object, such as "
+                                        '{"ready": true}, or no body') from None
+            if not isinstance(options, dict) or not isinstance(options.get("ready", False),
+                                                                 bool):
+                raise ServingError(400, '"ready" must be true or false')
+            only_ready = options.get("ready", False)
+        index = []
+        for served in core.models:
+            error = core.readiness(served)
+            entry = {"name": served.name, "version": "1",
+                     "state": "UNAVAILABLE" if error else "READY"}
+            if error:
+                entry["reason"] = error.message
+            if not (only_ready and error):
+                index.append(entry)
+        return JSONResponse(index)
 
     async def infer(request: Request, name: str, version: str | None = None,
                     deadline_s: DeadlineHeader = None) -> Response:

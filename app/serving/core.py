@@ -38,6 +38,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,14 +54,13 @@ from ..settings import Settings
 from .declaration import Declaration, validation_error
 from .errors import (
     CLIENT_CLOSED,
-    LoadShedder,
     ServingError,
     refusal_reason,
     serving_error,
     unavailable,
 )
 from .lifetime import ClientDisconnected, Lifetime
-from .state import ServerState
+from .state import ModelState, ServerState
 from .streams import ChunkMismatch, OpenStream
 
 logger = logging.getLogger("app.lifetime")
@@ -130,13 +130,29 @@ class ServingCore:
         self.state = state
         self.models = tuple(models)
         self.metrics = metrics
-        self.shedder = LoadShedder(state.pool_stats, metrics.refused_by,
-                                   state.settings.admission_headroom)
         self._by_name = {model.name: model for model in self.models}
+        self.default = self._by_name.get(state.default, self.models[0])
+        # POST paths that name their model before the body is read, for the refusals made
+        # before it is (``refuse_now``, ``reserve``).
+        self._path_models: dict[str, str] = {}
+        for model in self.models:
+            for path in (f"/models/{model.name}/predict", f"/v2/models/{model.name}/infer",
+                         f"/v2/models/{model.name}/versions/1/infer"):
+                self._path_models[path] = model.name
+        self._path_models[self.default.declaration.route] = self.default.name
 
     @property
     def settings(self) -> Settings:
+        """The server's settings (each model's own: ``model_settings``)."""
         return self.state.settings
+
+    def state_of(self, model: ServedModel) -> ModelState:
+        """The model's current state: its pool, settings and admission (a reload replaces
+        it; a request takes it once, when it starts)."""
+        return self.state.models[model.name]
+
+    def model_settings(self, model: ServedModel) -> Settings:
+        return self.state_of(model).settings
 
     # ---- before a request value exists ------------------------------------------------------
 
@@ -157,8 +173,8 @@ class ServingCore:
                  client_gone: Callable[[], Awaitable[Any]] | None = None) -> Lifetime:
         """A request's deadline (``REQUEST_TIMEOUT_S`` or a client's shorter limit, keyed by
         how the client said it) and how to know the client has gone."""
-        return Lifetime.of(float(self.settings.request_timeout_s), received_at, client_limits,
-                           client_gone)
+        limit = max(m.settings.request_timeout_s for m in self.state.models.values())
+        return Lifetime.of(float(limit), received_at, client_limits, client_gone)
 
     def check_file_count(self, count: int) -> None:
         """Raises ServingError 413 when a request carries more files than ``MAX_FILES``."""
@@ -183,18 +199,37 @@ class ServingCore:
         reason = self.state.unrecoverable_reason()
         return ServingError(503, reason) if reason else None
 
-    def readiness(self) -> ServingError | None:
-        """503 with Retry-After until a worker can take a task, else None."""
-        if not self.state.worker_counts()[0]:
-            return unavailable(self.state.not_ready_reason())
-        return None
+    def readiness(self, model: ServedModel | None = None) -> ServingError | None:
+        """503 with Retry-After until every model (or ``model``) has a worker that can take
+        a task, else None."""
+        if model is not None:
+            state = self.state_of(model)
+            return None if state.worker_counts()[0] else unavailable(state.not_ready_reason())
+        reason = self.state.not_ready()
+        return None if reason is None else unavailable(reason)
 
-    def refuse_now(self) -> ServingError | None:
+    def _model_of_path(self, path: str) -> ModelState | None:
+        if len(self.models) == 1:
+            return self.state.main
+        name = self._path_models.get(path)
+        return None if name is None else self.state.models[name]
+
+    def refuse_now(self, path: str) -> ServingError | None:
         """503 for a request that would be refused once read (it could not finish before
         ``REQUEST_TIMEOUT_S``, or the queue stays full), before its body is read
-        (``LoadShedder``); None otherwise, at the cost of some arithmetic."""
-        return self.shedder.refuse_now(self.settings.queue_size,
-                                       float(self.settings.request_timeout_s))
+        (``LoadShedder``); None otherwise, at the cost of some arithmetic. ``path``: the
+        request's, which names its model (a path that does not is never refused here)."""
+        state = self._model_of_path(path)
+        if state is None:
+            return None
+        settings = state.settings
+        return state.shedder.refuse_now(settings.queue_size, float(settings.request_timeout_s))
+
+    def reserve(self, path: str) -> AbstractContextManager[None]:
+        """Count the request at ``path`` as one item ahead of those that arrive while its
+        body is read (``LoadShedder.reserve``)."""
+        state = self._model_of_path(path)
+        return nullcontext() if state is None else state.shedder.reserve()
 
     def client_left(self, received_at: float | None, during: str) -> ServingError:
         """Count and log a client that left before its answer (``during``: what it left, as
@@ -228,6 +263,9 @@ class ServingCore:
         decl = model.declaration
         if decl.streams:
             return decl.to_answer(value, await self._collect(model, value, lifetime))
+        state = self.state_of(model)
+        settings = state.settings
+        lifetime = lifetime.at_most(settings.request_timeout_s)
         try:
             items = decl.to_items(value)
         except InvalidInputError as exc:
@@ -236,24 +274,25 @@ class ServingCore:
             labels = [f"item {n}" for n in range(1, len(items) + 1)]
         if not items:
             return decl.to_answer(value, [])
-        if len(items) > self.settings.queue_size:
+        if len(items) > settings.queue_size:
             # Its items could never all wait at once: a 503 would have the client retry forever.
             raise ServingError(
                 413, f"{len(items)} items in one request; at most QUEUE_SIZE="
-                     f"{self.settings.queue_size} can wait for a worker: split the request")
+                     f"{settings.queue_size} can wait for a worker: split the request")
+        shedder = state.shedder
         try:
-            pool = self.state.ready_pool()
-            refused = self.shedder.admit(len(items), lifetime.remaining(), lifetime.describe())
+            pool = state.ready_pool()
+            refused = shedder.admit(len(items), lifetime.remaining(), lifetime.describe())
             if refused is not None:
                 raise refused
             calls = lifetime.pool_calls(pool)
-            with self.shedder.hold(len(items)):
+            with state.use(), shedder.hold(len(items)):
                 results = await lifetime.while_connected(execute_all(calls, items, labels))
         except ClientDisconnected:
             raise self.client_left(lifetime.received_at, "; the request's queued tasks were "
                                                          "withdrawn") from None
         except QueueFullError:
-            raise self.shedder.queue_full() from None
+            raise shedder.queue_full() from None
         except TaskTimeoutError:
             self.metrics.expired.inc()
             raise ServingError(504, f"the model did not answer within the request's deadline "
@@ -307,51 +346,72 @@ class ServingCore:
             item = decl.to_stream(value)
         except InvalidInputError as exc:
             raise ServingError(400, str(exc)) from None
-        settings = self.settings
+        state = self.state_of(model)
+        settings = state.settings
+        lifetime = lifetime.at_most(settings.request_timeout_s)
         first_s = lifetime.remaining()
         total_s = first_s if whole else (
             lifetime.received_at + settings.stream_timeout_s - time.monotonic())
-        try:
-            if min(first_s, total_s) <= 0:
-                raise TaskTimeoutError("the request's deadline passed before its stream was "
-                                       "submitted")
-            calls = self.state.ready_pool().with_timeout(total_s).with_stream_timeouts(
-                first_chunk_timeout=None if whole else first_s,
-                chunk_timeout=settings.stream_chunk_timeout).with_context(task_context())
-            source = calls.async_stream(item)
-        except Exception as exc:
-            raise self._stream_refusal(exc, False, lifetime, 0.0, whole) or exc from None
-        ends_at = time.monotonic() + total_s
+        # The stream holds its model's pool until it closes (a reload waits for it).
+        use = state.use()
+        use.__enter__()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                use.__exit__(None, None, None)
+
+        def closed(stream: OpenStream) -> None:
+            release()
+            self._stream_closed(stream)
 
         def refusal(exc: BaseException, started: bool) -> ServingError | None:
-            return self._stream_refusal(exc, started, lifetime, ends_at, whole)
+            return self._stream_refusal(state, exc, started, lifetime, ends_at, whole)
 
-        opened = OpenStream(source, lifetime, model.chunk_adapter, refusal, self._stream_closed)
+        ends_at = 0.0
         try:
-            await opened.open()
-        except ClientDisconnected:
-            raise self.client_left(lifetime.received_at, "; its stream was withdrawn before "
-                                                         "its first chunk") from None
+            try:
+                if min(first_s, total_s) <= 0:
+                    raise TaskTimeoutError("the request's deadline passed before its stream "
+                                           "was submitted")
+                calls = state.ready_pool().with_timeout(total_s).with_stream_timeouts(
+                    first_chunk_timeout=None if whole else first_s,
+                    chunk_timeout=settings.stream_chunk_timeout).with_context(task_context())
+                source = calls.async_stream(item)
+            except Exception as exc:
+                raise refusal(exc, False) or exc from None
+            ends_at = time.monotonic() + total_s
+            opened = OpenStream(source, lifetime, model.chunk_adapter, refusal, closed)
+            try:
+                await opened.open()
+            except ClientDisconnected:
+                raise self.client_left(lifetime.received_at, "; its stream was withdrawn "
+                                                             "before its first chunk") from None
+        except BaseException:
+            release()
+            raise
         if opened.first_chunk_s is not None:
             self.metrics.first_chunk.observe(opened.first_chunk_s)
         return opened
 
-    def _stream_refusal(self, exc: BaseException, started: bool, lifetime: Lifetime,
-                        ends_at: float, whole: bool) -> ServingError | None:
+    def _stream_refusal(self, state: ModelState, exc: BaseException, started: bool,
+                        lifetime: Lifetime, ends_at: float, whole: bool) -> ServingError | None:
         """What ended a stream, as the client should read it; ``started``: after its first
         chunk (an error event then, the status has gone out); ``ends_at``: when its time
         was up; ``whole``: collected into one answer."""
         if isinstance(exc, InvalidInputError):
             return ServingError(400, str(exc))
         if isinstance(exc, QueueFullError):
-            return self.shedder.queue_full()
+            return state.shedder.queue_full()
         if isinstance(exc, TaskTimeoutError):
             self.metrics.expired.inc()
             if not started:
                 return ServingError(504, "the model did not start its answer within the "
                                          f"request's deadline of {lifetime.describe()}; the "
                                          "stream was dropped")
-            settings = self.settings
+            settings = state.settings
             # The pool's timer fires at the limit, or a hair after it.
             if time.monotonic() < ends_at - 0.01:
                 why = (f"wrote no chunk for STREAM_CHUNK_TIMEOUT_S="

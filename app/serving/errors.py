@@ -58,7 +58,7 @@ MEANINGS = {
     400: "an input the model cannot take, or a request that breaks the protocol (the "
          "message names it)",
     401: "API_KEY is set and the bearer token is missing or wrong",
-    404: "no such model: the server serves one model, under its SERVED_MODEL_NAME",
+    404: "no such model: the message names the models the server serves",
     408: "the request body did not arrive within BODY_TIMEOUT_S of the request's start",
     413: "body over MAX_UPLOAD_MB, more than MAX_FILES files (or QUEUE_SIZE items), or too "
          "many pixels",

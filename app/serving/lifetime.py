@@ -23,7 +23,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from stateful_pool import CallOptions, SPool, TaskTimeoutError
@@ -72,6 +72,13 @@ class Lifetime:
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    def at_most(self, limit_s: float) -> Lifetime:
+        """This lifetime, or one cut to ``limit_s`` from arrival (a model's own
+        ``REQUEST_TIMEOUT_S``, shorter than the server's)."""
+        if limit_s >= self.budget_s:
+            return self
+        return replace(self, budget_s=limit_s, source=SERVER_LIMIT)
 
     def pool_calls(self, pool: SPool[Any, Any]) -> CallOptions[Any]:
         """The pool's execute methods with the time left as their timeout.

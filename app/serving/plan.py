@@ -8,6 +8,7 @@ the pool needs).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,21 +84,34 @@ def served_name_for(model_name: str) -> str:
     return last or model_name
 
 
-def make_plan(settings: Settings, worker_cls: type[SWorker[Any, Any]] | None = None
-              ) -> WorkerPlan:
+def make_plan(settings: Settings, worker_cls: type[SWorker[Any, Any]] | None = None, *,
+              devices: Sequence[str] | None = None, options: Any = None) -> WorkerPlan:
     """One worker per visible GPU (or NUM_WORKERS, round-robin over the GPUs); without a
     GPU, CPU workers that split the cores between them. With POOL_BACKEND=ray, one worker per
     GPU of the whole Ray cluster (see app/serving/cluster.py).
+
+    Args:
+        devices: one worker per entry (a models file's ``devices``); CPU workers split the
+            cores between them.
+        options: the worker's own settings, when given (a models file's ``settings``); else
+            read from the environment.
 
     Raises:
         ValueError: ``WORKER_CLASS`` cannot be imported, its settings are invalid, or
             ``DEVICE=cuda`` without a GPU.
     """
     worker_cls = worker_cls or load_worker_class(settings.worker_class)
-    options = worker_options(worker_cls)
+    if options is None:
+        options = worker_options(worker_cls)
     model_name = model_name_for(settings, worker_cls)
     pool_options: dict[str, Any] = {}
-    if settings.pool_backend == "ray":
+    if devices is not None:
+        if settings.pool_backend == "ray":
+            raise ValueError("devices place workers on this machine; with POOL_BACKEND=ray "
+                             "Ray places them (leave devices out)")
+        devices = list(devices)
+        threads = max(1, available_cpus() // max(1, devices.count("cpu") or 1))
+    elif settings.pool_backend == "ray":
         from . import cluster
 
         resources = cluster.connect(settings.ray_address)

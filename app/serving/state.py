@@ -1,8 +1,11 @@
-"""``ServerState``: the pool, what the server knows about its workers, and the lifespan.
+"""What the server knows about its models, their pools and workers, and the lifespan.
 
-One per app. The lifespan creates the ``SPool``, spawns the planned workers in the
-background (so the probes answer while the model loads: ``/readyz`` turns 200 when the
-first worker is ready) and stops them when uvicorn has drained the requests.
+One ``ModelState`` per served model: its settings, its plan, its ``SPool`` and what its
+workers reported. ``ServerState`` holds them (one per app): the lifespan creates every
+model's pool and spawns the planned workers in the background (so the probes answer while
+the models load: ``/readyz`` turns 200 when every model has a ready worker) and stops them
+when uvicorn has drained the requests. ``ServerState.reload`` replaces one model's workers
+while requests flow (``POST /admin/models/{name}/reload``).
 """
 
 from __future__ import annotations
@@ -10,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+from pydantic import ValidationError
+
 from stateful_pool import PoolClosedError, PoolStats, SPool, SWorker, WorkerState
 
 from ..settings import Settings
-from .errors import NotReadyError
+from .errors import LoadShedder, NotReadyError
 from .plan import WorkerPlan
 from .shell import Telemetry, shell_for
 
@@ -29,15 +34,24 @@ READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
 STOP_LOADING_S = 0.5
 
 
-class ServerState:
-    """The pool and what the server knows about its workers; one per app."""
+class ModelState:
+    """One served model: its settings, plan, pool and what its workers reported.
 
-    def __init__(self, settings: Settings, worker_cls: type[SWorker[Any, Any]],
-                 plan: WorkerPlan, on_fatal: Callable[[], None] | None) -> None:
+    Attributes:
+        name: the name clients call it by.
+        settings: the server's settings with the model's own applied (a models file).
+        shedder: its admission (``LoadShedder``): each model has its own queue and rate.
+        retired: set once a reload has replaced it: no new request takes it.
+    """
+
+    def __init__(self, name: str, settings: Settings, worker_cls: type[SWorker[Any, Any]],
+                 plan: WorkerPlan, telemetry: Telemetry | None = None,
+                 refused: Callable[[str], None] = lambda reason: None) -> None:
+        self.name = name
         self.settings = settings
         self.worker_cls = worker_cls
         self.plan = plan
-        self.on_fatal = on_fatal
+        self.telemetry = telemetry or Telemetry(settings.log_format)
         self.pool: SPool[Any, Any] | None = None
         self.spawn_info: dict[int, dict[str, Any]] = {}
         # Planned workers whose spawn failed while others started: retried in the background
@@ -45,7 +59,18 @@ class ServerState:
         self.spawn_failures: dict[int, tuple[str, float]] = {}
         self.spawning = True
         self.startup_error: str | None = None
-        self.telemetry = Telemetry(settings.log_format)
+        self.refused = refused
+        self.shedder = LoadShedder(self.pool_stats, refused, settings.admission_headroom)
+        self.retired = False
+        # Log lines name the model when the server has several ("classifier: worker 0 ...").
+        self.log_prefix = ""
+        # Requests that took this model's pool and have not finished with it: a retired
+        # model's pool stops once none is left.
+        self.users = 0
+        self._no_users = asyncio.Event()
+        self._no_users.set()
+        self._spawning_task: asyncio.Task[bool] | None = None
+        self._retries: asyncio.Future[Any] | None = None
 
     def pool_stats(self) -> PoolStats | None:
         return None if self.pool is None else self.pool.stats()
@@ -87,7 +112,7 @@ class ServerState:
         return "no model worker is ready (restarting after a crash); retry later"
 
     def unrecoverable_reason(self) -> str | None:
-        """Why the server can never serve again (liveness should fail), or None."""
+        """Why this model can never serve again (liveness should fail), or None."""
         if self.startup_error:
             return self.startup_error
         stats = self.pool_stats()
@@ -121,9 +146,13 @@ class ServerState:
                      "restart_in_s": max(0.0, at - now), "last_failure": why}
                     for index, (why, at) in sorted(self.spawn_failures.items())]
         options = self.plan.options
+        ready, planned = self.worker_counts()
         return {
             "model": self.plan.model_name,
             "served_model_name": self.plan.served_name,
+            "ready": ready > 0,
+            "workers_ready": ready,
+            "workers_planned": planned,
             "weights": s.model_weights,
             "random_weights": bool(self.random_weight_workers()),
             "worker_class": s.worker_class,
@@ -138,8 +167,17 @@ class ServerState:
             "workers": workers,
         }
 
-    @asynccontextmanager
-    async def lifespan(self, app: object) -> AsyncIterator[None]:
+    # ---- requests ---------------------------------------------------------------------------
+
+    def use(self) -> _Use:
+        """``with model_state.use():`` around a request's use of the pool, from taking it
+        to its last result: a reload retires the old pool once no request uses it."""
+        return _Use(self)
+
+    # ---- life -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the pool and start spawning its workers in the background."""
         s = self.settings
         configs = self.plan.configs
         self.pool = SPool(
@@ -157,23 +195,40 @@ class ServerState:
             max_batch_wait=s.max_batch_wait_ms / 1000,
             **self.plan.pool_options,
         )
-        logger.info("starting %d %s worker(s) for %s on %s", len(configs), s.worker_class,
-                    self.plan.model_name, ", ".join(c.device for c in configs))
-        spawning = asyncio.create_task(self._spawn_all(self.pool))
-        try:
-            yield
-        finally:
-            spawning.cancel()
-            logger.info("stopping the workers")
-            # uvicorn has drained the HTTP requests by now: a task still queued belongs to a
-            # request that is gone, so it is dropped; running ones may finish, bounded. A
-            # worker still loading its model is not waited for: nothing needs it any more.
-            timeout = STOP_LOADING_S if self.spawning else s.shutdown_timeout_s
-            await asyncio.get_running_loop().run_in_executor(None, partial(
-                self.pool.shutdown, wait=True, cancel_futures=True, timeout=timeout))
-            logger.info("workers stopped")
+        logger.info("%sstarting %d %s worker(s) for %s on %s", self.log_prefix, len(configs),
+                    s.worker_class, self.plan.model_name, ", ".join(c.device for c in configs))
+        self._spawning_task = asyncio.create_task(self._spawn_all(self.pool))
 
-    async def _spawn_all(self, pool: SPool[Any, Any]) -> None:
+    async def started(self) -> bool:
+        """Wait for the first spawn of every planned worker; True if at least one started."""
+        assert self._spawning_task is not None, "start() first"
+        return await asyncio.shield(self._spawning_task)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop the workers: tasks still queued are dropped, running ones may finish within
+        ``timeout`` (default SHUTDOWN_TIMEOUT_S); a worker still loading is not waited for."""
+        for task in (self._spawning_task, self._retries):
+            if task is not None:
+                task.cancel()
+        if self.pool is None:
+            return
+        if timeout is None:
+            timeout = STOP_LOADING_S if self.spawning else self.settings.shutdown_timeout_s
+        await asyncio.get_running_loop().run_in_executor(None, partial(
+            self.pool.shutdown, wait=True, cancel_futures=True, timeout=timeout))
+
+    async def retire(self) -> None:
+        """Stop once the requests that took this model's pool have finished with it."""
+        self.retired = True
+        limit = self.settings.stream_timeout_s + self.settings.shutdown_timeout_s
+        try:
+            await asyncio.wait_for(self._no_users.wait(), limit)
+        except TimeoutError:
+            logger.warning("%s%d request(s) still use the replaced workers after %g s; "
+                           "stopping them", self.log_prefix, self.users, limit)
+        await self.stop(self.settings.shutdown_timeout_s)
+
+    async def _spawn_all(self, pool: SPool[Any, Any]) -> bool:
         configs = self.plan.configs
         outcomes = await asyncio.gather(
             *(pool.async_spawn(self.worker_cls, config, self.telemetry)
@@ -184,18 +239,18 @@ class ServerState:
                 failed.append(config)
         self.spawning = False
         if len(failed) == len(configs):
-            self.startup_error = "no model worker could start: " + "; ".join(
+            self.startup_error = f"no model worker could start ({self.name}): " + "; ".join(
                 f"worker {config.worker_index}: {self.spawn_failures[config.worker_index][0]}"
                 for config in failed)
             self.spawn_failures.clear()
-            logger.critical(self.startup_error)
-            if self.on_fatal is not None:
-                self.on_fatal()
-            return
-        # Some workers serve: the others are tried again, as a crashed worker would be
-        # respawned, with a back-off that grows to RESTART_BACKOFF_MAX_S (a GPU that was
-        # busy or short of memory at start-up may be free later).
-        await asyncio.gather(*(self._retry_spawn(pool, config) for config in failed))
+            return False
+        if failed:
+            # Some workers serve: the others are tried again, as a crashed worker would be
+            # respawned, with a back-off that grows to RESTART_BACKOFF_MAX_S (a GPU that was
+            # busy or short of memory at start-up may be free later).
+            self._retries = asyncio.gather(*(self._retry_spawn(pool, config)
+                                             for config in failed))
+        return True
 
     def _note_spawn(self, config: Any, outcome: Any) -> bool:
         """Record what one spawn gave; False if it failed."""
@@ -203,12 +258,13 @@ class ServerState:
         if isinstance(outcome, BaseException):
             why = f"{type(outcome).__name__}: {outcome}"
             self.spawn_failures[index] = (why, time.monotonic())
-            logger.error("worker %d failed to start", index, exc_info=outcome)
+            logger.error("%sworker %d failed to start", self.log_prefix, index, exc_info=outcome)
             return False
         self.spawn_failures.pop(index, None)
         self.spawn_info[index] = outcome if isinstance(outcome, dict) else {
             "spawn_result": repr(outcome)}
-        logger.info("worker %d ready%s", index, ready_details(self.spawn_info[index]))
+        logger.info("%sworker %d ready%s", self.log_prefix, index,
+                    ready_details(self.spawn_info[index]))
         return True
 
     async def _retry_spawn(self, pool: SPool[Any, Any], config: Any) -> None:
@@ -218,8 +274,8 @@ class ServerState:
         while True:
             why, _ = self.spawn_failures[config.worker_index]
             self.spawn_failures[config.worker_index] = (why, time.monotonic() + delay)
-            logger.warning("worker %d: next start attempt in %.0f s", config.worker_index,
-                           delay)
+            logger.warning("%sworker %d: next start attempt in %.0f s", self.log_prefix,
+                           config.worker_index, delay)
             await asyncio.sleep(delay)
             try:
                 outcome = await pool.async_spawn(self.worker_cls, config, self.telemetry)
@@ -230,6 +286,250 @@ class ServerState:
             if self._note_spawn(config, outcome):
                 return
             delay = min(2 * delay, s.restart_backoff_max_s)
+
+
+class _Use:
+    __slots__ = ("model",)
+
+    def __init__(self, model: ModelState) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        model = self.model
+        model.users += 1
+        if model.users == 1:
+            model._no_users.clear()
+
+    def __exit__(self, *exc_info: object) -> None:
+        model = self.model
+        model.users -= 1
+        if not model.users:
+            model._no_users.set()
+
+
+class ReloadError(Exception):
+    """A reload that could not happen; ``status``: 404, 409 or 500 (its new workers failed
+    to start: the old ones serve on)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ServerState:
+    """Every served model's state, and the server's lifespan; one per app.
+
+    Attributes:
+        models: the served models by name, the default one first; a reload replaces an
+            entry (a request looks its model up once, when it starts).
+        default: the name of the model ``/predict`` serves.
+    """
+
+    def __init__(self, settings: Settings, models: Sequence[ModelState], default: str,
+                 on_fatal: Callable[[], None] | None) -> None:
+        self.settings = settings
+        self.models: dict[str, ModelState] = {m.name: m for m in models}
+        if len(self.models) > 1:
+            for model in models:
+                model.log_prefix = f"{model.name}: "
+        self.default = default
+        self.on_fatal = on_fatal
+        self.reloading: set[str] = set()
+        # Models whose new workers are starting (a reload), stopped if the server stops.
+        self._replacing: dict[str, ModelState] = {}
+        # Replaced models whose old workers finish their requests (retire task -> model).
+        self._retiring: dict[asyncio.Task[None], ModelState] = {}
+
+    # The default model, for a server of one (and the code written for it).
+    @property
+    def main(self) -> ModelState:
+        return self.models[self.default]
+
+    @property
+    def pool(self) -> SPool[Any, Any] | None:
+        return self.main.pool
+
+    @property
+    def worker_cls(self) -> type[SWorker[Any, Any]]:
+        return self.main.worker_cls
+
+    @property
+    def plan(self) -> WorkerPlan:
+        return self.main.plan
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.main.telemetry
+
+    @telemetry.setter
+    def telemetry(self, value: Telemetry) -> None:
+        for model in self.models.values():
+            model.telemetry = value
+
+    @property
+    def spawning(self) -> bool:
+        return any(m.spawning for m in self.models.values())
+
+    def pool_stats(self) -> PoolStats | None:
+        return self.main.pool_stats()
+
+    def all_stats(self) -> dict[str, PoolStats | None]:
+        return {name: m.pool_stats() for name, m in self.models.items()}
+
+    def worker_counts(self) -> tuple[int, int]:
+        """(workers ready to take a task now, workers planned), over every model."""
+        counts = [m.worker_counts() for m in self.models.values()]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def workers_planned(self) -> int:
+        return sum(len(m.plan.configs) for m in self.models.values())
+
+    def failed_to_start(self) -> int:
+        return sum(len(m.spawn_failures) for m in self.models.values())
+
+    def _labelled(self, reasons: list[tuple[str, str]]) -> str:
+        if len(self.models) == 1:
+            return "; ".join(reason for _, reason in reasons)
+        return "; ".join(f"model {name!r}: {reason}" for name, reason in reasons)
+
+    def not_ready(self) -> str | None:
+        """Why some model has no worker ready (readiness fails), or None."""
+        reasons = [(m.name, m.not_ready_reason()) for m in self.models.values()
+                   if not m.worker_counts()[0]]
+        return self._labelled(reasons) if reasons else None
+
+    def not_ready_reason(self) -> str:
+        return self.not_ready() or "every model is ready"
+
+    def degraded_reason(self) -> str | None:
+        reasons = [(m.name, why) for m in self.models.values()
+                   if (why := m.degraded_reason()) is not None]
+        return self._labelled(reasons) if reasons else None
+
+    def unrecoverable_reason(self) -> str | None:
+        """Why the server can never serve one of its models again (liveness fails), or None."""
+        reasons = [(m.name, why) for m in self.models.values()
+                   if (why := m.unrecoverable_reason()) is not None]
+        return self._labelled(reasons) if reasons else None
+
+    def random_weight_workers(self) -> list[int]:
+        return self.main.random_weight_workers()
+
+    def weights_summary(self) -> dict[str, Any]:
+        return self.main.weights_summary()
+
+    def model_info(self) -> dict[str, Any]:
+        return self.main.model_info()
+
+    # ---- the lifespan -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
+        for model in self.models.values():
+            model.start()
+        watch = asyncio.create_task(self._watch_startup())
+        try:
+            yield
+        finally:
+            watch.cancel()
+            logger.info("stopping the workers")
+            # uvicorn has drained the HTTP requests by now: a task still queued belongs to a
+            # request that is gone, so it is dropped; running ones may finish, bounded. A
+            # worker still loading its model is not waited for: nothing needs it any more.
+            for task in self._retiring:
+                task.cancel()
+            await asyncio.gather(*(m.stop() for m in self.models.values()),
+                                 *(m.stop() for m in self._retiring.values()),
+                                 *(m.stop(STOP_LOADING_S) for m in self._replacing.values()))
+            logger.info("workers stopped")
+
+    async def _watch_startup(self) -> None:
+        """A model none of whose workers could start makes the server unable to serve."""
+        models = list(self.models.values())
+        outcomes = await asyncio.gather(*(m.started() for m in models))
+        failed = [m for m, ok in zip(models, outcomes, strict=True) if not ok]
+        if failed:
+            for model in failed:
+                logger.critical("%s", model.startup_error)
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+    # ---- reload -----------------------------------------------------------------------------
+
+    async def reload(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Replace a model's workers while requests flow.
+
+        New workers spawn and warm up beside the old ones; once all of them have started,
+        new requests go to them, while the requests that took the old pool finish there;
+        the old workers stop when the last of those has its answer. No request fails
+        because of the swap. The old workers serve on if the new ones cannot start (out of
+        GPU memory, say): both copies must fit during the swap.
+
+        Args:
+            changes: ``model_name``, ``weights`` (``MODEL_WEIGHTS``) and ``settings`` (the
+                worker's own) to load instead; the rest is kept.
+
+        Raises:
+            ReloadError: 404 unknown model, 409 a reload or the start-up is under way,
+                500 the new workers could not start.
+        """
+        from .models_file import worker_options
+        from .plan import make_plan
+
+        old = self.models.get(name)
+        if old is None:
+            raise ReloadError(404, f"unknown model {name!r}; this server serves "
+                                   f"{', '.join(map(repr, self.models))}")
+        if name in self.reloading:
+            raise ReloadError(409, f"model {name!r} is being reloaded already")
+        if old.spawning:
+            raise ReloadError(409, f"model {name!r} is still starting; reload it once ready")
+        self.reloading.add(name)
+        try:
+            update = {"served_model_name": name}
+            if changes.get("model_name") is not None:
+                update["model_name"] = changes["model_name"]
+            if changes.get("weights") is not None:
+                update["model_weights"] = changes["weights"]
+            try:
+                settings = Settings.model_validate({**old.settings.model_dump(), **update})
+                options = old.plan.options
+                if changes.get("settings") is not None:
+                    options = worker_options(old.worker_cls, {
+                        **({} if options is None else options.model_dump()),
+                        **changes["settings"]}, f"model {name!r}")
+                devices = [c.device for c in old.plan.configs]
+                plan = make_plan(settings, old.worker_cls, devices=devices, options=options)
+            except (ValidationError, ValueError) as exc:
+                raise ReloadError(422, f"cannot reload model {name!r}: {exc}") from None
+            new = ModelState(name, settings, old.worker_cls, plan, old.telemetry, old.refused)
+            new.log_prefix = old.log_prefix
+            began = time.monotonic()
+            self._replacing[name] = new
+            try:
+                new.start()
+                started = await new.started()
+            finally:
+                self._replacing.pop(name, None)
+            if not started or new.spawn_failures:
+                why = new.startup_error or "; ".join(
+                    f"worker {i}: {why}" for i, (why, _) in sorted(new.spawn_failures.items()))
+                await new.stop(STOP_LOADING_S)
+                raise ReloadError(500, f"model {name!r} was not reloaded: its new workers "
+                                       f"could not start ({why}); the old ones serve on")
+            self.models[name] = new  # from here, new requests take the new pool
+            seconds = time.monotonic() - began
+            logger.info("%s: reloaded (%s, weights %s) in %.1f s; the old workers retire once "
+                        "their %d request(s) are answered", name, plan.model_name,
+                        settings.model_weights, seconds, old.users)
+            task = asyncio.create_task(old.retire())
+            self._retiring[task] = old
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
+            return {"model": name, "model_name": plan.model_name,
+                    "weights": settings.model_weights, "workers": len(plan.configs),
+                    "seconds": round(seconds, 3), "retiring_requests": old.users}
+        finally:
+            self.reloading.discard(name)
 
 
 def ready_details(info: dict[str, Any]) -> str:

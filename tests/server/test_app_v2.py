@@ -51,7 +51,8 @@ def predict(http, images: list[bytes], top_k: int) -> list[list[dict]]:
 def test_health_and_metadata_describe_the_served_model(vit):
     _, client = vit
     assert client.is_server_live() and client.is_server_ready()
-    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    assert client.get_server_metadata()["extensions"] == ["binary_tensor_data",
+                                                          "model_repository"]
     assert client.is_model_ready(TINY)
     meta = client.get_model_metadata(TINY)
     assert meta["name"] == TINY
