@@ -26,7 +26,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 from procs import wait_until  # one helper for every test module
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.contract import ImageFile, ImageInput, InvalidInputError, ModelWorker, WorkerConfig
 from app.examples.echo_worker import EchoWorker
@@ -306,6 +306,49 @@ class LengthOneByOne(ModelWorker):
         if not item:
             raise InvalidInputError("an empty text has no length worth computing")
         return len(item)
+
+
+class LoadedRequest(BaseModel):
+    texts: list[str]
+
+
+class LoadedAnswer(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    weights: str
+    texts: list[str]
+
+
+class LoadedNameWorker(ModelWorker):
+    """Answers which model name and weights its worker loaded: shows which workers served a
+    request across a reload. Its spawn takes ``SPAWN_S`` (a warm-up); a model name starting
+    with ``broken`` cannot load; each text takes 5 ms."""
+
+    SPAWN_S = 0.5
+
+    @classmethod
+    def to_items(cls, request: LoadedRequest) -> list[str]:
+        return request.texts
+
+    @classmethod
+    def to_answer(cls, request: LoadedRequest, results: list[tuple[str, str, str]]
+                  ) -> LoadedAnswer:
+        names = {(name, weights) for name, weights, _ in results}
+        assert len(names) == 1, names  # one request's items are served by one model
+        [(name, weights)] = names
+        return LoadedAnswer(model_name=name, weights=weights, texts=[t for *_, t in results])
+
+    def spawn(self, config: WorkerConfig) -> dict[str, Any]:
+        time.sleep(self.SPAWN_S)
+        if config.model_name.startswith("broken"):
+            raise RuntimeError(f"cannot load {config.model_name}: out of memory")
+        self.loaded = (config.model_name, config.weights)
+        return {"pid": os.getpid(), "model": config.model_name, "weights": config.weights}
+
+    def execute_batch(self, items: list[str]) -> list[tuple[str, str, str]]:
+        time.sleep(0.005 * len(items))
+        return [(*self.loaded, item.upper()) for item in items]
 
 
 class BrokenSpawnWorker(EchoWorker):
