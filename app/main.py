@@ -108,7 +108,7 @@ def served_models(settings: Settings, refused: Callable[[str], None] = lambda re
             declaration = declaration_of(worker_cls)
             options = worker_options(worker_cls, entry.worker_settings, where)
             plan = make_plan(entry.settings, worker_cls, devices=entry.devices,
-                             options=options)
+                             options=options, cpu_threads=entry.cpu_threads)
         except ModelsFileError:
             raise
         except ValueError as exc:

@@ -42,10 +42,11 @@ def sample_jpeg() -> bytes:
     return generated_images(1, (500, 375))[0].data
 
 
-def multipart_request(port: int, image: bytes, copies: int = 1) -> bytes:
-    """A whole raw HTTP/1.1 POST /predict of ``copies`` times ``image``."""
+def multipart_request(port: int, image: bytes, copies: int = 1, path: str = "/predict"
+                      ) -> bytes:
+    """A whole raw HTTP/1.1 POST to ``path`` of ``copies`` times ``image``."""
     body, content_type = multipart_body([Upload("bench.jpg", image, "image/jpeg")] * copies)
-    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     return head + body
 
@@ -85,24 +86,33 @@ async def run_load(name: str, make_call: Callable[[], Awaitable[Callable[[], Awa
 
 
 def http_caller(port: int, image: bytes) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:
-    request = multipart_request(port, image)
+    return raw_caller(port, multipart_request(port, image))
+
+
+def raw_caller(port: int, request: bytes
+               ) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:
+    """A caller that sends the whole raw HTTP/1.1 ``request`` again and again on one
+    keep-alive connection; a call is good when answered 200."""
 
     async def connect() -> Callable[[], Awaitable[bool]]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
         async def call() -> bool:
             writer.write(request)
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            status, _ = await read_answer(reader)
             return status == 200
 
         return call
 
     return connect
+
+
+def json_request(port: int, path: str, body: bytes, headers: str = "") -> bytes:
+    """A whole raw HTTP/1.1 POST of a JSON ``body`` to ``path``; ``headers``: more header
+    lines, each ending with CRLF."""
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
 
 
 def pool_caller(pool: Any, item: Any) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:

@@ -16,6 +16,7 @@ A TOML file with one ``[models.NAME]`` table per model; ``NAME`` is what clients
     worker_class = "app.examples.embedder:ImageEmbedder"
     devices = ["cuda:2"]
     settings = { normalize = true }        # the worker's own settings_model
+    cpu_threads = 1                        # torch threads of a CPU worker
 
 A model's table takes the per-model server settings (``MODEL_KEYS``, the names of the
 environment variables in lower case, ``weights`` for ``MODEL_WEIGHTS``); what it leaves out
@@ -62,7 +63,7 @@ MODEL_KEYS: dict[str, str] = {
     "restart_backoff_s": "restart_backoff_s",
     "restart_backoff_max_s": "restart_backoff_max_s",
 }
-OTHER_KEYS = ("devices", "settings")
+OTHER_KEYS = ("devices", "cpu_threads", "settings")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEVICE = re.compile(r"^(cpu|cuda:\d+)$")
 
@@ -79,6 +80,8 @@ class ModelEntry:
         name: the served name (the table's key).
         settings: the server's settings with the model's own keys applied.
         devices: one worker per entry, or None: as a server of one model would place them.
+        cpu_threads: torch threads of each CPU worker (models sharing the cores split them);
+            None: the cores divided by the model's CPU workers.
         worker_settings: the values for the worker's ``settings_model`` (the environment
             supplies the rest).
     """
@@ -87,6 +90,7 @@ class ModelEntry:
     settings: Settings
     devices: tuple[str, ...] | None = None
     worker_settings: dict[str, Any] | None = None
+    cpu_threads: int | None = None
 
 
 def read_models_file(path: str | Path, base: Settings, gpu_count: int | None = None
@@ -155,12 +159,17 @@ def read_entry(where: str, name: str, table: Any, base: Settings) -> ModelEntry:
             if key in table:
                 raise ModelsFileError(f"{where}: [models.{name}] sets both devices and {key}; "
                                       "devices places every worker already")
+    threads = table.get("cpu_threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise ModelsFileError(f"{where}: [models.{name}] cpu_threads = {threads!r}: give a "
+                              "whole number of at least 1")
     worker_settings = table.get("settings")
     if worker_settings is not None and not isinstance(worker_settings, dict):
         raise ModelsFileError(f"{where}: [models.{name}] settings must be a table of the "
                               "worker's own settings")
     return ModelEntry(name, settings, None if devices is None else tuple(devices),
-                      worker_settings)
+                      worker_settings, threads)
 
 
 def key_of(loc: tuple[Any, ...]) -> str:
@@ -202,17 +211,17 @@ def worker_options(worker_cls: type[SWorker[Any, Any]], values: dict[str, Any] |
     model = getattr(worker_cls, "settings_model", None)
     if model is None:
         if values:
-            raise ModelsFileError(f"{where}: {worker_cls.__qualname__} declares no "
+            raise ModelsFileError(f"{where} {worker_cls.__qualname__} declares no "
                                   "settings_model; remove its settings table")
         return None
     known = set(model.model_fields)
     unknown = sorted(set(values or {}) - known)
     if unknown:
-        raise ModelsFileError(f"{where}: settings: unknown key(s) {', '.join(unknown)}; "
+        raise ModelsFileError(f"{where} settings: unknown key(s) {', '.join(unknown)}; "
                               f"{worker_cls.__qualname__} takes {', '.join(sorted(known))}")
     try:
         return model(**(values or {}))
     except ValidationError as exc:
         problems = "; ".join(f"settings.{'.'.join(map(str, e['loc']))}: {e['msg']}"
                              for e in exc.errors())
-        raise ModelsFileError(f"{where}: {problems}") from None
+        raise ModelsFileError(f"{where} {problems}") from None

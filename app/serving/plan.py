@@ -85,7 +85,8 @@ def served_name_for(model_name: str) -> str:
 
 
 def make_plan(settings: Settings, worker_cls: type[SWorker[Any, Any]] | None = None, *,
-              devices: Sequence[str] | None = None, options: Any = None) -> WorkerPlan:
+              devices: Sequence[str] | None = None, options: Any = None,
+              cpu_threads: int | None = None) -> WorkerPlan:
     """One worker per visible GPU (or NUM_WORKERS, round-robin over the GPUs); without a
     GPU, CPU workers that split the cores between them. With POOL_BACKEND=ray, one worker per
     GPU of the whole Ray cluster (see app/serving/cluster.py).
@@ -95,6 +96,8 @@ def make_plan(settings: Settings, worker_cls: type[SWorker[Any, Any]] | None = N
             cores between them.
         options: the worker's own settings, when given (a models file's ``settings``); else
             read from the environment.
+        cpu_threads: torch threads per CPU worker (a models file's ``cpu_threads``); default:
+            the cores divided between the workers.
 
     Raises:
         ValueError: ``WORKER_CLASS`` cannot be imported, its settings are invalid, or
@@ -133,6 +136,8 @@ def make_plan(settings: Settings, worker_cls: type[SWorker[Any, Any]] | None = N
         count = settings.num_workers or gpus or CPU_WORKERS
         devices = [f"cuda:{index % gpus}" if gpus else "cpu" for index in range(count)]
         threads = max(1, cpus // count)
+    if cpu_threads is not None:
+        threads = cpu_threads
     configs = [
         WorkerConfig(
             worker_index=index,

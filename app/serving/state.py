@@ -498,8 +498,12 @@ class ServerState:
                     options = worker_options(old.worker_cls, {
                         **({} if options is None else options.model_dump()),
                         **changes["settings"]}, f"model {name!r}")
-                devices = [c.device for c in old.plan.configs]
-                plan = make_plan(settings, old.worker_cls, devices=devices, options=options)
+                # The same places as the old workers (Ray places its actors itself).
+                ray = settings.pool_backend == "ray"
+                plan = make_plan(
+                    settings, old.worker_cls, options=options,
+                    devices=None if ray else [c.device for c in old.plan.configs],
+                    cpu_threads=None if ray else old.plan.configs[0].num_threads)
             except (ValidationError, ValueError) as exc:
                 raise ReloadError(422, f"cannot reload model {name!r}: {exc}") from None
             new = ModelState(name, settings, old.worker_cls, plan, old.telemetry, old.refused)
