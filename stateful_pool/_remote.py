@@ -208,15 +208,15 @@ class PoolServer:
         if loop is None or thread is None or not thread.is_alive():
             return
 
-        def stop() -> None:
+        async def stop() -> None:
             if self._server is not None:
                 self._server.close()
             for conn in list(self._conns):
                 conn.drop()
-            loop.stop()
+            await _wind_down(loop)
 
         try:
-            loop.call_soon_threadsafe(stop)
+            asyncio.run_coroutine_threadsafe(stop(), loop)
         except RuntimeError:
             return
         thread.join(timeout=10)
@@ -489,6 +489,18 @@ class _ServerConnection(asyncio.Protocol):
             self.streams.pop(task_id, None)
 
 
+async def _wind_down(loop: asyncio.AbstractEventLoop) -> None:
+    """Let closed transports finish closing, cancel what is left, stop the loop."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+    me = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks(loop) if task is not me]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+    loop.stop()
+
+
 def _withdraw(task: Any) -> None:
     """Its caller is gone: a queued task leaves the queue, a running one is abandoned (the
     pool's shutdown does not wait for it)."""
@@ -613,7 +625,7 @@ class PoolClient:
             hello = protocol.hello = loop.create_future()
             await loop.create_unix_connection(lambda: protocol, sock=sock)
             await asyncio.wait_for(hello, _CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             sock.close()
             raise ServerGoneError(f"no pool server answers at {self.path}: {exc!r}") from None
 
@@ -792,21 +804,22 @@ class PoolClient:
         if loop is None or loop.is_closed():
             return
 
-        def shut() -> None:
-            if self._transport is not None:
-                self._transport.close()
-            if self._own_thread is not None:
-                loop.stop()
+        transport = self._transport
+        if self._own_thread is None:  # the caller's loop reads the socket: it goes on
+            if transport is not None:
+                loop.call_soon_threadsafe(transport.close)
+            return
 
-        if self._on_loop():
-            shut()
-        else:
-            try:
-                loop.call_soon_threadsafe(shut)
-            except RuntimeError:
-                return
-            if self._own_thread is not None:
-                self._own_thread.join(timeout=10)
+        async def shut() -> None:
+            if transport is not None:
+                transport.close()
+            await _wind_down(loop)
+
+        try:
+            asyncio.run_coroutine_threadsafe(shut(), loop)
+        except RuntimeError:
+            return
+        self._own_thread.join(timeout=10)
 
     def __enter__(self) -> PoolClient:
         return self
