@@ -26,9 +26,9 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from .main import create_app
-from .serving.frontends import api_processes, supervise
 from .ops.connections import bounded_http_protocol, make_room_for
 from .ops.logs import configure_logging
+from .serving.frontends import api_processes, supervise
 from .settings import Settings
 
 
