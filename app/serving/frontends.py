@@ -57,7 +57,6 @@ API_PROCESSES_ENV = "API_PROCESSES"
 LISTEN_FD_ENV = "SPOOL_LISTEN_FD"
 POOL_SOCKET_ENV = "SPOOL_POOL_SOCKET"
 POOL_KEY_FILE_ENV = "SPOOL_POOL_KEY_FILE"
-POOL_NAME_ENV = "SPOOL_POOL_NAME"
 PROCESS_INDEX_ENV = "SPOOL_API_PROCESS"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Seconds between two looks at the API processes (restart a dead one).
@@ -122,7 +121,9 @@ class RemoteServerState(ServerState):
         self.client = await PoolClient.connect_async(
             os.environ[POOL_SOCKET_ENV], Path(os.environ[POOL_KEY_FILE_ENV]).read_bytes(),
             reconnect_interval=None, on_lost=self._owner_lost)
-        self.pool = self.client.pool(os.environ[POOL_NAME_ENV])  # type: ignore[assignment]
+        # Served under the model's name: the owner computed the same plan from the same
+        # settings.
+        self.pool = self.client.pool(self.plan.served_name)  # type: ignore[assignment]
         self._mirror()
 
         async def mirror() -> None:
@@ -314,7 +315,7 @@ async def _supervise(settings: Settings, processes: int, state: ServerState,
     pool_socket = private / "pools.sock"
     env = {**os.environ, LISTEN_FD_ENV: str(listener.fileno()),
            POOL_SOCKET_ENV: str(pool_socket), POOL_KEY_FILE_ENV: str(key_file),
-           POOL_NAME_ENV: state.plan.served_name, METRICS_DIR_ENV: str(metrics_dir)}
+           METRICS_DIR_ENV: str(metrics_dir)}
 
     def start(index: int) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
