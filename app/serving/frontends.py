@@ -155,12 +155,12 @@ def remote_state() -> Iterator[None]:
     """
     from .. import main
 
-    original = main.ServerState
-    main.ServerState = RemoteServerState  # type: ignore[misc]
+    original = vars(main)["ServerState"]
+    setattr(main, "ServerState", RemoteServerState)  # noqa: B010
     try:
         yield
     finally:
-        main.ServerState = original  # type: ignore[misc]
+        setattr(main, "ServerState", original)  # noqa: B010
 
 
 def merged_metrics(metrics: Any, directory: str) -> None:
@@ -173,11 +173,11 @@ def merged_metrics(metrics: Any, directory: str) -> None:
 
     local = metrics.registry
     shared = CollectorRegistry()
-    files = MultiProcessCollector(shared, path=directory)
+    files = MultiProcessCollector(shared, path=directory)  # type: ignore[no-untyped-call]
 
     class Merged(Collector):
         def collect(self) -> Iterator[Any]:
-            merged = [metric for metric in files.collect()
+            merged = [metric for metric in files.collect()  # type: ignore[no-untyped-call]
                       if metric.type in ("counter", "histogram")]
             names = {metric.name for metric in merged}
             yield from merged
