@@ -1,4 +1,6 @@
-"""``python -m app`` / ``spool-serve``: one uvicorn process serving the app on HOST:PORT.
+"""``python -m app`` / ``spool-serve``: one uvicorn process serving the app on HOST:PORT
+(with ``API_PROCESSES=N``, N of them sharing the port and one process owning the workers:
+``app.serving.frontends``).
 
 ``spool-serve --help`` lists every setting; an option sets the environment variable of the
 same name (``--model-name X`` is ``MODEL_NAME=X``). ``spool-serve --download-weights`` loads
@@ -20,11 +22,13 @@ import sys
 from typing import NoReturn
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from .main import create_app
 from .ops.connections import bounded_http_protocol, make_room_for
 from .ops.logs import configure_logging
+from .serving.frontends import api_processes, supervise
 from .settings import Settings
 
 
@@ -43,10 +47,26 @@ def main() -> int:
         server.should_exit = True
 
     try:
+        processes = api_processes(settings)
+    except ValueError as exc:
+        print(f"invalid server settings: {exc}", file=sys.stderr)
+        return 2
+    if processes > 1:
+        # Several API processes on one port, one process owning the workers.
+        return supervise(settings, processes)
+    try:
         app = create_app(settings, on_fatal=stop_on_fatal)
     except ValueError as exc:
         print(f"invalid server settings: {exc}", file=sys.stderr)
         return 2
+    server = uvicorn_server(app, settings)
+    server.run()
+    return 1 if fatal or not server.started else 0
+
+
+def uvicorn_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
+    """The uvicorn server of one API process: connection bound, drain timeout, no access log
+    of uvicorn's own (the app writes its own); SIGINT and SIGTERM drain it."""
     # The drain timeout as given: uvicorn hands it to asyncio.wait_for, which takes any float
     # (its annotation says int; int() made SHUTDOWN_TIMEOUT_S=0.9 no drain at all).
     make_room_for(settings.max_connections)
@@ -61,8 +81,7 @@ def main() -> int:
     # a clean drain into exit status -15; by then there is nothing left to interrupt.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    server.run()
-    return 1 if fatal or not server.started else 0
+    return server
 
 
 def parse_options(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from ._calls import CallOptions
 from ._pool import SPool
+from ._remote import PoolClient, PoolServer, RemotePool, ServerGoneError
 from ._states import TaskState, WorkerState
 from ._stats import Histogram, PoolStats, WorkerStats
 from ._stream import AsyncChunkStream, ChunkStream
@@ -57,13 +58,17 @@ __all__ = [
     "END_OF_STREAM",
     "Histogram",
     "NoWorkersError",
+    "PoolClient",
     "PoolClosedError",
     "PoolError",
+    "PoolServer",
     "PoolStats",
     "QueueFullError",
     "RemoteError",
+    "RemotePool",
     "SPool",
     "SWorker",
+    "ServerGoneError",
     "SpawnError",
     "SpawnTimeoutError",
     "TaskState",

@@ -12,8 +12,9 @@ def test_public_names():
     assert stateful_pool.__all__ == sorted(stateful_pool.__all__)
     assert set(stateful_pool.__all__) == {
         "AsyncChunkStream", "CallOptions", "ChunkStream", "END_OF_STREAM", "Histogram",
-        "NoWorkersError", "PoolClosedError", "PoolError", "PoolStats",
-        "QueueFullError", "RemoteError", "SPool", "SWorker", "SpawnError", "SpawnTimeoutError",
+        "NoWorkersError", "PoolClient", "PoolClosedError", "PoolError", "PoolServer",
+        "PoolStats", "QueueFullError", "RemoteError", "RemotePool", "SPool", "SWorker",
+        "ServerGoneError", "SpawnError", "SpawnTimeoutError",
         "TaskState", "TaskTimeoutError", "WorkerCrashedError", "WorkerState", "WorkerStats",
         "current_contexts",
     }
