@@ -27,13 +27,16 @@ __all__ = ["create_app", "load_worker_class", "plan_workers"]
 
 
 def create_app(settings: Settings | None = None, *,
-               on_fatal: Callable[[], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[], None] | None = None,
+               state_cls: type[ServerState] = ServerState) -> FastAPI:
     """Build the server.
 
     Args:
         settings: the configuration; default read from the environment.
         on_fatal: called when no worker could start (``python -m app`` exits with 1);
             without it the server stays up, unready, and ``/healthz`` answers 503.
+        state_cls: what holds the models' pools: ``ServerState`` spawns them; an API
+            process of ``API_PROCESSES=N`` reaches those of the process that owns them.
 
     Raises:
         ValueError: ``WORKER_CLASS`` cannot be imported or declares its types wrongly, its
@@ -47,7 +50,7 @@ def create_app(settings: Settings | None = None, *,
                       workers_planned=lambda: state.workers_planned(),
                       failed_to_start=lambda: state.failed_to_start())
     models, default = served_models(settings, metrics.refused_by)
-    state = ServerState(settings, [m for m, _ in models], default, on_fatal)
+    state = state_cls(settings, [m for m, _ in models], default, on_fatal)
     state.telemetry = Telemetry(settings.log_format, tracing.enable())
     core = ServingCore(state, [served for _, served in models], metrics)
     main = state.main

@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     max_files: int = Field(16, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, le=PILLOW_PIXEL_CEILING)
     api_key: SecretStr | None = None
+    api_processes: int = Field(
+        1, ge=1, le=256,
+        description="uvicorn processes on PORT in front of the same workers; above 1, one "
+                    "more process owns the workers and the API processes submit to it "
+                    "(docs/SERVER.md, several API processes)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     shutdown_timeout_s: float = Field(30.0, gt=0)

@@ -39,16 +39,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from stateful_pool import PoolClient, PoolServer
 
 from ..settings import Settings
-from .plan import WorkerPlan
-from .state import ServerState
+from .state import ModelState, ReloadError, ServerState
 
 logger = logging.getLogger("app")
 
@@ -91,39 +90,43 @@ def api_processes(settings: Settings) -> int:
 # ---- the owner's side: what the API processes mirror -----------------------------------------
 
 
-def owner_view(state: ServerState) -> dict[str, Any]:
-    """What an API process needs of the owner's ``ServerState`` besides the pool's stats
+def owner_view(model: ModelState) -> dict[str, Any]:
+    """What an API process needs of the owner's ``ModelState`` besides the pool's stats
     (pushed with them by the pool server)."""
-    return {"spawn_info": dict(state.spawn_info), "spawn_failures": dict(state.spawn_failures),
-            "spawning": state.spawning, "startup_error": state.startup_error}
+    return {"spawn_info": dict(model.spawn_info), "spawn_failures": dict(model.spawn_failures),
+            "spawning": model.spawning, "startup_error": model.startup_error}
 
 
 class RemoteServerState(ServerState):
-    """An API process's ``ServerState``: its pool is the owner's, reached through a
-    ``PoolClient``; what the owner knows of its workers is mirrored from it."""
+    """An API process's ``ServerState``: each model's pool is the owner's, reached through
+    one ``PoolClient``; what the owner knows of its workers is mirrored from it."""
 
-    def __init__(self, settings: Settings, worker_cls: Any, plan: WorkerPlan,
+    def __init__(self, settings: Settings, models: Sequence[ModelState], default: str,
                  on_fatal: Callable[[], None] | None) -> None:
-        super().__init__(settings, worker_cls, plan, on_fatal)
+        super().__init__(settings, models, default, on_fatal)
         self.client: PoolClient | None = None
         self.on_owner_lost: Callable[[], None] | None = None
 
     def _mirror(self) -> None:
-        view = None if self.client is None else self.client.info
-        if isinstance(view, dict):
-            self.spawn_info = view["spawn_info"]
-            self.spawn_failures = view["spawn_failures"]
-            self.spawning = view["spawning"]
-            self.startup_error = view["startup_error"]
+        views = None if self.client is None else self.client.info
+        if not isinstance(views, dict):
+            return
+        for name, model in self.models.items():
+            view = views.get(name)
+            if isinstance(view, dict):
+                model.spawn_info = view["spawn_info"]
+                model.spawn_failures = view["spawn_failures"]
+                model.spawning = view["spawning"]
+                model.startup_error = view["startup_error"]
 
     @asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
         self.client = await PoolClient.connect_async(
             os.environ[POOL_SOCKET_ENV], Path(os.environ[POOL_KEY_FILE_ENV]).read_bytes(),
             reconnect_interval=None, on_lost=self._owner_lost)
-        # Served under the model's name: the owner computed the same plan from the same
-        # settings.
-        self.pool = self.client.pool(self.plan.served_name)  # type: ignore[assignment]
+        # Each model's pool is served under its name: the owner read the same settings.
+        for name, model in self.models.items():
+            model.pool = self.client.pool(name)  # type: ignore[assignment]
         self._mirror()
 
         async def mirror() -> None:
@@ -138,6 +141,11 @@ class RemoteServerState(ServerState):
             mirroring.cancel()
             self.client.close()
 
+    async def reload(self, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+        raise ReloadError(409, "a model cannot be reloaded while API_PROCESSES > 1: the "
+                               "process that owns the workers does not take HTTP requests; "
+                               "restart the server (a rolling restart behind a load balancer)")
+
     def _owner_lost(self) -> None:
         logger.critical("the supervisor's pool server is gone; this API process stops")
         if self.on_owner_lost is not None:
@@ -145,22 +153,6 @@ class RemoteServerState(ServerState):
 
 
 # ---- an API process ---------------------------------------------------------------------------
-
-
-@contextmanager
-def remote_state() -> Iterator[None]:
-    """While building the app, ``create_app`` makes a ``RemoteServerState``.
-
-    Stands in for a ``state_factory`` argument of ``create_app``.
-    """
-    from .. import main
-
-    original = vars(main)["ServerState"]
-    setattr(main, "ServerState", RemoteServerState)  # noqa: B010
-    try:
-        yield
-    finally:
-        setattr(main, "ServerState", original)  # noqa: B010
 
 
 def merged_metrics(metrics: Any, directory: str) -> None:
@@ -200,8 +192,7 @@ def api_process() -> None:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
     listener = socket.socket(fileno=int(os.environ[LISTEN_FD_ENV]))
-    with remote_state():
-        app = create_app(settings)
+    app = create_app(settings, state_cls=RemoteServerState)
     merged_metrics(app.state.metrics, os.environ[METRICS_DIR_ENV])
     server = uvicorn_server(app, settings)
     owner_lost = False
@@ -267,13 +258,12 @@ class ApiProcess:
 def supervise(settings: Settings, processes: int) -> int:
     """Run the owner and ``processes`` API processes until SIGTERM or SIGINT; the exit code
     (0, 1 no worker could start, 2 invalid settings, 3 HOST:PORT cannot be bound)."""
+    from ..main import served_models
     from ..ops import tracing
-    from .plan import load_worker_class, make_plan
     from .shell import Telemetry
 
     try:
-        worker_cls = load_worker_class(settings.worker_class)
-        plan = make_plan(settings, worker_cls)
+        models, default = served_models(settings)
     except ValueError as exc:
         print(f"invalid server settings: {exc}", file=sys.stderr)
         return 2
@@ -284,7 +274,7 @@ def supervise(settings: Settings, processes: int) -> int:
         return 3
     private = tempfile.mkdtemp(prefix="spool-")  # mode 0700
     try:
-        state = ServerState(settings, worker_cls, plan, None)
+        state = ServerState(settings, [model for model, _ in models], default, None)
         state.telemetry = Telemetry(settings.log_format, tracing.enable())
         return asyncio.run(_supervise(settings, processes, state, listener, Path(private)))
     finally:
@@ -326,9 +316,11 @@ async def _supervise(settings: Settings, processes: int, state: ServerState,
         return process
 
     async with state.lifespan(None):
-        assert state.pool is not None
-        server = PoolServer({state.plan.served_name: state.pool}, pool_socket, key,
-                            info=lambda: owner_view(state)).start()
+        pools = {name: model.pool for name, model in state.models.items()}
+        assert all(pool is not None for pool in pools.values())
+        server = PoolServer(pools, pool_socket, key,
+                            info=lambda: {name: owner_view(model)
+                                          for name, model in state.models.items()}).start()
         logger.info("serving on http://%s:%d with %d API processes", settings.host,
                     settings.port, processes)
         slots = [ApiProcess(index, start) for index in range(processes)]
