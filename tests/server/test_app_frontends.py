@@ -116,3 +116,26 @@ def test_sigterm_drains_every_api_process_then_stops_the_workers(tmp_path):
         assert time.monotonic() - started >= 1.0  # 6 x 0.5 s on 2 workers: it waited
         assert wait_until(lambda: not any(pid_alive(pid) for pid in pids), 10)
         assert "workers stopped" in log.read_text()
+
+
+def test_two_api_processes_serve_every_model_of_a_models_file(tmp_path):
+    models = tmp_path / "models.toml"
+    models.write_text(f'[models.echo]\nworker_class = "{ECHO}"\ndevices = ["cpu"]\n\n'
+                      '[models.pairs]\nworker_class = "app_helpers:PairWorker"\n'
+                      'devices = ["cpu"]\n')
+    with serve(tmp_path, API_PROCESSES="2", MODELS_FILE=str(models), API_KEY="k",
+               LOG_LEVEL="warning") as (process, url, log), http_client(url) as http:
+        http.headers["Authorization"] = "Bearer k"
+        wait_ready(http, process, log)
+        assert http.get("/readyz").json()["models"]["pairs"]["ready"]
+        image = ("a.png", image_bytes("PNG", (24, 16)), "image/png")
+        for _ in range(4):  # fresh connections: both API processes answer
+            with http_client(url) as own:
+                own.headers["Authorization"] = "Bearer k"
+                echoed = own.post("/models/echo/predict", files={"files": image})
+                paired = own.post("/models/pairs/predict", files={"request": image})
+                assert echoed.json()["predictions"][0]["width"] == 24, echoed.text
+                assert paired.json()["widths"] == [24], paired.text
+        refused = http.post("/admin/models/echo/reload")
+        assert refused.status_code == 409 and "API_PROCESSES" in refused.json()["detail"]
+        assert 'pool_tasks_total{model="pairs",outcome="completed"}' in http.get("/metrics").text
