@@ -16,8 +16,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -183,10 +184,6 @@ class RequestContextMiddleware:
 
     # ---- the body's limits ------------------------------------------------------------------
 
-    def _too_large(self) -> str:
-        return (f"request body over the limit of {(self.max_bytes or 0) / 2**20:g} MiB "
-                "(MAX_UPLOAD_MB)")
-
     async def _limited(self, scope: Scope, receive: Receive, send: Send,
                        declared: bytes | None, received_at: float) -> None:
         """Refuses request bodies over ``max_bytes`` with 413, declared or chunked, and bodies
@@ -205,42 +202,16 @@ class RequestContextMiddleware:
         if declared is not None and not declared.isdigit():
             refused = ServingError(400, "invalid Content-Length header")
         elif declared is not None and int(declared) > self.max_bytes:
-            refused = ServingError(413, self._too_large())
+            refused = ServingError(413, _too_large(self.max_bytes))
         if refused is not None:
             await self.render_for(scope["path"])(refused)(scope, receive, send)
             return
-        await self.app(scope, self._counting(receive, received_at + self.body_timeout), send)
-
-    def _counting(self, receive: Receive, deadline: float) -> Callable[[], Awaitable[Message]]:
-        received = 0
-        complete = False
-        max_bytes = self.max_bytes or 0
-
-        async def receive_within_limits() -> Message:
-            nonlocal received, complete
-            if complete:  # past the body, receive() waits for a disconnect: no limit there
-                return await receive()
-            try:
-                # The event loop's clock is time.monotonic(), as RECEIVED_AT's.
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                # Raised inside the body parser, as the 413 below: the app renders it by path.
-                raise HTTPException(408, (
-                    f"the request body did not arrive within {self.body_timeout:g} s of the "
-                    "request's start (BODY_TIMEOUT_S)"), {"Connection": "close"}) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
-                if received > max_bytes:
-                    # Raised inside the body parser: FastAPI re-raises an HTTPException as is
-                    # (anything else it would answer 400); the app renders it by path.
-                    raise HTTPException(413, self._too_large())
-            else:
-                complete = True
-            return message
-
-        return receive_within_limits
+        limits = _BodyLimits(receive, self.max_bytes, received_at + self.body_timeout,
+                             self.body_timeout)
+        try:
+            await self.app(scope, limits.receive, send)
+        finally:
+            limits.close()
 
     @staticmethod
     def _freeze_after_startup(send: Send) -> Send:
@@ -283,3 +254,82 @@ def stream_note(scope: Scope) -> str:
     if stream.client_left:
         notes.append("client left")
     return f" ({', '.join(notes)})"
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"request body over the limit of {max_bytes / 2**20:g} MiB (MAX_UPLOAD_MB)"
+
+
+class _BodyLimits:
+    """A request's ``receive`` that counts the body against ``max_bytes`` (413) and gives it
+    until ``deadline`` (``time.monotonic()``, the event loop's clock) to arrive (408).
+
+    One timer per request, set at the first read of the body and cancelled once it is
+    complete, rather than a timeout around every read: when it fires while a read waits, it
+    cancels the reading task, and that read raises the 408 (as ``asyncio.timeout`` does,
+    but without a timeout object and a timer per read).
+    """
+
+    __slots__ = ("_receive", "_max_bytes", "_deadline", "_seconds", "_received", "_complete",
+                 "_timer", "_reader", "_expired")
+
+    def __init__(self, receive: Receive, max_bytes: int, deadline: float,
+                 seconds: float) -> None:
+        self._receive = receive
+        self._max_bytes = max_bytes
+        self._deadline = deadline
+        self._seconds = seconds
+        self._received = 0
+        self._complete = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[Any] | None = None  # the task waiting in a read, if any
+        self._expired = False
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._expired = True
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def _late(self) -> HTTPException:
+        # Raised inside the body parser, as the 413 below: the app renders it by path.
+        return HTTPException(408, (
+            f"the request body did not arrive within {self._seconds:g} s of the request's "
+            "start (BODY_TIMEOUT_S)"), {"Connection": "close"})
+
+    async def receive(self) -> Message:
+        if self._complete:  # past the body, receive() waits for a disconnect: no limit there
+            return await self._receive()
+        if self._expired:
+            raise self._late()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
+        reader = self._reader = asyncio.current_task()
+        assert reader is not None
+        cancelling = reader.cancelling()
+        try:
+            message = await self._receive()
+        except asyncio.CancelledError:
+            # Our timer's cancel, and no other (uvicorn's, on shutdown): the 408.
+            if self._expired and reader.uncancel() <= cancelling:
+                raise self._late() from None
+            raise
+        finally:
+            self._reader = None
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            self._complete = not message.get("more_body", False)
+            if self._received > self._max_bytes:
+                # Raised inside the body parser: FastAPI re-raises an HTTPException as is
+                # (anything else it would answer 400); the app renders it by path.
+                raise HTTPException(413, _too_large(self._max_bytes))
+        else:
+            self._complete = True
+        if self._complete:
+            self.close()
+        return message
