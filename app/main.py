@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from .ops import tracing
 from .ops.metrics import Metrics
-from .ops.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from .ops.middleware import RequestContextMiddleware
 from .protocols import PROTOCOLS, renderer_for
 from .protocols.http import install_error_handlers, require_api_key
 from .serving.core import ServedModel, ServingCore
@@ -75,13 +75,12 @@ def create_app(settings: Settings | None = None, *,
     render_for = renderer_for(PROTOCOLS)
     install_error_handlers(app, render_for)
     known_paths = {getattr(route, "path", "") for route in app.routes}
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
-                       render_for=render_for, body_timeout=settings.body_timeout_s)
     if state.telemetry.tracing and not tracing.fastapi_traces_requests():
         app.add_middleware(tracing.TracingMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics,
                        known_paths=lambda: known_paths, render_for=render_for,
-                       refuse_now=core.refuse_now, reserve=core.reserve)
+                       refuse_now=core.refuse_now, reserve=core.reserve,
+                       max_bytes=settings.max_upload_bytes, body_timeout=settings.body_timeout_s)
     return app
 
 

@@ -5,25 +5,32 @@ measured against, each started in a subprocess of its own.
   and a worker class, random weights, on the CPU.
 * ``plain_app``: the echo baseline, a plain FastAPI endpoint that runs the same upload checks
   and the same echo in-process, without a pool.
-* ``seed_app``: the seed's server shape on our library, a bare endpoint awaiting
-  ``SPool.async_execute`` on ``NullWorker``; no checks, limits or metrics.
+* ``seed_app``: the seed's server shape, a bare endpoint awaiting ``SPool.async_execute`` on
+  ``NullWorker``; no checks, limits or metrics. On our library, or on stateful-pool 0.3.2 with
+  ``--stateful-pool-path`` naming where 0.3.2 is installed (``seed_server``).
 
 Each server listens on a free 127.0.0.1 port (``loadtest.servers.ServerProcess``) and logs to a
 file in ``args.logs``. The two baselines run as::
 
     python -m benchmarks.bench_servers --serve-plain   # or --serve-seed; PORT from the env
+    python -m benchmarks.bench_servers --serve-seed --stateful-pool-path .bench/seed
+
+This module imports no ``stateful_pool`` at its top: the seed server on 0.3.2 puts 0.3.2's
+directory first on its import path before anything imports the library.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, UploadFile
 
 from loadtest.servers import ServerProcess, ServerSpec
-from stateful_pool import SWorker
 
 READY_TIMEOUT = 120.0
 
@@ -46,9 +53,16 @@ def app_server(args: argparse.Namespace, name: str, workers: int,
         "LOG_LEVEL": "warning", **(extra or {})})
 
 
-def baseline_server(args: argparse.Namespace, name: str, flag: str) -> ServerProcess:
+def baseline_server(args: argparse.Namespace, name: str, flag: str,
+                    *more: str) -> ServerProcess:
     """One of this module's baseline apps (``--serve-plain``, ``--serve-seed``)."""
-    return bench_server(args, name, "benchmarks.bench_servers", {}, (flag,), "/openapi.json")
+    return bench_server(args, name, "benchmarks.bench_servers", {}, (flag, *more),
+                        "/openapi.json")
+
+
+def seed_server(args: argparse.Namespace, name: str, library: Path) -> ServerProcess:
+    """``seed_app`` on the ``stateful_pool`` installed in ``library`` (0.3.2's directory)."""
+    return baseline_server(args, name, "--serve-seed", "--stateful-pool-path", str(library))
 
 
 def plain_app() -> Any:
@@ -81,30 +95,27 @@ def serve(app: Any) -> None:
                 access_log=False)
 
 
-class NullWorker(SWorker[None, dict[str, int]]):
-    """The seed's null model: answers the size of what it was sent."""
-
-    def spawn(self) -> None:
-        return None
-
-    def execute(self, data: bytes) -> dict[str, int]:
-        return {"bytes": len(data)}
-
-
 def seed_app() -> Any:
-    """The seed's server shape on our library: one endpoint, the upload's bytes straight to
-    ``pool.async_execute``, the worker's dict back; no checks, limits or metrics."""
+    """The seed's server shape on whichever ``stateful_pool`` the import path holds first: one
+    endpoint, the upload's bytes straight to ``pool.async_execute``, the worker's dict back;
+    no checks, limits or metrics."""
     from contextlib import asynccontextmanager
 
+    from benchmarks.null_worker import NullWorker
     from stateful_pool import SPool
 
-    pool: SPool[Any, Any] = SPool(NullWorker)  # type: ignore[arg-type]
+    pool: SPool[Any, Any] = SPool(NullWorker)
+    # 0.3.2's shutdown() takes no argument.
+    bounded = "timeout" in inspect.signature(pool.shutdown).parameters
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         await pool.async_spawn()
         yield
-        pool.shutdown(cancel_futures=True, timeout=10)
+        if bounded:
+            pool.shutdown(cancel_futures=True, timeout=10)
+        else:
+            pool.shutdown()
 
     app = FastAPI(lifespan=lifespan)
 
@@ -122,7 +133,17 @@ def main() -> None:
     which.add_argument("--serve-plain", action="store_true", help="the plain FastAPI echo")
     which.add_argument("--serve-seed", action="store_true",
                        help="the seed's server shape on SPool")
+    parser.add_argument("--stateful-pool-path", type=Path,
+                        help="import stateful_pool from this directory (0.3.2's) rather than "
+                             "from this checkout")
     args = parser.parse_args()
+    if args.stateful_pool_path is not None:
+        library = args.stateful_pool_path.resolve()
+        sys.path.insert(0, str(library))  # before anything imports stateful_pool
+        import stateful_pool
+
+        if not Path(stateful_pool.__file__ or "").resolve().is_relative_to(library):
+            raise SystemExit(f"stateful_pool came from {stateful_pool.__file__}, not {library}")
     serve(plain_app() if args.serve_plain else seed_app())
 
 

@@ -5,7 +5,8 @@ A caller is a coroutine factory: ``http_caller`` opens one keep-alive connection
 on 127.0.0.1 and sends the same prebuilt multipart ``POST /predict`` again and again;
 ``pool_caller`` awaits ``SPool.async_execute`` directly (the raw ceiling, no HTTP).
 ``run_load`` starts N such callers and returns their ``Phase``: completions, errors and
-latency percentiles inside the window after a warm-up.
+latency percentiles inside the window after a warm-up, and, given the server's pid, the CPU
+time that process (all its threads, not its children) spent over the same window.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.proc_cpu import cpu_seconds
 from loadtest.images import Upload, generated_images, multipart_body
 
 
@@ -26,13 +28,25 @@ class Phase:
     errors: int
     p50_ms: float
     p99_ms: float
+    # CPU seconds of the server process over the window (``run_load``'s ``cpu_pid``).
+    server_cpu_s: float | None = None
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
 
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """The server process's CPU per request answered in the window, in microseconds."""
+        if self.server_cpu_s is None or not self.requests:
+            return None
+        return self.server_cpu_s / self.requests * 1e6
+
     def figures(self) -> dict[str, float]:
-        return {"rate": self.rate, "p99_ms": self.p99_ms}
+        figures = {"rate": self.rate, "p99_ms": self.p99_ms}
+        if self.cpu_us_per_request is not None:
+            figures["cpu_us_per_request"] = self.cpu_us_per_request
+        return figures
 
 
 # ---- the image and the request ------------------------------------------------------------
@@ -54,13 +68,19 @@ def multipart_request(port: int, image: bytes, copies: int = 1, path: str = "/pr
 # ---- load: N concurrent loops, counted inside a measurement window ------------------------
 
 async def run_load(name: str, make_call: Callable[[], Awaitable[Callable[[], Awaitable[bool]]]],
-                   clients: int, warmup: float, duration: float) -> Phase:
-    """Each client loops ``call()``; completions inside [warmup, warmup+duration] count."""
+                   clients: int, warmup: float, duration: float,
+                   cpu_pid: int | None = None) -> Phase:
+    """Each client loops ``call()``; completions inside [warmup, warmup+duration] count.
+    ``cpu_pid``: the server process whose CPU time over that window to report."""
     loop = asyncio.get_running_loop()
     start = loop.time() + warmup
     end = start + duration
     latencies: list[float] = []
     errors = 0
+    cpu: list[float] = []
+    if cpu_pid is not None:
+        for at in (start, end):
+            loop.call_at(at, lambda: cpu.append(cpu_seconds(cpu_pid)))
 
     async def client() -> None:
         nonlocal errors
@@ -82,7 +102,8 @@ async def run_load(name: str, make_call: Callable[[], Awaitable[Callable[[], Awa
         return (latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
                 if latencies else float("nan"))
 
-    return Phase(name, len(latencies), duration, errors, pick(0.50), pick(0.99))
+    return Phase(name, len(latencies), duration, errors, pick(0.50), pick(0.99),
+                 cpu[1] - cpu[0] if len(cpu) == 2 else None)
 
 
 def http_caller(port: int, image: bytes) -> Callable[[], Awaitable[Callable[[], Awaitable[bool]]]]:

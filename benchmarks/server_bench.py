@@ -10,6 +10,11 @@
    the same checks and the same echo in-process, without a pool (goal: >= 0.5x its req/s),
    and the seed's server shape on our library: a bare FastAPI endpoint awaiting
    ``SPool.async_execute`` on a null worker (goal: >= 0.9x its req/s, p99 <= 2x its p99).
+   A fourth server, the seed's shape on stateful-pool 0.3.2 (installed into ``.bench/seed``
+   as ``pool_bench.py`` does), joins the rounds for the CPU table: each server's *API process*
+   CPU time (all its threads, not its pool workers) over the measurement window, per request
+   answered. Goals: ``/predict`` <= 1.3x the plain endpoint's CPU per request; the seed shape
+   on our library <= 0.5x the same shape on 0.3.2 (what the pool's hop costs the caller).
 3. Disconnect: vit_tiny on 1 CPU worker, 24 clients each sending 16 images and
    hanging up after 1 s. Reported: seconds the pool keeps working after the last client
    left (``pool_in_flight`` in ``/metrics`` back to 0). Goal: <= 1 s.
@@ -27,7 +32,8 @@ the disconnect and overload scenarios in ``server_scenarios.py``; this file runs
 comparisons and prints the table.
 
     python benchmarks/server_bench.py                  # every target, about 6 minutes
-    python benchmarks/server_bench.py --only echo      # the three echo rows
+    python benchmarks/server_bench.py --only echo      # the echo rows and the CPU table
+    python benchmarks/server_bench.py --only echo --no-seed   # without the 0.3.2 server
     python benchmarks/server_bench.py --only disconnect
     python benchmarks/server_bench.py --only overload   # 512 clients, 20 s (not in the default)
     python benchmarks/server_bench.py --quick          # seconds, to check that it runs
@@ -61,15 +67,23 @@ from benchmarks.bench_servers import (  # noqa: E402
     baseline_server,
     plain_app,
     seed_app,
+    seed_server,
     serve,
 )
 from benchmarks.http_load import Phase, http_caller, pool_caller, run_load, sample_jpeg  # noqa: E402
+from benchmarks.pool_bench import SEED_DIR, SEED_VERSION, ensure_seed  # noqa: E402
+from benchmarks.proc_cpu import load_average  # noqa: E402
 from benchmarks.server_scenarios import disconnect_scenario, overload_scenario  # noqa: E402
 from loadtest import raw_model  # noqa: E402
 from loadtest.processes import log_tail, logged_process  # noqa: E402
 from loadtest.rounds import alternate, medians  # noqa: E402
 
 ECHO = "app.examples.echo_worker:EchoWorker"
+PLAIN, SEED_032, SEED, ECHO_SIDE = ("plain FastAPI", f"seed shape on {SEED_VERSION}",
+                                    "seed shape (SPool)", "/predict echo")
+# The CPU goals: /predict against the plain endpoint, the seed shape on our library against
+# the same shape on 0.3.2 (at most this many times their CPU per request).
+CPU_GOALS = {(ECHO_SIDE, PLAIN): 1.3, (SEED, SEED_032): 0.5}
 
 
 # ---- the two comparisons ------------------------------------------------------------------
@@ -102,30 +116,39 @@ def compare_vit(args: argparse.Namespace, image: bytes) -> tuple[list[Phase], li
     return raw_phases, server_phases
 
 
-def rounds_of(args: argparse.Namespace, callers: dict[str, Any]) -> list[list[Phase]]:
+def rounds_of(args: argparse.Namespace, callers: dict[str, Any],
+              cpu_pids: dict[str, int] | None = None) -> list[list[Phase]]:
     """A load phase of each caller in turn, round after round (loadtest.rounds); one list of
-    phases per caller."""
+    phases per caller. ``cpu_pids``: by caller, the server process whose CPU to measure."""
     def phase(name: str, caller: Any) -> Callable[[int], Phase]:
+        pid = (cpu_pids or {}).get(name)
         return lambda round_: asyncio.run(run_load(
-            f"{name}, round {round_}", caller, args.clients, args.warmup, args.duration))
+            f"{name}, round {round_}", caller, args.clients, args.warmup, args.duration, pid))
 
     phases = alternate({name: phase(name, caller) for name, caller in callers.items()},
                        args.rounds, after_round=lambda last: report_round(*last.values()))
     return list(phases.values())
 
 
-def compare_echo(args: argparse.Namespace, image: bytes) -> list[list[Phase]]:
-    """Plain in-process endpoint, the seed shape on our library and /predict with the echo
-    worker, phases alternating."""
-    with baseline_server(args, "plain", "--serve-plain") as plain, \
-            baseline_server(args, "seed-shape", "--serve-seed") as seed, \
-            app_server(args, "echo", args.echo_workers, ECHO) as server:
-        for each in (plain, seed, server):
+def compare_echo(args: argparse.Namespace, image: bytes) -> dict[str, list[Phase]]:
+    """Plain in-process endpoint, the seed shape on 0.3.2 (unless ``--no-seed`` or it cannot
+    be installed), the seed shape on our library and /predict with the echo worker, phases
+    alternating; each phase also measures its server's CPU. The phases by side."""
+    with ExitStack() as stack:
+        servers = {PLAIN: baseline_server(args, "plain", "--serve-plain")}
+        if not args.no_seed and ensure_seed():
+            servers[SEED_032] = seed_server(args, "seed-shape-032", SEED_DIR)
+        servers[SEED] = baseline_server(args, "seed-shape", "--serve-seed")
+        servers[ECHO_SIDE] = app_server(args, "echo", args.echo_workers, ECHO)
+        for each in servers.values():
+            stack.enter_context(each)
+        for each in servers.values():
             each.wait_ready(READY_TIMEOUT)
-        return rounds_of(args, {
-            "plain FastAPI": http_caller(plain.port, image),
-            "seed shape (SPool)": http_caller(seed.port, image),
-            "/predict echo": http_caller(server.port, image)})
+        pids = {name: each.process.pid for name, each in servers.items()
+                if each.process is not None}
+        phases = rounds_of(args, {name: http_caller(each.port, image)
+                                  for name, each in servers.items()}, pids)
+        return dict(zip(servers, phases, strict=True))
 
 
 # ---- the CPU worker-count study (what NUM_WORKERS defaults to without a GPU) --------------
@@ -163,8 +186,51 @@ def cpu_worker_study(model: str, batch: int = 8, seconds: float = 40.0) -> None:
 
 def report_round(*phases: Phase) -> None:
     for p in phases:
+        cpu = p.cpu_us_per_request
         print(f"  {p.name:28s} {p.rate:8.1f}/s  p50 {p.p50_ms:7.1f} ms  p99 {p.p99_ms:7.1f} ms"
-              f"  errors {p.errors}", flush=True)
+              f"  errors {p.errors}" + ("" if cpu is None else f"  API CPU {cpu:5.0f} us/req"),
+              flush=True)
+    print(f"  load average {load_average()}", flush=True)
+
+
+def cpu_table(sides: dict[str, list[Phase]]) -> dict[str, Any]:
+    """Each side's medians (req/s, p99, API process CPU per request), the ratios of CPU per
+    request against the plain endpoint and against the seed shape on 0.3.2, and the goals."""
+    figures = {name: medians([p.figures() for p in phases]) for name, phases in sides.items()}
+    cpu = {name: f.get("cpu_us_per_request") for name, f in figures.items()}
+
+    def ratio(side: str, base: str) -> float | None:
+        mine, theirs = cpu.get(side), cpu.get(base)
+        return None if mine is None or not theirs else mine / theirs
+
+    return {
+        "sides": {name: {"rate": f["rate"], "p99_ms": f["p99_ms"],
+                         "cpu_us_per_request": cpu[name],
+                         "cpu_vs_plain": ratio(name, PLAIN),
+                         "cpu_vs_seed_032": ratio(name, SEED_032)}
+                  for name, f in figures.items()},
+        "goals": [{"side": side, "baseline": base, "ratio": ratio(side, base), "goal": goal}
+                  for (side, base), goal in CPU_GOALS.items()],
+        "load_average": load_average()}
+
+
+def print_cpu_table(table: dict[str, Any]) -> None:
+    def cell(value: float | None, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
+    print("\n| server | req/s | p99 | API CPU per request | vs plain | vs seed shape on "
+          f"{SEED_VERSION} |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, side in table["sides"].items():
+        print(f"| {name} | {side['rate']:.1f} | {side['p99_ms']:.1f} ms | "
+              f"{cell(side['cpu_us_per_request'], '.0f')} us | "
+              f"{cell(side['cpu_vs_plain'], '.2f')} | {cell(side['cpu_vs_seed_032'], '.2f')} |")
+    for goal in table["goals"]:
+        if goal["ratio"] is not None:
+            met = "met" if goal["ratio"] <= goal["goal"] else "missed"
+            print(f"API CPU per request, {goal['side']} / {goal['baseline']}: "
+                  f"{goal['ratio']:.2f} (goal <= {goal['goal']:g}, {met})")
+    print(f"load average at the end: {table['load_average']}")
 
 
 @dataclass
@@ -184,7 +250,9 @@ class Row:
                 "ratio": cand["rate"] / base["rate"], "goal": self.goal,
                 "baseline_p99_ms": base["p99_ms"], "server_p99_ms": cand["p99_ms"],
                 "p99_ratio": cand["p99_ms"] / base["p99_ms"], "p99_goal": self.p99_goal,
-                "phases": [{**asdict(p), "rate": p.rate} for p in self.base + self.cand]}
+                "phases": [{**asdict(p), "rate": p.rate,
+                            "cpu_us_per_request": p.cpu_us_per_request}
+                           for p in self.base + self.cand]}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -192,8 +260,10 @@ def run(args: argparse.Namespace) -> None:
     image = sample_jpeg()
     print(f"image: 500x375 JPEG, {len(image)} bytes; {args.clients} clients, "
           f"{args.duration:g} s per phase after {args.warmup:g} s warm-up, {args.rounds} "
-          f"round(s); cpus: {len(os.sched_getaffinity(0))}", flush=True)
+          f"round(s); cpus: {len(os.sched_getaffinity(0))}; load average {load_average()}",
+          flush=True)
     rows: list[Row] = []
+    cpu = None
     if args.only in (None, "vit"):
         print(f"ViT: {args.model}, {args.workers} CPU worker(s)", flush=True)
         raw, served = compare_vit(args, image)
@@ -201,10 +271,12 @@ def run(args: argparse.Namespace) -> None:
                         "raw pool (no HTTP) img/s", raw, served, 0.9))
     if args.only in (None, "echo"):
         print(f"echo: {args.echo_workers} worker(s)", flush=True)
-        plain, seed, served = compare_echo(args, image)
+        sides = compare_echo(args, image)
         target = f"echo worker, {args.clients} clients"
-        rows.append(Row(target, "plain FastAPI req/s", plain, served, 0.5))
-        rows.append(Row(target, "seed shape on SPool req/s", seed, served, 0.9, 2.0))
+        rows.append(Row(target, "plain FastAPI req/s", sides[PLAIN], sides[ECHO_SIDE], 0.5))
+        rows.append(Row(target, "seed shape on SPool req/s", sides[SEED], sides[ECHO_SIDE],
+                        0.9, 2.0))
+        cpu = cpu_table(sides)
     disconnect = None
     if args.only in (None, "disconnect"):
         print(f"disconnect: {args.model}, 1 CPU worker, 24 clients x 16 images, each "
@@ -228,6 +300,8 @@ def run(args: argparse.Namespace) -> None:
               f"{r['server_rate']:.1f} | {r['ratio']:.2f} | >= {row.goal} | "
               f"{r['baseline_p99_ms']:.1f} ms | {r['server_p99_ms']:.1f} ms | "
               f"{r['p99_ratio']:.2f}{p99_goal} |")
+    if cpu is not None:
+        print_cpu_table(cpu)
     if disconnect is not None:
         print(f"\ndisconnect: after the last client left, the queue was empty in "
               f"{disconnect[0]:.2f} s and the pool idle in {disconnect[1]:.2f} s "
@@ -238,7 +312,8 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(
-            {"rows": [row.as_json() for row in rows], "overload": overload,
+            {"command": " ".join(["python", *sys.argv]),
+             "rows": [row.as_json() for row in rows], "api_cpu": cpu, "overload": overload,
              "disconnect_queue_empty_after_s": None if disconnect is None else disconnect[0],
              "disconnect_idle_after_s": None if disconnect is None else disconnect[1]},
             indent=2))
@@ -257,6 +332,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny phases, to check it runs")
+    parser.add_argument("--no-seed", action="store_true",
+                        help=f"no echo-comparison server on stateful-pool {SEED_VERSION}")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--cpu-workers", metavar="MODEL",
                         help="only compare 1 CPU worker with all threads against N 1-thread ones")

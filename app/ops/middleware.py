@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids, access log and metrics; the upload size limit.
+"""Pure ASGI middleware: request ids, access log and metrics, load shedding, and the upload
+size and time limits, in one layer (each ASGI layer costs every request a call and a closure).
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so that the body streams through untouched and
 an error raised while the body is read still gets an answer with the request id. The errors
@@ -15,11 +16,11 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from fastapi import HTTPException
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..serving.errors import ServingError
@@ -74,62 +75,84 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _id_and_length(scope: Scope) -> tuple[bytes | None, bytes | None]:
+    """The ``X-Request-ID`` and ``Content-Length`` headers (their first values), in one pass."""
+    client_id = length = None
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            if length is None:
+                length = value
+        elif key == b"x-request-id" and client_id is None:
+            client_id = value
+    return client_id, length
+
+
 class RequestContextMiddleware:
     """Gives every request an id (the client's ``X-Request-ID`` or a new one), echoes it on
     the response, sets it for log lines, writes one access-log line, records the metrics,
-    and answers any unhandled error 500 in JSON (the traceback goes to the log only)."""
+    sheds load before a body is read, enforces the body's size and time limits
+    (``max_bytes``, ``body_timeout``: see ``_limited``), and answers any unhandled error 500
+    in JSON (the traceback goes to the log only)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Callable[[], set[str]],
                  render_for: RenderFor, refuse_now: Callable[[str], ServingError | None],
                  reserve: Callable[[str], AbstractContextManager[None]] = (
-                     lambda path: nullcontext())):
+                     lambda path: nullcontext()),
+                 max_bytes: int | None = None, body_timeout: float = 30.0):
         self.app = app
         self.reserve = reserve
         self.metrics = metrics
         self.known_paths = known_paths
         self.render_for = render_for
         self.refuse_now = refuse_now
+        self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.app(scope, receive, self._freeze_after_startup(send))
-            return
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = self._freeze_after_startup(send)
             await self.app(scope, receive, send)
             return
-        client_id = header(scope, b"x-request-id")
-        request_id = (client_id if client_id and _CLIENT_ID.fullmatch(client_id)
-                      else new_request_id())
+        client_id, declared = _id_and_length(scope)
+        request_id = new_request_id()
+        if client_id is not None:
+            text = client_id.decode("latin-1")
+            if _CLIENT_ID.fullmatch(text):
+                request_id = text
         token = request_id_var.set(request_id)
         started = time.perf_counter()
-        scope[RECEIVED_AT] = time.monotonic()
+        scope[RECEIVED_AT] = received_at = time.monotonic()
         status = 500
         response_started = False
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+                # What MutableHeaders(scope=message).append does, without building one.
+                message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         async def answer(error: ServingError) -> None:
             await self.render_for(scope["path"])(error)(scope, receive, send_with_id)
 
-        self.metrics.in_progress.inc()
+        metrics = self.metrics
+        metrics.in_progress.inc()
         try:
             # Load shedding: a POST that would be refused once read (it cannot finish in
             # time, or the queue stays full) is refused before its body is read
             # (``LoadShedder``).
             if scope["method"] != "POST":
-                await self.app(scope, receive, send_with_id)
+                await self._limited(scope, receive, send_with_id, declared, received_at)
             elif (refused := self.refuse_now(scope["path"])) is not None:
                 await answer(refused)
             else:
                 # Counted from now, while its body is read: the next ones see it ahead.
                 with self.reserve(scope["path"]):
-                    await self.app(scope, receive, send_with_id)
+                    await self._limited(scope, receive, send_with_id, declared, received_at)
         except asyncio.CancelledError:
             # Only uvicorn cancels a request task: on shutdown, once SHUTDOWN_TIMEOUT_S has
             # passed (a client that leaves is handled by its lifetime, without a cancel).
@@ -137,7 +160,7 @@ class RequestContextMiddleware:
             # log a traceback; then end quietly, as the cancel asked.
             if response_started:
                 raise
-            self.metrics.refused_by("shutting_down")
+            metrics.refused_by("shutting_down")
             await answer(ServingError(
                 503, "the server is shutting down and this request did not finish within "
                      "SHUTDOWN_TIMEOUT_S; retry it", {"Retry-After": "1", "Connection": "close"}))
@@ -147,15 +170,48 @@ class RequestContextMiddleware:
                 raise
             await answer(ServingError(500, "internal server error"))
         finally:
-            self.metrics.in_progress.dec()
+            metrics.in_progress.dec()
             seconds = time.perf_counter() - started
-            route = self._route_label(scope)
-            self.metrics.observe(scope["method"], route, status, seconds)
+            metrics.observe(scope["method"], self._route_label(scope), status, seconds)
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
-            logger.log(level, '"%s %s" %d %.1f ms%s', scope["method"], scope["path"], status,
-                       seconds * 1000, stream_note(scope),
-                       extra=access_fields(scope, status, seconds))
+            # The line's arguments are built only when it is written (LOG_LEVEL=warning skips
+            # every access line).
+            if logger.isEnabledFor(level):
+                logger.log(level, '"%s %s" %d %.1f ms%s', scope["method"], scope["path"],
+                           status, seconds * 1000, stream_note(scope),
+                           extra=access_fields(scope, status, seconds))
             request_id_var.reset(token)
+
+    # ---- the body's limits ------------------------------------------------------------------
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send,
+                       declared: bytes | None, received_at: float) -> None:
+        """Refuses request bodies over ``max_bytes`` with 413, declared or chunked, and bodies
+        that have not arrived ``body_timeout`` seconds after the request's start with 408.
+
+        A declared ``Content-Length`` over the limit is refused before a byte is read; a
+        chunked body is counted as it streams and refused as soon as it passes the limit, so
+        an upload never costs more than ``max_bytes`` of memory or disk. A client that sends
+        a request's head and then stalls is answered 408 and its connection closed: without
+        a limit, a few thousand such clients would hold as many sockets for good.
+        """
+        if self.max_bytes is None:
+            await self.app(scope, receive, send)
+            return
+        refused = None
+        if declared is not None and not declared.isdigit():
+            refused = ServingError(400, "invalid Content-Length header")
+        elif declared is not None and int(declared) > self.max_bytes:
+            refused = ServingError(413, _too_large(self.max_bytes))
+        if refused is not None:
+            await self.render_for(scope["path"])(refused)(scope, receive, send)
+            return
+        limits = _BodyLimits(receive, self.max_bytes, received_at + self.body_timeout,
+                             self.body_timeout)
+        try:
+            await self.app(scope, limits.receive, send)
+        finally:
+            limits.close()
 
     @staticmethod
     def _freeze_after_startup(send: Send) -> Send:
@@ -200,69 +256,80 @@ def stream_note(scope: Scope) -> str:
     return f" ({', '.join(notes)})"
 
 
-class BodyLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413, declared or chunked, and bodies
-    that have not arrived ``body_timeout`` seconds after the request's start with 408.
+def _too_large(max_bytes: int) -> str:
+    return f"request body over the limit of {max_bytes / 2**20:g} MiB (MAX_UPLOAD_MB)"
 
-    A declared ``Content-Length`` over the limit is refused before a byte is read; a chunked
-    body is counted as it streams and refused as soon as it passes the limit, so an upload
-    never costs more than ``max_bytes`` of memory or disk. A client that sends a request's
-    head and then stalls is answered 408 and its connection closed: without a limit, a few
-    thousand such clients would hold as many sockets for good.
+
+class _BodyLimits:
+    """A request's ``receive`` that counts the body against ``max_bytes`` (413) and gives it
+    until ``deadline`` (``time.monotonic()``, the event loop's clock) to arrive (408).
+
+    One timer per request, set at the first read of the body and cancelled once it is
+    complete, rather than a timeout around every read: when it fires while a read waits, it
+    cancels the reading task, and that read raises the 408 (as ``asyncio.timeout`` does,
+    but without a timeout object and a timer per read).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, render_for: RenderFor,
-                 body_timeout: float = 30.0) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.render_for = render_for
-        self.body_timeout = body_timeout
+    __slots__ = ("_receive", "_max_bytes", "_deadline", "_seconds", "_received", "_complete",
+                 "_timer", "_reader", "_expired")
 
-    def _too_large(self) -> str:
-        return f"request body over the limit of {self.max_bytes / 2**20:g} MiB (MAX_UPLOAD_MB)"
+    def __init__(self, receive: Receive, max_bytes: int, deadline: float,
+                 seconds: float) -> None:
+        self._receive = receive
+        self._max_bytes = max_bytes
+        self._deadline = deadline
+        self._seconds = seconds
+        self._received = 0
+        self._complete = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[Any] | None = None  # the task waiting in a read, if any
+        self._expired = False
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = header(scope, b"content-length")
-        refused = None
-        if declared is not None and not declared.isdigit():
-            refused = ServingError(400, "invalid Content-Length header")
-        elif declared is not None and int(declared) > self.max_bytes:
-            refused = ServingError(413, self._too_large())
-        if refused is not None:
-            await self.render_for(scope["path"])(refused)(scope, receive, send)
-            return
-        deadline = scope.get(RECEIVED_AT, time.monotonic()) + self.body_timeout
-        await self.app(scope, self._counting(receive, deadline), send)
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _counting(self, receive: Receive, deadline: float) -> Callable[[], Awaitable[Message]]:
-        received = 0
-        complete = False
+    def _expire(self) -> None:
+        self._timer = None
+        self._expired = True
+        if self._reader is not None:
+            self._reader.cancel()
 
-        async def receive_within_limits() -> Message:
-            nonlocal received, complete
-            if complete:  # past the body, receive() waits for a disconnect: no limit there
-                return await receive()
-            try:
-                # The event loop's clock is time.monotonic(), as RECEIVED_AT's.
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                # Raised inside the body parser, as the 413 below: the app renders it by path.
-                raise HTTPException(408, (
-                    f"the request body did not arrive within {self.body_timeout:g} s of the "
-                    "request's start (BODY_TIMEOUT_S)"), {"Connection": "close"}) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                complete = not message.get("more_body", False)
-                if received > self.max_bytes:
-                    # Raised inside the body parser: FastAPI re-raises an HTTPException as is
-                    # (anything else it would answer 400); the app renders it by path.
-                    raise HTTPException(413, self._too_large())
-            else:
-                complete = True
-            return message
+    def _late(self) -> HTTPException:
+        # Raised inside the body parser, as the 413 below: the app renders it by path.
+        return HTTPException(408, (
+            f"the request body did not arrive within {self._seconds:g} s of the request's "
+            "start (BODY_TIMEOUT_S)"), {"Connection": "close"})
 
-        return receive_within_limits
+    async def receive(self) -> Message:
+        if self._complete:  # past the body, receive() waits for a disconnect: no limit there
+            return await self._receive()
+        if self._expired:
+            raise self._late()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
+        reader = self._reader = asyncio.current_task()
+        assert reader is not None
+        cancelling = reader.cancelling()
+        try:
+            message = await self._receive()
+        except asyncio.CancelledError:
+            # Our timer's cancel, and no other (uvicorn's, on shutdown): the 408.
+            if self._expired and reader.uncancel() <= cancelling:
+                raise self._late() from None
+            raise
+        finally:
+            self._reader = None
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            self._complete = not message.get("more_body", False)
+            if self._received > self._max_bytes:
+                # Raised inside the body parser: FastAPI re-raises an HTTPException as is
+                # (anything else it would answer 400); the app renders it by path.
+                raise HTTPException(413, _too_large(self._max_bytes))
+        else:
+            self._complete = True
+        if self._complete:
+            self.close()
+        return message

@@ -130,6 +130,12 @@ def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
     query_fields = [] if query_model is None else [
         info.alias or name for name, info in query_model.model_fields.items()]
 
+    answer_type = decl.answer_type
+    # pydantic hands back an instance of the answer's own model class as it is (unless the
+    # model asks to revalidate instances): such an answer is not run through the validator.
+    answer_as_is = (isinstance(answer_type, type) and issubclass(answer_type, BaseModel)
+                    and answer_type.model_config.get("revalidate_instances", "never") == "never")
+
     chunks = served.chunk_adapter
     encode = None if chunks is None else detail_encoder(chunks)
 
@@ -140,8 +146,9 @@ def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
             return EventStreamResponse(
                 await core_of(request).stream(served, value, lifetime), encode)
         result = await core_of(request).infer(served, value, lifetime, labels)
-        body = answer.dump_json(answer.validate_python(result))
-        return Response(body, media_type="application/json")
+        if not (answer_as_is and type(result) is answer_type):
+            result = answer.validate_python(result)
+        return Response(answer.dump_json(result), media_type="application/json")
 
     async def from_uploads(**params: Any) -> Response:
         request: Request = params.pop(REQUEST_PARAM)

@@ -173,7 +173,9 @@ class ServingCore:
                  client_gone: Callable[[], Awaitable[Any]] | None = None) -> Lifetime:
         """A request's deadline (``REQUEST_TIMEOUT_S`` or a client's shorter limit, keyed by
         how the client said it) and how to know the client has gone."""
-        limit = max(m.settings.request_timeout_s for m in self.state.models.values())
+        models = self.state.models
+        limit = (self.state.main.settings.request_timeout_s if len(models) == 1 else
+                 max(m.settings.request_timeout_s for m in models.values()))
         return Lifetime.of(float(limit), received_at, client_limits, client_gone)
 
     def check_file_count(self, count: int) -> None:

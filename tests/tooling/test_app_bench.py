@@ -23,10 +23,18 @@ def test_server_bench_quick_echo_writes_its_table_and_json(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| echo worker, 8 clients | plain FastAPI req/s |" in result.stdout
     assert "| echo worker, 8 clients | seed shape on SPool req/s |" in result.stdout
-    rows = json.loads(out.read_text())["rows"]
+    assert "| server | req/s | p99 | API CPU per request |" in result.stdout
+    saved = json.loads(out.read_text())
+    rows = saved["rows"]
     assert [(row["baseline"], row["goal"]) for row in rows] == [
         ("plain FastAPI req/s", 0.5), ("seed shape on SPool req/s", 0.9)]
     for row in rows:
         assert row["baseline_rate"] > 0 and row["server_rate"] > 0
         assert row["baseline_p99_ms"] > 0 and row["server_p99_ms"] > 0
         assert all(phase["errors"] == 0 for phase in row["phases"])
+    # Every server's API process CPU per request, and the ratios against the plain endpoint
+    # (the 0.3.2 server is there when its package could be installed).
+    sides = saved["api_cpu"]["sides"]
+    assert {"plain FastAPI", "seed shape (SPool)", "/predict echo"} <= set(sides)
+    for side in sides.values():
+        assert side["cpu_us_per_request"] > 0 and side["cpu_vs_plain"] > 0
