@@ -30,6 +30,8 @@ from .shell import Telemetry, shell_for
 logger = logging.getLogger("app")
 
 READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
+# How long ready_pool trusts that a worker was ready.
+READY_FOR_S = 0.1
 # How long a stop waits for the workers while some are still loading their model.
 STOP_LOADING_S = 0.5
 
@@ -71,6 +73,7 @@ class ModelState:
         self._no_users.set()
         self._spawning_task: asyncio.Task[bool] | None = None
         self._retries: asyncio.Future[Any] | None = None
+        self._ready_until = 0.0  # ready_pool trusts a ready worker until then
 
     def pool_stats(self) -> PoolStats | None:
         return None if self.pool is None else self.pool.stats()
@@ -99,10 +102,21 @@ class ModelState:
         return f"{ready} of {planned} workers serve; " + "; ".join(down)
 
     def ready_pool(self) -> SPool[Any, Any]:
-        """The pool, if a worker can take a task now; else NotReadyError (503)."""
-        if self.pool is None or not self.worker_counts()[0]:
+        """The pool, if a worker can take a task now; else NotReadyError (503).
+
+        A worker seen ready is trusted for ``READY_FOR_S`` (the pool's snapshot walks its
+        queue: under load, taking one per request cost more than the rest of the check); a
+        worker that dies meanwhile is respawned and its queued tasks wait for it, as they
+        would had it died just after the check.
+        """
+        pool = self.pool
+        now = time.monotonic()
+        if pool is not None and now < self._ready_until:
+            return pool
+        if pool is None or not self.worker_counts()[0]:
             raise NotReadyError(self.not_ready_reason())
-        return self.pool
+        self._ready_until = now + READY_FOR_S
+        return pool
 
     def not_ready_reason(self) -> str:
         if self.startup_error:
