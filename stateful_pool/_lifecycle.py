@@ -120,6 +120,7 @@ class WorkerLifecycle:
         """Read what the dead worker sent last, wait for its process, release its fds."""
         conn = slot.conn
         assert conn is not None
+        slot.lent = None  # its caller stops reading: the pipe is read here, then closed
         slot.reaping = True
         try:  # results the worker sent just before dying still count
             while conn.poll():

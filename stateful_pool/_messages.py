@@ -38,11 +38,18 @@ Worker -> parent::
 where ``meta`` is ``(True, type_name)`` or ``(False, error_record)`` (see ``_outcomes``). A
 stream ends with a RESULTS message for its id, like any task. CREDIT and CANCEL for a task the
 worker no longer runs are ignored.
+
+The two messages of nearly every task, an EXEC of one task without a context and the RESULTS
+of one task that succeeded, with a blob small enough to go inline, skip the pickled header:
+they are one frame of a fixed binary head and the blob (``EXEC1``, ``RESULT1`` below), which
+costs a few microseconds less on each side of the pipe. A pickled header starts with the
+pickle protocol byte 0x80, so the first byte tells the two forms apart.
 """
 
 from __future__ import annotations
 
 import pickle
+import struct
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, NamedTuple
@@ -83,6 +90,19 @@ dumps = pickle.dumps
 loads = pickle.loads
 
 INLINE_MAX = 64 * 1024
+
+# The compact frames: a head of (tag, task id), then for RESULT1 the length of the result's
+# type name and the name, then the blob.
+EXEC1 = 1
+RESULT1 = 2
+_HEAD = struct.Struct("<BQ")
+_RESULT_HEAD = struct.Struct("<BQH")
+_EXEC_HEAD_LEN = _HEAD.size
+_RESULT_HEAD_LEN = _RESULT_HEAD.size
+_pack_head = _HEAD.pack
+_pack_result_head = _RESULT_HEAD.pack
+_unpack_result_head = _RESULT_HEAD.unpack_from
+_unpack_head = _HEAD.unpack_from
 # Containers searched for large ``bytes`` arguments (see dumps_payload): how deep, how long.
 _SWAP_DEPTH = 3
 _SWAP_MAX_LEN = 256
@@ -173,10 +193,35 @@ def has_large(blobs: list[Payload] | None) -> bool:
     return False
 
 
+def exec1(task_id: int, blob: bytes) -> bytes:
+    """The compact EXEC frame of one task without a context (``blob``: inline bytes)."""
+    return _pack_head(EXEC1, task_id) + blob
+
+
+def result1(task_id: int, type_name: str, blob: bytes) -> bytes:
+    """The compact RESULTS frame of one task's result (``blob``: inline bytes)."""
+    name = type_name.encode()
+    return _pack_result_head(RESULT1, task_id, len(name)) + name + blob
+
+
+def read_result1(frame: bytes) -> tuple[int, str, bytes]:
+    """``(task_id, type_name, blob)`` of a RESULT1 frame."""
+    _, task_id, size = _unpack_result_head(frame)
+    end = _RESULT_HEAD_LEN + size
+    return task_id, frame[_RESULT_HEAD_LEN:end].decode(), frame[end:]
+
+
 def encode(kind: Kind, ids: list[int], metas: list[Any] | None = None,
            contexts: list[dict[str, Any] | None] | None = None,
            blobs: list[Payload] | None = None) -> list[Any]:
     """The frames of one message: its pickled header, then each large blob."""
+    if blobs is not None and len(blobs) == 1 and contexts is None:
+        blob = blobs[0]
+        if type(blob) is bytes and len(blob) <= INLINE_MAX:
+            if kind is Kind.EXEC:
+                return [exec1(ids[0], blob)]
+            if kind is Kind.RESULTS and metas is not None and metas[0][0] is True:
+                return [result1(ids[0], metas[0][1], blob)]
     if not has_large(blobs):
         return [dumps((_VALUES[kind], ids, metas, contexts, blobs, 0), PROTOCOL)]
     assert blobs is not None
@@ -208,9 +253,17 @@ def send_message(send: Callable[[Any], None], kind: Kind, ids: list[int],
         send(frame)
 
 
-def recv_message(recv: Callable[[], bytes]) -> Message:
-    """Receive one message sent by ``send_message``, frames included."""
-    kind, ids, metas, contexts, header, frames = loads(recv())
+def recv_message(recv: Callable[[], bytes], first: bytes | None = None) -> Message:
+    """Receive one message sent by ``send_message``, frames included (``first``: its first
+    frame, when the caller has read it already)."""
+    data = recv() if first is None else first
+    tag = data[0]
+    if tag == RESULT1:
+        task_id, name, blob = read_result1(data)
+        return Message(Kind.RESULTS, [task_id], [(True, name)], None, [blob])
+    if tag == EXEC1:
+        return Message(Kind.EXEC, [_unpack_head(data)[1]], None, None, [data[_EXEC_HEAD_LEN:]])
+    kind, ids, metas, contexts, header, frames = loads(data)
     if not frames:
         return Message(_KINDS[kind], ids, metas, contexts, header)
     blobs: list[Payload] = []

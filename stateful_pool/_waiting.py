@@ -4,6 +4,7 @@ and, from asyncio, for results (``LoopBridge``)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import weakref
@@ -11,6 +12,8 @@ from collections import deque
 from typing import Any
 
 from ._task import Task, on_dispatcher_thread
+
+_running_loop = asyncio._get_running_loop  # the running loop of this thread, or None
 from .errors import QueueFullError, TaskTimeoutError
 
 
@@ -185,6 +188,8 @@ class LoopBridge:
         self._lock = threading.Lock()
         self._ready: list[tuple[Any, Any]] = []
         self._scheduled = False
+        # Whether this loop may read lent pipes itself (``add_reader``; not every loop can).
+        self.reads_pipes = True
 
     def watch(self, task: Task) -> asyncio.Future[Any]:
         """A future of this loop that follows ``task``."""
@@ -193,10 +198,29 @@ class LoopBridge:
         return waiter
 
     def _deliver_later(self, task: Any, waiter: asyncio.Future[Any]) -> None:
+        if _running_loop() is self._loop():  # settled on the loop's own thread (a lent pipe)
+            _copy_outcome((task, waiter))
+            return
         try:
             self.call(_copy_outcome, (task, waiter))
         except RuntimeError:
             pass  # the loop is closed: nobody awaits this any more
+
+    def read_lent(self, lent: Any, reclaim: Any) -> LentReader | None:
+        """Have the loop read the lent pipe ``lent`` when it is readable: ``reclaim(lent,
+        True)`` reads the answer and settles the task, here. None if this loop cannot watch
+        fds."""
+        loop = self._loop()
+        if loop is None:
+            return None
+        reader = LentReader(loop, lent, reclaim)
+        try:
+            loop.add_reader(reader.fd, reader.on_ready)
+        except NotImplementedError:  # a loop without add_reader (Windows' proactor)
+            self.reads_pipes = False
+            os.close(reader.fd)
+            return None
+        return reader
 
     def call(self, fn: Any, arg: Any) -> None:
         """Run ``fn(arg)`` on the loop soon; ``RuntimeError`` if the loop is closed."""
@@ -222,6 +246,29 @@ class LoopBridge:
             self._scheduled = False
         for fn, arg in ready:
             fn(arg)
+
+
+class LentReader:
+    """An event loop's watch on a lent pipe, for one task.
+
+    The loop watches a duplicate of the pipe's fd, closed here: the loop never holds a number
+    that the dispatcher may close (the worker died) and the system give to another file."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lent: Any, reclaim: Any) -> None:
+        self._loop = loop
+        self._lent = lent
+        self._reclaim = reclaim
+        self.fd: int | None = os.dup(lent.fd)
+
+    def on_ready(self) -> None:
+        self.stop()  # once: if the dispatcher has to read it, the loop must not spin
+        self._reclaim(self._lent, True)
+
+    def stop(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            self._loop.remove_reader(fd)
+            os.close(fd)
 
 
 def _copy_outcome(pair: tuple[Task, asyncio.Future[Any]]) -> None:
