@@ -365,6 +365,8 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         self._expire_tasks(now)
         if self.hang_timeout is not None or self._timers_armed:
             self._check_worker_timers(now)
+        if self.pending or self.closing:
+            self._take_back_all()
         self._dispatch(now)
         if self.closing and self._drained(now):
             return _DONE
@@ -402,12 +404,21 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
             elif isinstance(item, Close):
                 self._on_close(item)
 
-    def _take_back(self, slot: WorkerSlot, task: Task) -> None:
-        """A lent pipe is the dispatcher's again (its caller asked, being busy elsewhere)."""
-        if slot.lent is task:
+    def _take_back(self, slot: WorkerSlot, task: Task | None) -> None:
+        """A lent pipe is the dispatcher's again: its caller asked (``task``), or the
+        dispatcher needs it (``None``)."""
+        if slot.lent is not None and (task is None or slot.lent is task):
             slot.lent = None
             if slot.conn is not None:
                 self.poller.resume(slot.conn.fileno())
+
+    def _take_back_all(self) -> None:
+        """Read every lent pipe here from now on: tasks queue, or the pool is closing, and
+        a worker's answer must not wait for its caller to get round to it (an event loop
+        blocked in ``shutdown()``, or in anything else, would hold the worker meanwhile)."""
+        for slot in self.slots:
+            if slot.lent is not None:
+                self._take_back(slot, None)
 
     def _accept(self, task: Task) -> None:
         self.counts.submitted += 1

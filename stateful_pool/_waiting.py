@@ -12,9 +12,9 @@ from collections import deque
 from typing import Any
 
 from ._task import Task, on_dispatcher_thread
+from .errors import QueueFullError, TaskTimeoutError
 
 _running_loop = asyncio._get_running_loop  # the running loop of this thread, or None
-from .errors import QueueFullError, TaskTimeoutError
 
 
 class _Waiter:
@@ -258,17 +258,18 @@ class LentReader:
         self._loop = loop
         self._lent = lent
         self._reclaim = reclaim
-        self.fd: int | None = os.dup(lent.fd)
+        self.fd = os.dup(lent.fd)
+        self._open = True
 
     def on_ready(self) -> None:
         self.stop()  # once: if the dispatcher has to read it, the loop must not spin
         self._reclaim(self._lent, True)
 
     def stop(self) -> None:
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            self._loop.remove_reader(fd)
-            os.close(fd)
+        if self._open:
+            self._open = False
+            self._loop.remove_reader(self.fd)
+            os.close(self.fd)
 
 
 def _copy_outcome(pair: tuple[Task, asyncio.Future[Any]]) -> None:

@@ -226,3 +226,20 @@ def test_threads_and_event_loops_hammer_one_pool_while_workers_are_killed(make_p
     assert pool.execute("echo", "alive") == "alive"
     stats = pool.stats()
     assert stats.in_flight == 0 and stats.queue_depth == 0
+
+
+def test_a_blocked_event_loop_does_not_hold_the_worker_whose_answer_it_reads(make_pool):
+    pool = make_pool(Tasks)
+    pool.spawn()
+
+    async def main():
+        call = asyncio.ensure_future(pool.async_execute("sleep", 0.2, "a"))
+        await asyncio.sleep(0.05)  # it runs; this loop is to read its answer
+        futures = [pool.submit_execute("echo", i) for i in range(3)]  # they queue
+        t0 = time.monotonic()
+        assert [f.result(timeout=WAIT) for f in futures] == [0, 1, 2]  # the loop is blocked
+        elapsed = time.monotonic() - t0
+        assert await call == "a"
+        return elapsed
+
+    assert run_async(main()) < 1.0
