@@ -15,12 +15,25 @@ Data flow of one task::
                                            future.set_result(...)
     future done / asyncio woken <------
 
-Only the dispatcher thread touches a worker's pipe, its task table and the pending queue;
+The dispatcher thread owns the workers' pipes, their task tables and the pending queue;
 callers talk to it through a small API (``submit``, ``add_worker``, ``cancelled``,
 ``abandoned``, ``close``, ``snapshot``) that appends typed messages to ``inbox`` and writes
 to a wakeup pipe. It sleeps in ``poll`` on every worker pipe, every process sentinel and the
 wakeup pipe, so a worker that dies, busy or idle, is noticed at once. It knows exactly which
 tasks each worker holds, so a death fails those tasks and nothing else.
+
+Two shortcuts skip the dispatcher thread, both under ``_sched``, the lock it holds whenever
+it is awake, so the state they change is never changed by two threads at once:
+
+* the fast path (``try_run_now``): a caller that finds a worker idle and nothing queued
+  sends its task itself;
+* the lent pipe (``try_run_now(lend=True)``): a caller that will wait for that very task
+  (``execute``, ``async_execute``) also reads the answer itself, from its thread or its
+  event loop, then gives the pipe back (``reclaim``). Meanwhile the pipe is paused in the
+  dispatcher's epoll and the dispatcher leaves it alone, but it still watches the process,
+  times the task and takes the pipe back when it needs it: the worker died, tasks queue,
+  the pool closes. A hop to a worker then costs one write and one read in the caller, and
+  no wakeup of another thread in either direction.
 
 This module is the scheduling: queue, dispatch, results, timeouts; ``_stream_dispatch``
 adds what is particular to streams (chunks, credit, stops, their time limits, continuous
@@ -186,10 +199,11 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
             self.wake()  # the dispatcher's next timer may be sooner now
         return lent
 
-    def reclaim(self, lent: Lent, read: bool) -> None:
+    def reclaim(self, lent: Lent, read: bool, readable: bool = False) -> None:
         """The caller gives a lent pipe back (any thread). With ``read``, the answer waiting
         there is read and its task settled first, here, unless the dispatcher is busy: then
-        the dispatcher takes the pipe back and reads it."""
+        the dispatcher takes the pipe back and reads it. ``readable``: the caller has just
+        seen the pipe readable (no need to look again)."""
         slot, task = lent.slot, lent.task
         if slot.lent is not task:
             return  # taken back already: the worker died, or shutdown
@@ -206,7 +220,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
             frame = None
             if read:
                 try:
-                    if conn.poll(0):
+                    if readable or conn.poll(0):
                         frame = conn.recv_bytes()
                 except (EOFError, OSError):
                     pass  # died: the dispatcher hears it from the pipe or the sentinel
@@ -253,6 +267,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         waiter.register(lent.fd, select.POLLIN)
         waiter.register(lent.sentinel, select.POLLIN)
         deadline = task.deadline
+        readable = False
         try:
             while lent.slot.lent is task and not task.done():
                 wait = _LENT_CHECK
@@ -260,12 +275,14 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
                         break  # the dispatcher times the task out
-                if waiter.poll(wait * 1000.0):
+                events = waiter.poll(wait * 1000.0)
+                if events:
+                    readable = any(fd == lent.fd for fd, _ in events)
                     break
         except BaseException:  # Ctrl-C: the dispatcher reads the answer when it comes
             self.reclaim(lent, False)
             raise
-        self.reclaim(lent, True)
+        self.reclaim(lent, True, readable)
 
     def add_worker(self, spawn_payload: bytes, future: Future[Any],
                    options: dict[str, Any]) -> bool:

@@ -263,7 +263,7 @@ class LentReader:
 
     def on_ready(self) -> None:
         self.stop()  # once: if the dispatcher has to read it, the loop must not spin
-        self._reclaim(self._lent, True)
+        self._reclaim(self._lent, True, True)
 
     def stop(self) -> None:
         if self._open:

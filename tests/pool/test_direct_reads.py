@@ -200,11 +200,13 @@ def test_threads_and_event_loops_hammer_one_pool_while_workers_are_killed(make_p
 
     def killer():
         rng = random.Random(3)
-        while not stop.wait(0.05):
+        kills = 0
+        while kills < 6 and not stop.wait(0.1):
             pids = [w.pid for w in pool.stats().workers if w.state == "busy" and w.pid]
             if pids:
                 try:
                     os.kill(rng.choice(pids), signal.SIGKILL)
+                    kills += 1
                 except ProcessLookupError:
                     pass
 
