@@ -228,6 +228,7 @@ def test_threads_and_event_loops_hammer_one_pool_while_workers_are_killed(make_p
     assert pool.execute("echo", "alive") == "alive"
     stats = pool.stats()
     assert stats.in_flight == 0 and stats.queue_depth == 0
+    assert stats.restarts > 0  # workers were killed under the callers
 
 
 def test_a_blocked_event_loop_does_not_hold_the_worker_whose_answer_it_reads(make_pool):
