@@ -221,7 +221,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
             if read:
                 try:
                     if readable or conn.poll(0):
-                        frame = conn.recv_bytes()
+                        frame = slot.recv_frame()
                 except (EOFError, OSError):
                     pass  # died: the dispatcher hears it from the pipe or the sentinel
             self.poller.resume(lent.fd)
@@ -507,7 +507,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         conn = slot.conn
         assert conn is not None
         try:
-            frame = conn.recv_bytes()
+            frame = slot.recv_frame()
             if frame[0] == m.RESULT1:  # one task's result: the usual message
                 task_id, name, blob = m.read_result1(frame)
                 self._on_results(slot, [(task_id, (True, name, blob))])

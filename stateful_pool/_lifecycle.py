@@ -69,6 +69,8 @@ class WorkerLifecycle:
             self._lose_worker(slot, SpawnError(f"could not start worker {slot.id}: {exc!r}"))
             return
         slot.process, slot.conn, slot.pid = process, parent_conn, process.pid
+        slot.send_frame = m.frame_sender(parent_conn)
+        slot.recv_frame = m.frame_receiver(parent_conn)
         self._watch(slot)
         if self.spawn_timeout is not None:
             slot.spawn_deadline = time.monotonic() + self.spawn_timeout

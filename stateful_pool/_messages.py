@@ -48,6 +48,7 @@ pickle protocol byte 0x80, so the first byte tells the two forms apart.
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 from collections.abc import Callable
@@ -242,6 +243,73 @@ def encode(kind: Kind, ids: list[int], metas: list[Any] | None = None,
             header.append(b)
     return [dumps((_VALUES[kind], ids, metas, contexts, header, len(frames)), PROTOCOL),
             *frames]
+
+
+# A frame on the pipe, as ``multiprocessing.connection`` writes it: a signed 32-bit
+# big-endian length (-1, then an unsigned 64-bit one, past 2 GiB), then the bytes.
+_SIZE = struct.Struct("!i")
+_BIG_SIZE = struct.Struct("!Q")
+# Frames up to this size go out in one write with their length (as multiprocessing does).
+_ONE_WRITE = 16 * 1024
+
+
+def frame_sender(conn: Any) -> Callable[[Any], None]:
+    """``conn.send_bytes`` for this pipe, the usual small frame in one ``os.write`` without
+    the connection's Python layers (a few microseconds per message, on each side)."""
+    fd = conn.fileno()
+    slow = conn.send_bytes
+    pack = _SIZE.pack
+    write = os.write
+
+    def send(data: Any) -> None:
+        if type(data) is not bytes or len(data) > _ONE_WRITE:
+            slow(data)
+            return
+        buf = pack(len(data)) + data
+        done = write(fd, buf)
+        while done < len(buf):  # a signal cut the write short
+            done += write(fd, memoryview(buf)[done:])
+
+    return send
+
+
+def _read_rest(fd: int, head: bytes, size: int) -> bytes:
+    """``head`` plus what follows it on ``fd`` up to ``size`` bytes (EOFError if it ends)."""
+    if not head:
+        raise EOFError
+    parts = [head]
+    got = len(head)
+    while got < size:
+        chunk = os.read(fd, size - got)
+        if not chunk:
+            raise EOFError
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def frame_receiver(conn: Any) -> Callable[[], bytes]:
+    """``conn.recv_bytes`` for this pipe: two ``os.read`` calls for the usual frame, without
+    the connection's Python layers. ``EOFError`` once the other end is gone."""
+    fd = conn.fileno()
+    read = os.read
+    unpack = _SIZE.unpack
+
+    def recv() -> bytes:
+        head = read(fd, 4)
+        if len(head) != 4:
+            head = _read_rest(fd, head, 4)
+        (size,) = unpack(head)
+        if size == -1:
+            (size,) = _BIG_SIZE.unpack(_read_rest(fd, read(fd, 8), 8))
+        if size == 0:
+            return b""
+        data = read(fd, size)
+        if len(data) != size:
+            data = _read_rest(fd, data, size)
+        return data
+
+    return recv
 
 
 def send_message(send: Callable[[Any], None], kind: Kind, ids: list[int],

@@ -34,6 +34,9 @@ class WorkerSlot:
         # Its current process (replaced on respawn).
         self.process: Any = None
         self.conn: Connection | None = None
+        # Its pipe's send_bytes and recv_bytes, the fast ones (_messages.frame_sender).
+        self.send_frame: Any = None
+        self.recv_frame: Any = None
         self.pid: int | None = None
         self.location: dict[str, Any] = {}
         self.writer: FrameWriter | None = None
@@ -100,9 +103,8 @@ class WorkerSlot:
             if (type(payload) is bytes and len(payload) <= m.INLINE_MAX
                     and (self.writer is None or self.writer.idle.is_set())):
                 first.payload = b""
-                assert self.conn is not None
                 try:  # the usual task: one compact frame, straight to the pipe
-                    self.conn.send_bytes(m.exec1(first.id, payload))
+                    self.send_frame(m.exec1(first.id, payload))
                 except OSError:
                     pass  # the worker died; its sentinel fires next and fails its tasks
                 return
