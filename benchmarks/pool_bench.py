@@ -134,16 +134,12 @@ def _utilisation(run, workers: int = 8) -> float:
     return busy / (workers * (time.perf_counter() - t0))
 
 
-def _process_cpu() -> float:
-    t = os.times()
-    return t.user + t.system  # this process only; its children are counted apart
-
-
 def _cpu_us(run, n: int) -> float:
-    """This process's CPU time per task while ``run`` does ``n`` tasks (us)."""
-    c0 = _process_cpu()
+    """This process's CPU time (all its threads, not its children) per task while ``run``
+    does ``n`` tasks (us)."""
+    c0 = time.process_time()
     run()
-    return (_process_cpu() - c0) / n * 1e6
+    return (time.process_time() - c0) / n * 1e6
 
 
 def bench_raw_pipe(counts: dict) -> dict:

@@ -1,9 +1,9 @@
 """The Markdown tables of ``pool_bench.py``, from the figures of one run.
 
-Five tables: each workload on stateful_pool, stateful-pool 0.3.2 and ProcessPoolExecutor with
-the ratio to 0.3.2 and its target; the hop of one task against a raw pipe round trip;
-asyncio callers over a bounded queue; the Ray hop (with
-``--ray``); dynamic batching, and the cost of batching to a lone task. ``render`` draws them
+The tables: each workload on stateful_pool, stateful-pool 0.3.2 and ProcessPoolExecutor with
+the ratio to 0.3.2 and its target; one task's hop against a raw pipe round trip measured in
+the same process; asyncio callers over a bounded queue; the Ray hop (with ``--ray``);
+dynamic batching, and the cost of batching to a lone task. ``render`` draws them
 from a run's medians or from a JSON file saved with ``--json`` (the docs embed
 ``python benchmarks/pool_bench.py --render FILE``).
 """
@@ -65,7 +65,7 @@ def render(results: dict, mode: str, rounds: int, counts: dict, cpus: int | None
         out(f"| trivial execute latency (us, median) | {fmt(spool['latency_us'])} "
             f"| {fmt(seed.get('latency_us'))} | {fmt(raw_lat)} "
             f"| {spool['latency_us'] / raw_lat:.2f}x | <= 2x raw pipe |")
-        if "async_cpu_us" in spool:
+        if "async_cpu_us" in spool and raw_cpu > 0:
             out(f"| caller CPU per async_execute, one awaiting caller (us) "
                 f"| {fmt(spool['async_cpu_us'])} | {fmt(seed.get('async_cpu_us'))} "
                 f"| {fmt(raw_cpu)} | {spool['async_cpu_us'] / raw_cpu:.2f}x | - |")
