@@ -88,6 +88,7 @@ class Lent(NamedTuple):
     task: Task
     fd: int
     sentinel: int
+    conn: Any
 
 
 class Dispatcher(StreamScheduling, WorkerShutdown):
@@ -191,7 +192,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
                 fd = slot.conn.fileno()
                 self.poller.pause(fd)  # before the send: the answer is not the dispatcher's
                 slot.lent = task
-                lent = Lent(slot, task, fd, slot.process.sentinel)
+                lent = Lent(slot, task, fd, slot.process.sentinel, slot.conn)
             self._send(slot, [task], now)
         finally:
             self._sched.release()
@@ -199,25 +200,25 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
             self.wake()  # the dispatcher's next timer may be sooner now
         return lent
 
-    def reclaim(self, lent: Lent, read: bool, readable: bool = False) -> None:
+    def reclaim(self, lent: Lent, read: bool, readable: bool = False) -> bool:
         """The caller gives a lent pipe back (any thread). With ``read``, the answer waiting
         there is read and its task settled first, here, unless the dispatcher is busy: then
         the dispatcher takes the pipe back and reads it. ``readable``: the caller has just
-        seen the pipe readable (no need to look again)."""
+        seen the pipe readable (no need to look again). True if a message was read here."""
         slot, task = lent.slot, lent.task
         if slot.lent is not task:
-            return  # taken back already: the worker died, or shutdown
+            return False  # taken back already: the worker died, or shutdown
         if not self._sched.acquire(blocking=False):
             self.inbox.append(Reclaim(slot, task))
             self.wake()
-            return
+            return False
+        frame = None
         try:
             if slot.lent is not task:
-                return
+                return False
             slot.lent = None
             conn = slot.conn
             assert conn is not None
-            frame = None
             if read:
                 try:
                     if readable or conn.poll(0):
@@ -239,6 +240,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
             self._sched.release()
         if self.pending or self.inbox or self.closing:
             self.wake()
+        return frame is not None
 
     def _on_lent_results(self, slot: WorkerSlot, outcomes: list[tuple[int, o.Outcome]]
                          ) -> None:

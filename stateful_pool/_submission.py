@@ -150,7 +150,7 @@ class Submission:
         try:
             return await self._await_task(bridge, task)
         finally:
-            reader.stop()
+            bridge.end_lent(reader, lent)
             dispatcher.reclaim(lent, False)  # (nothing to do if the answer was read)
 
     async def _await_task(self, bridge: LoopBridge, task: Task) -> Any:

@@ -246,3 +246,49 @@ def test_a_blocked_event_loop_does_not_hold_the_worker_whose_answer_it_reads(mak
         return elapsed
 
     assert run_async(main()) < 1.0
+
+
+def test_a_worker_answers_an_event_loop_a_thread_and_the_dispatcher_in_turn(make_pool):
+    pool = make_pool(Tasks)
+    pool.spawn()
+
+    async def some(base):
+        return [await pool.async_execute("echo", base + i) for i in range(20)]
+
+    for round_ in range(3):
+        base = round_ * 1000
+        assert run_async(some(base)) == [base + i for i in range(20)]
+        assert [pool.execute("echo", base + 100 + i) for i in range(5)] == [
+            base + 100 + i for i in range(5)]
+        futures = [pool.submit_execute("echo", base + 200 + i) for i in range(5)]
+        assert [f.result(timeout=WAIT) for f in futures] == [base + 200 + i for i in range(5)]
+
+    async def mixed():
+        # The loop awaits while another thread's calls take the same worker in between.
+        loop = asyncio.get_running_loop()
+        other = loop.run_in_executor(None, lambda: [pool.execute("echo", -i) for i in range(30)])
+        mine = [await pool.async_execute("echo", i) for i in range(30)]
+        return mine, await other
+
+    mine, other = run_async(mixed())
+    assert mine == list(range(30)) and other == [-i for i in range(30)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_event_loops_that_come_and_go_leave_no_fd_behind(make_pool):
+    import gc
+
+    pool = make_pool(Tasks)
+    pool.spawn()
+    pool.spawn()
+
+    async def calls():
+        return [await pool.async_execute("echo", i) for i in range(10)]
+
+    run_async(calls())  # warm: whatever the first loop opens once
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assert run_async(calls()) == list(range(10))
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
