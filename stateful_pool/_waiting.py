@@ -202,7 +202,8 @@ class LoopBridge:
         return waiter
 
     def _deliver_later(self, task: Any, waiter: asyncio.Future[Any]) -> None:
-        if _running_loop() is self._loop():  # settled on the loop's own thread (a lent pipe)
+        loop = _running_loop()
+        if loop is not None and loop is self._loop():  # settled on the loop's own thread
             _copy_outcome((task, waiter))
             return
         try:
