@@ -46,6 +46,15 @@ def _payload_len(b):
     return len(b)
 
 
+def _echo(conn):
+    """The raw pipe's other end: send back every message until the pipe closes."""
+    while True:
+        try:
+            conn.send_bytes(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+
+
 def make_worker_classes(SWorker):  # noqa: N803 (the class comes from the implementation)
     class Trivial(SWorker):
         def spawn(self):
@@ -125,6 +134,40 @@ def _utilisation(run, workers: int = 8) -> float:
     return busy / (workers * (time.perf_counter() - t0))
 
 
+def _cpu_us(run, n: int) -> float:
+    """This process's CPU time (all its threads, not its children) per task while ``run``
+    does ``n`` tasks (us)."""
+    c0 = time.process_time()
+    run()
+    return (time.process_time() - c0) / n * 1e6
+
+
+def bench_raw_pipe(counts: dict) -> dict:
+    """The floor of any hop to a worker: a ``multiprocessing.Pipe`` ping-pong of one small
+    message with a child process (latency, and this process's CPU per round trip)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=_echo, args=(theirs,))
+    child.start()
+    theirs.close()
+    message = b"x" * 32
+
+    def round_trip():
+        ours.send_bytes(message)
+        ours.recv_bytes()
+
+    try:
+        out = {"raw_latency_us": _latency_us(round_trip, counts["latency"])}
+        n = counts["cpu"]
+        out["raw_cpu_us"] = _cpu_us(lambda: [round_trip() for _ in range(n)], n)
+    finally:
+        ours.close()
+        child.join(10)
+    return out
+
+
 def _rate(n: int, run) -> float:
     t0 = time.perf_counter()
     run()
@@ -154,6 +197,13 @@ def bench_pool(counts: dict, include_batching: bool, **pool_kwargs) -> dict:
             await asyncio.gather(*(pool.async_execute(i) for i in range(n)))
 
         out["async_per_s"] = _rate(n, lambda: asyncio.run(gather_all()))
+        n = counts["cpu"]
+
+        async def one_caller():  # a request handler's pattern: await one task at a time
+            for i in range(n):
+                await pool.async_execute(i)
+
+        out["async_cpu_us"] = _cpu_us(lambda: asyncio.run(one_caller()), n)
 
     for n in counts["bounded"]:  # the server pattern: more async callers than queue_size
         with SPool(classes["Trivial"], queue_size=counts["bounded_queue"]) as pool:
@@ -172,6 +222,9 @@ def bench_pool(counts: dict, include_batching: bool, **pool_kwargs) -> dict:
             n = counts["submit"]
             out["submit_prefetch_per_s"] = _rate(
                 n, lambda: [f.result() for f in [pool.submit_execute(i) for i in range(n)]])
+
+    if include_batching:  # ours: the raw pipe, measured in the same process and round
+        out.update(bench_raw_pipe(counts))
 
     with SPool(classes["Sleeper"]) as pool:
         for _ in range(8):
@@ -265,13 +318,13 @@ def bench_ppe(counts: dict) -> dict:
 
 
 COUNTS = {
-    "full": {"latency": 2000, "submit": 20_000, "async": 5000, "util_per_caller": 20,
+    "full": {"latency": 2000, "submit": 20_000, "async": 5000, "cpu": 5000, "util_per_caller": 20,
              "mib": 400, "batch_tasks": 2048, "lone": 100, "bounded": (1000, 5000, 20_000),
              "bounded_queue": 1000},
     # Ray's hop costs about 1 ms per call: fewer tasks keep that side to a minute.
-    "ray": {"latency": 300, "submit": 2000, "async": 1000, "util_per_caller": 5,
+    "ray": {"latency": 300, "submit": 2000, "async": 1000, "cpu": 300, "util_per_caller": 5,
             "mib": 100, "batch_tasks": 0, "lone": 0, "bounded": (), "bounded_queue": 0},
-    "quick": {"latency": 50, "submit": 500, "async": 200, "util_per_caller": 2,
+    "quick": {"latency": 50, "submit": 500, "async": 200, "cpu": 200, "util_per_caller": 2,
               "mib": 10, "batch_tasks": 128, "lone": 5, "bounded": (200, 1000),
               "bounded_queue": 100},
 }

@@ -1,8 +1,9 @@
 """The Markdown tables of ``pool_bench.py``, from the figures of one run.
 
-Four tables: each workload on stateful_pool, stateful-pool 0.3.2 and ProcessPoolExecutor with
-the ratio to 0.3.2 and its target; asyncio callers over a bounded queue; the Ray hop (with
-``--ray``); dynamic batching, and the cost of batching to a lone task. ``render`` draws them
+The tables: each workload on stateful_pool, stateful-pool 0.3.2 and ProcessPoolExecutor with
+the ratio to 0.3.2 and its target; one task's hop against a raw pipe round trip measured in
+the same process; asyncio callers over a bounded queue; the Ray hop (with ``--ray``);
+dynamic batching, and the cost of batching to a lone task. ``render`` draws them
 from a run's medians or from a JSON file saved with ``--json`` (the docs embed
 ``python benchmarks/pool_bench.py --render FILE``).
 """
@@ -53,6 +54,21 @@ def render(results: dict, mode: str, rounds: int, counts: dict, cpus: int | None
             ratio_s = "-"
         out(f"| {label} | {fmt(ours)} | {fmt(theirs)} | {fmt(ppe.get(key))} | {ratio_s} "
               f"| {target} |")
+
+    if "raw_latency_us" in spool:
+        out("\nThe hop against its floor: a trivial task against a raw multiprocessing.Pipe "
+            "round trip of one small message with a child process, measured in the same "
+            "process and round (lower is better)\n")
+        out("| measure | stateful_pool | 0.3.2 | raw pipe | vs raw pipe | target |")
+        out("|---|---:|---:|---:|---:|---|")
+        raw_lat, raw_cpu = spool["raw_latency_us"], spool["raw_cpu_us"]
+        out(f"| trivial execute latency (us, median) | {fmt(spool['latency_us'])} "
+            f"| {fmt(seed.get('latency_us'))} | {fmt(raw_lat)} "
+            f"| {spool['latency_us'] / raw_lat:.2f}x | <= 2x raw pipe |")
+        if "async_cpu_us" in spool and raw_cpu > 0:
+            out(f"| caller CPU per async_execute, one awaiting caller (us) "
+                f"| {fmt(spool['async_cpu_us'])} | {fmt(seed.get('async_cpu_us'))} "
+                f"| {fmt(raw_cpu)} | {spool['async_cpu_us'] / raw_cpu:.2f}x | - |")
 
     if seed.get("submit_per_s") and "submit_prefetch_per_s" in spool:
         out(f"\nWith prefetch=1 (opt-in), the 20k trivial submit_execute run gives "

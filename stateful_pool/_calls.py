@@ -81,7 +81,8 @@ class CallOptions(Generic[ExecR]):
     def execute(self, *args: Any, **kwargs: Any) -> ExecR:
         if on_dispatcher_thread():
             raise refuse_to_wait("pool.execute()")
-        return self.submit_execute(*args, **kwargs).result()
+        return self._pool._execute(  # type: ignore[no-any-return]
+            args, kwargs, self._timeout, self._context)
 
     async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:
         return await self._pool._async_execute(  # type: ignore[no-any-return]

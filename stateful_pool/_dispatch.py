@@ -15,12 +15,25 @@ Data flow of one task::
                                            future.set_result(...)
     future done / asyncio woken <------
 
-Only the dispatcher thread touches a worker's pipe, its task table and the pending queue;
+The dispatcher thread owns the workers' pipes, their task tables and the pending queue;
 callers talk to it through a small API (``submit``, ``add_worker``, ``cancelled``,
 ``abandoned``, ``close``, ``snapshot``) that appends typed messages to ``inbox`` and writes
 to a wakeup pipe. It sleeps in ``poll`` on every worker pipe, every process sentinel and the
 wakeup pipe, so a worker that dies, busy or idle, is noticed at once. It knows exactly which
 tasks each worker holds, so a death fails those tasks and nothing else.
+
+Two shortcuts skip the dispatcher thread, both under ``_sched``, the lock it holds whenever
+it is awake, so the state they change is never changed by two threads at once:
+
+* the fast path (``try_run_now``): a caller that finds a worker idle and nothing queued
+  sends its task itself;
+* the lent pipe (``try_run_now(lend=True)``): a caller that will wait for that very task
+  (``execute``, ``async_execute``) also reads the answer itself, from its thread or its
+  event loop, then gives the pipe back (``reclaim``). Meanwhile the pipe is paused in the
+  dispatcher's epoll and the dispatcher leaves it alone, but it still watches the process,
+  times the task and takes the pipe back when it needs it: the worker died, tasks queue,
+  the pool closes. A hop to a worker then costs one write and one read in the caller, and
+  no wakeup of another thread in either direction.
 
 This module is the scheduling: queue, dispatch, results, timeouts; ``_stream_dispatch``
 adds what is particular to streams (chunks, credit, stops, their time limits, continuous
@@ -32,19 +45,20 @@ and stops them.
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _messages as m
 from . import _outcomes as o
 from ._batching import PendingQueue
 from ._config import PoolConfig
 from ._deadlines import PRUNE_AT, Deadlines
-from ._inbox import Cancelled, Close, Credit, Message, StartWorker, StopStream
+from ._inbox import Cancelled, Close, Credit, Message, Reclaim, StartWorker, StopStream
 from ._poll import Poller
 from ._restart import MAX_RESTART_DELAY, RestartPolicy
 from ._shutdown import WorkerShutdown
@@ -62,6 +76,19 @@ logger = logging.getLogger("stateful_pool")
 W = WorkerState
 T = TaskState
 _DONE = object()
+# How often a caller waiting on a lent pipe checks that it still holds it (the dispatcher may
+# have taken it back while the caller slept on the fds).
+_LENT_CHECK = 0.5
+
+
+class Lent(NamedTuple):
+    """A worker's pipe lent to the caller of ``task`` (``Dispatcher.try_run_now``)."""
+
+    slot: WorkerSlot
+    task: Task
+    fd: int
+    sentinel: int
+    conn: Any
 
 
 class Dispatcher(StreamScheduling, WorkerShutdown):
@@ -108,6 +135,10 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         # Owners of the watched fds: (worker, True) for its pipe, (worker, False) for its
         # process sentinel.
         self.poller: Poller[tuple[WorkerSlot, bool]] = Poller()
+        # Whether a waiting caller may read its answer from the worker's pipe itself: the
+        # pipe must be paused in the poller meanwhile (epoll), and the answer must be that
+        # task's alone (no execute_batch, no stream_step batch).
+        self._can_lend = self.poller.can_pause and not batching and streams_per_worker == 1
         self.wake = self.poller.wake
         self.thread = threading.Thread(target=self._run, name="stateful_pool-dispatcher",
                                        daemon=True)
@@ -124,15 +155,23 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         self.wake()
         return True
 
-    def try_run_now(self, task: Task) -> bool:
+    def try_run_now(self, task: Task, lend: bool = False) -> Lent | bool:
         """The fast path: if a worker is idle and nothing waits before this task, send it
         from the caller's thread, saving the round trip through the dispatcher thread. The
         task is registered on its worker exactly as the dispatcher would, so crashes,
-        timeouts and shutdown treat it the same. False: use ``submit``."""
+        timeouts and shutdown treat it the same. False: use ``submit``.
+
+        ``lend``: the caller will wait for this very task and read the answer from the
+        worker's pipe itself (``wait_lent`` or an event loop's reader, then ``reclaim``),
+        saving the hop through the dispatcher thread on the way back too. The dispatcher
+        leaves the pipe alone until it is reclaimed; it still watches the process, so a
+        crash, a timeout or shutdown take the pipe back. Returns the ``Lent`` pipe then
+        (or True when it sent the task without lending)."""
         payload = task.payload
         if (self.batching or self.inbox or not self.idle or type(payload) is not bytes
                 or len(payload) > m.INLINE_MAX or not self._sched.acquire(blocking=False)):
             return False
+        lent: Lent | bool = True
         try:
             if not self.idle or self.pending or self.inbox or self.closing:
                 return False
@@ -149,12 +188,103 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
             now = time.monotonic()
             if task.deadline is not None:
                 self.deadlines.push(task)
+            if lend and self._can_lend:
+                fd = slot.conn.fileno()
+                self.poller.pause(fd)  # before the send: the answer is not the dispatcher's
+                slot.lent = task
+                lent = Lent(slot, task, fd, slot.process.sentinel, slot.conn)
             self._send(slot, [task], now)
         finally:
             self._sched.release()
         if task.deadline is not None or self.hang_timeout is not None:
             self.wake()  # the dispatcher's next timer may be sooner now
-        return True
+        return lent
+
+    def reclaim(self, lent: Lent, read: bool, readable: bool = False) -> bool:
+        """The caller gives a lent pipe back (any thread). With ``read``, the answer waiting
+        there is read and its task settled first, here, unless the dispatcher is busy: then
+        the dispatcher takes the pipe back and reads it. ``readable``: the caller has just
+        seen the pipe readable (no need to look again). True if a message was read here."""
+        slot, task = lent.slot, lent.task
+        if slot.lent is not task:
+            return False  # taken back already: the worker died, or shutdown
+        if not self._sched.acquire(blocking=False):
+            self.inbox.append(Reclaim(slot, task))
+            self.wake()
+            return False
+        frame = None
+        try:
+            if slot.lent is not task:
+                return False
+            slot.lent = None
+            conn = slot.conn
+            assert conn is not None
+            if read:
+                try:
+                    if readable or conn.poll(0):
+                        frame = slot.recv_frame()
+                except (EOFError, OSError):
+                    pass  # died: the dispatcher hears it from the pipe or the sentinel
+            self.poller.resume(lent.fd)
+            if frame is not None:
+                if frame[0] == m.RESULT1:
+                    task_id, name, blob = m.read_result1(frame)
+                    self._on_lent_results(slot, [(task_id, (True, name, blob))])
+                else:
+                    message = m.recv_message(conn.recv_bytes, frame)
+                    if message.kind == m.Kind.RESULTS:
+                        self._on_lent_results(slot, o.outcomes_of(message))
+                    else:  # not the answer to an EXEC: not expected; the dispatcher's way
+                        self._on_message(slot, message)
+        finally:
+            self._sched.release()
+        if self.pending or self.inbox or self.closing:
+            self.wake()
+        return frame is not None
+
+    def _on_lent_results(self, slot: WorkerSlot, outcomes: list[tuple[int, o.Outcome]]
+                         ) -> None:
+        """A lent pipe's answer, read by its caller: ``_on_results`` without the dispatching,
+        which is left to the dispatcher thread (``reclaim`` wakes it if tasks wait)."""
+        now = time.monotonic()
+        done, now_idle = slot.take_results(outcomes, now)
+        record = self.counts.run_time.record
+        for task, _ in done:
+            record(now - task.started_at)
+        if now_idle:
+            self.idle.append(slot)
+        for task, outcome in done:
+            ok, value = o.rebuild_outcome(outcome)
+            if ok:
+                self._finish(task, value)
+            else:
+                self._finish(task, exc=value)
+
+    def wait_lent(self, lent: Lent) -> None:
+        """Block the calling thread until the lent pipe has the answer (or the worker died, or
+        the task was settled otherwise: timed out, shutdown), then ``reclaim`` the pipe. The
+        task is done afterwards, or soon is: wait on it."""
+        task = lent.task
+        waiter = select.poll()
+        waiter.register(lent.fd, select.POLLIN)
+        waiter.register(lent.sentinel, select.POLLIN)
+        deadline = task.deadline
+        readable = False
+        try:
+            while lent.slot.lent is task and not task.done():
+                wait = _LENT_CHECK
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        break  # the dispatcher times the task out
+                events = waiter.poll(wait * 1000.0)
+                if events:
+                    readable = any(fd == lent.fd for fd, _ in events)
+                    break
+        except BaseException:  # Ctrl-C: the dispatcher reads the answer when it comes
+            self.reclaim(lent, False)
+            raise
+        self.reclaim(lent, True, readable)
 
     def add_worker(self, spawn_payload: bytes, future: Future[Any],
                    options: dict[str, Any]) -> bool:
@@ -222,6 +352,8 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         finally:
             with self._sched, self._lock:
                 self.accepting = False  # from now on no caller sends to a worker either
+                for slot in self.slots:
+                    slot.lent = None  # the pipes are the dispatcher's again, to close
             self._stop_workers()
             self._refuse_inbox()
             self.poller.stop_waking()
@@ -252,6 +384,8 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         self._expire_tasks(now)
         if self.hang_timeout is not None or self._timers_armed:
             self._check_worker_timers(now)
+        if self.pending or self.closing:
+            self._take_back_all()
         self._dispatch(now)
         if self.closing and self._drained(now):
             return _DONE
@@ -264,7 +398,8 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
                 continue  # unregistered by an earlier event of this round
             slot, is_pipe = owner
             if is_pipe:
-                self._on_readable(slot)
+                if slot.lent is None:  # else its caller reads it (a hang-up is told once)
+                    self._on_readable(slot)
             else:
                 self._on_exit(slot)
 
@@ -283,8 +418,26 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
                 self._on_credit(item.stream, item.chunks)
             elif isinstance(item, StopStream):
                 self._on_stop_stream(item.stream)
+            elif isinstance(item, Reclaim):
+                self._take_back(item.slot, item.task)
             elif isinstance(item, Close):
                 self._on_close(item)
+
+    def _take_back(self, slot: WorkerSlot, task: Task | None) -> None:
+        """A lent pipe is the dispatcher's again: its caller asked (``task``), or the
+        dispatcher needs it (``None``)."""
+        if slot.lent is not None and (task is None or slot.lent is task):
+            slot.lent = None
+            if slot.conn is not None:
+                self.poller.resume(slot.conn.fileno())
+
+    def _take_back_all(self) -> None:
+        """Read every lent pipe here from now on: tasks queue, or the pool is closing, and
+        a worker's answer must not wait for its caller to get round to it (an event loop
+        blocked in ``shutdown()``, or in anything else, would hold the worker meanwhile)."""
+        for slot in self.slots:
+            if slot.lent is not None:
+                self._take_back(slot, None)
 
     def _accept(self, task: Task) -> None:
         self.counts.submitted += 1
@@ -317,7 +470,8 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
             for slot in self.slots:
                 if not pending:
                     return
-                if slot.state != W.BUSY or slot.messages != depth or slot.kill_reason:
+                if (slot.state != W.BUSY or slot.messages != depth or slot.kill_reason
+                        or slot.lent is not None):
                     continue
                 started = [t for t in pending.next_batch(now) if self._start(t)]
                 if started:
@@ -352,34 +506,44 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         slot.send_tasks(tasks, self.batching, now)
 
     def _on_readable(self, slot: WorkerSlot) -> None:
-        assert slot.conn is not None
+        conn = slot.conn
+        assert conn is not None
         try:
-            message = m.recv_message(slot.conn.recv_bytes)
+            frame = slot.recv_frame()
+            if frame[0] == m.RESULT1:  # one task's result: the usual message
+                task_id, name, blob = m.read_result1(frame)
+                self._on_results(slot, [(task_id, (True, name, blob))])
+                return
+            message = m.recv_message(conn.recv_bytes, frame)
         except (EOFError, OSError):
             self._on_exit(slot)
         else:
             self._on_message(slot, message)
 
+    def _on_results(self, slot: WorkerSlot, outcomes: list[tuple[int, o.Outcome]]) -> None:
+        now = time.monotonic()
+        done, now_idle = slot.take_results(outcomes, now)
+        record = self.counts.run_time.record
+        for task, _ in done:
+            record(now - task.started_at)
+        if now_idle:
+            self.idle.append(slot)
+            if self.pending and not slot.reaping:
+                # The worker's next task goes out before the callers are woken: resolving
+                # futures runs their callbacks, and the worker would idle meanwhile.
+                self._expire_tasks(now)  # never send what has expired
+                self._dispatch(now)
+        for task, outcome in done:
+            ok, value = o.rebuild_outcome(outcome)
+            if ok:
+                self._finish(task, value)
+            else:
+                self._finish(task, exc=value)
+
     def _on_message(self, slot: WorkerSlot, message: m.Message) -> None:
         kind = message.kind
         if kind == m.Kind.RESULTS:
-            now = time.monotonic()
-            done, now_idle = slot.take_results(o.outcomes_of(message), now)
-            for task, _ in done:
-                self.counts.run_time.record(now - task.started_at)
-            if now_idle:
-                self.idle.append(slot)
-                if self.pending and not slot.reaping:
-                    # The worker's next task goes out before the callers are woken: resolving
-                    # futures runs their callbacks, and the worker would idle meanwhile.
-                    self._expire_tasks(now)  # never send what has expired
-                    self._dispatch(now)
-            for task, outcome in done:
-                ok, value = o.rebuild_outcome(outcome)
-                if ok:
-                    self._finish(task, value)
-                else:
-                    self._finish(task, exc=value)
+            self._on_results(slot, o.outcomes_of(message))
         elif kind == m.Kind.CHUNKS:
             self._on_chunks(slot, message)
         elif kind == m.Kind.SPAWNED:

@@ -43,4 +43,12 @@ class StopStream:
     stream: Stream
 
 
-Message = Task | StartWorker | Cancelled | Close | Credit | StopStream
+@dataclass(slots=True)
+class Reclaim:
+    """The caller that reads a worker's pipe for ``task`` gives the pipe back."""
+
+    slot: WorkerSlot
+    task: Task
+
+
+Message = Task | StartWorker | Cancelled | Close | Credit | StopStream | Reclaim

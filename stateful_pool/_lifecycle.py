@@ -69,6 +69,8 @@ class WorkerLifecycle:
             self._lose_worker(slot, SpawnError(f"could not start worker {slot.id}: {exc!r}"))
             return
         slot.process, slot.conn, slot.pid = process, parent_conn, process.pid
+        slot.send_frame = m.frame_sender(parent_conn)
+        slot.recv_frame = m.frame_receiver(parent_conn)
         self._watch(slot)
         if self.spawn_timeout is not None:
             slot.spawn_deadline = time.monotonic() + self.spawn_timeout
@@ -120,6 +122,7 @@ class WorkerLifecycle:
         """Read what the dead worker sent last, wait for its process, release its fds."""
         conn = slot.conn
         assert conn is not None
+        slot.lent = None  # its caller stops reading: the pipe is read here, then closed
         slot.reaping = True
         try:  # results the worker sent just before dying still count
             while conn.poll():

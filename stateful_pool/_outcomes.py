@@ -27,7 +27,10 @@ def send_outcomes(send: Callable[[Any], None], kind: m.Kind,
     """Send ``[(task_id, outcome), ...]`` as one RESULTS (or SPAWNED) message."""
     if len(pairs) == 1 and pairs[0][1][0]:  # one task's result: the usual answer
         task_id, (_, name, blob) = pairs[0]
-        m.send_message(send, kind, [task_id], [(True, name)], None, [blob])
+        if kind is m.Kind.RESULTS and type(blob) is bytes and len(blob) <= m.INLINE_MAX:
+            send(m.result1(task_id, name, blob))
+        else:
+            m.send_message(send, kind, [task_id], [(True, name)], None, [blob])
         return
     ids = []
     metas = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import select
 import weakref
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 O = TypeVar("O")  # noqa: E741 (what owns a watched fd)
 # The longest sleep in one poll() call, in ms: poll() takes a C int (about 24.8 days at
@@ -13,30 +13,48 @@ O = TypeVar("O")  # noqa: E741 (what owns a watched fd)
 _MAX_SLEEP_MS = 86_400_000.0
 
 
-def _close_fds(*fds: int) -> None:
+def _close_all(epoll: Any, *fds: int) -> None:
+    if epoll is not None:
+        epoll.close()
     for fd in fds:
         os.close(fd)
 
 
 class Poller(Generic[O]):
-    """``poll()`` over the fds of their owners (worker pipes and process sentinels), woken
-    early by ``wake()`` from any thread.
+    """Waits on the fds of their owners (worker pipes and process sentinels), woken early by
+    ``wake()`` from any thread.
 
-    One poll object serves the pool's life: fds are (un)registered as workers come and go,
-    instead of a selector being built on every wakeup as ``multiprocessing``'s ``wait()``
-    does. Only the owning thread calls ``watch``, ``unwatch``, ``poll`` and ``owner``.
+    One epoll (or, where there is none, poll) object serves the pool's life: fds are
+    (un)registered as workers come and go, instead of a selector being built on every wakeup
+    as ``multiprocessing``'s ``wait()`` does. Only the owning thread calls ``watch``,
+    ``unwatch``, ``poll`` and ``owner``. With epoll, ``pause`` and ``resume`` may be called
+    from any thread and take effect at once, even during a ``poll`` in progress: a paused fd
+    is read by someone else for a while (``can_pause`` says whether they are available).
     """
 
     def __init__(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._woken = False  # a wakeup is already in the pipe: later ones need not write
-        self._poll = select.poll()
-        self._poll.register(self._wake_r, select.POLLIN)
+        epoll = getattr(select, "epoll", None)
+        self._epoll = epoll() if epoll is not None else None
+        self.can_pause = self._epoll is not None
+        self._poll = select.poll() if self._epoll is None else None
+        self._register(self._wake_r)
         self._owners: dict[int, O] = {}
         # Closed only when nothing can reach this object any more: a caller may still call
         # wake() after the owning thread has ended, and a closed fd number gets reused.
-        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w).atexit = False
+        weakref.finalize(self, _close_all, self._epoll, self._wake_r, self._wake_w).atexit = False
+
+    def _register(self, fd: int) -> None:
+        if self._epoll is not None:
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
+            except FileExistsError:  # a closed fd's number, reused
+                self._epoll.modify(fd, select.EPOLLIN)
+        else:
+            assert self._poll is not None
+            self._poll.register(fd, select.POLLIN)
 
     def wake(self) -> None:
         """Make the current or next ``poll`` return at once (any thread; cheap when repeated)."""
@@ -53,11 +71,31 @@ class Poller(Generic[O]):
 
     def watch(self, fd: int, owner: O) -> None:
         self._owners[fd] = owner
-        self._poll.register(fd, select.POLLIN)
+        self._register(fd)
 
     def unwatch(self, fd: int) -> None:
         if self._owners.pop(fd, None) is not None:
-            self._poll.unregister(fd)
+            try:
+                if self._epoll is not None:
+                    self._epoll.unregister(fd)
+                else:
+                    assert self._poll is not None
+                    self._poll.unregister(fd)
+            except (OSError, KeyError):
+                pass  # closed already (epoll forgets a closed fd by itself)
+
+    def pause(self, fd: int) -> None:
+        """Stop reporting ``fd`` (epoll only; any thread). A hang-up is still reported once."""
+        assert self._epoll is not None
+        self._epoll.modify(fd, select.EPOLLONESHOT)
+
+    def resume(self, fd: int) -> None:
+        """Report ``fd`` again, at once if it is readable (any thread)."""
+        assert self._epoll is not None
+        try:
+            self._epoll.modify(fd, select.EPOLLIN)
+        except OSError:
+            pass  # unwatched and closed meanwhile
 
     def owner(self, fd: int) -> O | None:
         """Who watches ``fd``; None if it was unwatched since ``poll`` returned it."""
@@ -66,8 +104,13 @@ class Poller(Generic[O]):
     def poll(self, timeout: float | None) -> list[int]:
         """Sleep until a watched fd is readable (or closed), ``wake()`` is called, or
         ``timeout`` seconds pass; return the ready watched fds."""
-        events = self._poll.poll(
-            None if timeout is None else min(timeout * 1000.0, _MAX_SLEEP_MS))
+        if self._epoll is not None:
+            events = self._epoll.poll(
+                -1 if timeout is None else min(timeout, _MAX_SLEEP_MS / 1000.0))
+        else:
+            assert self._poll is not None
+            events = self._poll.poll(
+                None if timeout is None else min(timeout * 1000.0, _MAX_SLEEP_MS))
         ready = []
         for fd, _ in events:
             if fd == self._wake_r:

@@ -286,7 +286,7 @@ class SPool(Submission, Generic[SpawnR, ExecR]):
         """
         if on_dispatcher_thread():  # before submitting: the task would run for nobody
             raise refuse_to_wait("pool.execute()")
-        return self._submit(args, kwargs, DEFAULT).result()  # type: ignore[no-any-return]
+        return self._execute(args, kwargs, DEFAULT)  # type: ignore[no-any-return]
 
     async def async_execute(self, *args: Any, **kwargs: Any) -> ExecR:
         """Run one task from asyncio. No thread waits for it: the event loop is woken when

@@ -34,6 +34,9 @@ class WorkerSlot:
         # Its current process (replaced on respawn).
         self.process: Any = None
         self.conn: Connection | None = None
+        # Its pipe's send_bytes and recv_bytes, the fast ones (_messages.frame_sender).
+        self.send_frame: Any = None
+        self.recv_frame: Any = None
         self.pid: int | None = None
         self.location: dict[str, Any] = {}
         self.writer: FrameWriter | None = None
@@ -47,6 +50,10 @@ class WorkerSlot:
         self.restart_at = 0.0  # monotonic time of the next respawn (restarting, backing off)
         self.last_failure: str | None = None  # why its previous process ended, if it failed
         self.reaping = False
+        # The task whose caller reads this worker's pipe itself (see Dispatcher.try_lend);
+        # the dispatcher leaves the pipe alone meanwhile. Changed under the dispatcher's
+        # scheduling lock only.
+        self.lent: Task | None = None
         # Its work.
         self.tasks: dict[int, Task] = {}
         self.messages = 0  # EXEC/BATCH messages sent and not answered yet
@@ -90,6 +97,17 @@ class WorkerSlot:
             self.state = WorkerState.BUSY
             self.busy_since = now
         self.messages += 1
+        first: Any = tasks[0]
+        if len(tasks) == 1 and first.context is None and not first.is_stream and not batch:
+            payload = first.payload
+            if (type(payload) is bytes and len(payload) <= m.INLINE_MAX
+                    and (self.writer is None or self.writer.idle.is_set())):
+                first.payload = b""
+                try:  # the usual task: one compact frame, straight to the pipe
+                    self.send_frame(m.exec1(first.id, payload))
+                except OSError:
+                    pass  # the worker died; its sentinel fires next and fails its tasks
+                return
         payloads = [t.payload for t in tasks]
         for task in tasks:
             task.payload = b""  # the worker gets it now; free the memory with the message
@@ -98,7 +116,6 @@ class WorkerSlot:
             if task.context is not None:
                 contexts = [t.context for t in tasks]
                 break
-        first: Any = tasks[0]
         if first.is_stream:  # always alone in its message
             first.slot = self
             self.send(m.Kind.STREAM, [first.id], [first.window], contexts, payloads)

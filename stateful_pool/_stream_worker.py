@@ -95,8 +95,8 @@ class StreamRunner:
     def __init__(self, host: Host, conn: Connection) -> None:
         self.host = host
         self.conn = conn
-        self.send = conn.send_bytes
-        self.recv = conn.recv_bytes
+        self.send = m.frame_sender(conn)
+        self.recv = m.frame_receiver(conn)
         self.streams: dict[int, _Open] = {}
         self.backlog: deque[m.Message] = deque()
         self.batched = defines_stream_step(type(host.worker))

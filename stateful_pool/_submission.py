@@ -10,7 +10,7 @@ from typing import Any
 
 from . import _messages as m
 from ._calls import Default, StreamTimeouts
-from ._dispatch import Dispatcher
+from ._dispatch import Dispatcher, Lent
 from ._stream import Stream
 from ._task import Task
 from ._waiting import Capacity, LoopBridge
@@ -87,6 +87,22 @@ class Submission:
             self._capacity.admit(self.submission_timeout, deadline)
         return self._enqueue(task)
 
+    def _execute(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 timeout: float | None | Default, context: dict[str, Any] | None = None) -> Any:
+        """``execute``: on an idle worker, this thread reads the answer from the worker's pipe
+        itself (no hop through the dispatcher thread); otherwise it queues and waits."""
+        payload = self._payload(args, kwargs)
+        deadline = self._deadline(timeout)
+        task = self._new_task(payload, deadline, context, None)
+        lent = self._dispatcher.try_run_now(task, lend=True)
+        if type(lent) is Lent:
+            self._dispatcher.wait_lent(lent)
+        elif not lent:
+            if self.queue_size is not None:
+                self._capacity.admit(self.submission_timeout, deadline)
+            self._enqueue(task)
+        return task.result()
+
     def _bridge(self) -> LoopBridge:
         """The result bridge of the running event loop."""
         loop = asyncio.get_running_loop()
@@ -112,7 +128,32 @@ class Submission:
                              context: dict[str, Any] | None = None) -> Any:
         payload = self._payload(args, kwargs)
         bridge = self._bridge()
-        task = await self._async_submit(payload, timeout, context)
+        if not bridge.reads_pipes:
+            task = await self._async_submit(payload, timeout, context)
+            return await self._await_task(bridge, task)
+        # On an idle worker, the event loop reads the answer from the worker's pipe itself:
+        # no hop through the dispatcher thread, no wakeup of the loop from another thread.
+        dispatcher = self._dispatcher
+        deadline = self._deadline(timeout)
+        task = self._new_task(payload, deadline, context, None)
+        lent = dispatcher.try_run_now(task, lend=True)
+        if type(lent) is not Lent:
+            if not lent:
+                if self.queue_size is not None:
+                    await self._capacity.admit_async(self.submission_timeout, deadline, bridge)
+                self._enqueue(task)
+            return await self._await_task(bridge, task)
+        reader = bridge.read_lent(lent, dispatcher.reclaim)
+        if reader is None:
+            dispatcher.reclaim(lent, False)
+            return await self._await_task(bridge, task)
+        try:
+            return await self._await_task(bridge, task)
+        finally:
+            bridge.end_lent(reader, lent)
+            dispatcher.reclaim(lent, False)  # (nothing to do if the answer was read)
+
+    async def _await_task(self, bridge: LoopBridge, task: Task) -> Any:
         try:
             return await bridge.watch(task)
         except asyncio.CancelledError:

@@ -4,6 +4,7 @@ and, from asyncio, for results (``LoopBridge``)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 import weakref
@@ -12,6 +13,8 @@ from typing import Any
 
 from ._task import Task, on_dispatcher_thread
 from .errors import QueueFullError, TaskTimeoutError
+
+_running_loop = asyncio._get_running_loop  # the running loop of this thread, or None
 
 
 class _Waiter:
@@ -185,6 +188,12 @@ class LoopBridge:
         self._lock = threading.Lock()
         self._ready: list[tuple[Any, Any]] = []
         self._scheduled = False
+        # Whether this loop may read lent pipes itself (``add_reader``; not every loop can).
+        self.reads_pipes = True
+        # Its watches on workers' pipes, kept from one lent task to the next (loop thread).
+        self._pipes: dict[Any, PipeReader] = {}
+        self._fds: set[int] = set()
+        weakref.finalize(self, _close_pipes, self._loop, self._fds).atexit = False
 
     def watch(self, task: Task) -> asyncio.Future[Any]:
         """A future of this loop that follows ``task``."""
@@ -193,10 +202,43 @@ class LoopBridge:
         return waiter
 
     def _deliver_later(self, task: Any, waiter: asyncio.Future[Any]) -> None:
+        loop = _running_loop()
+        if loop is not None and loop is self._loop():  # settled on the loop's own thread
+            _copy_outcome((task, waiter))
+            return
         try:
             self.call(_copy_outcome, (task, waiter))
         except RuntimeError:
             pass  # the loop is closed: nobody awaits this any more
+
+    def read_lent(self, lent: Any, reclaim: Any) -> PipeReader | None:
+        """Have the loop read the lent pipe ``lent`` when its answer comes: ``reclaim(lent,
+        True, True)`` reads it and settles the task, here. None if this loop cannot watch
+        fds. ``end_lent`` afterwards, whatever happened."""
+        reader = self._pipes.get(lent.slot)
+        if reader is not None and reader.conn is not lent.conn:
+            reader.close()  # a former process of that worker
+            reader = None
+        if reader is None:
+            loop = self._loop()
+            if loop is None:
+                return None
+            try:
+                reader = PipeReader(self, loop, lent, reclaim)
+            except NotImplementedError:  # a loop without add_reader (Windows' proactor)
+                self.reads_pipes = False
+                return None
+        reader.lent = lent
+        return reader
+
+    @staticmethod
+    def end_lent(reader: PipeReader, lent: Any) -> None:
+        """The task ``lent`` was for is over for its caller. If its answer did not come
+        through this loop (a timeout, a cancel, a crash), stop watching that pipe: the
+        dispatcher reads it now, and a level-triggered watch would spin."""
+        if reader.lent is lent:
+            reader.lent = None
+            reader.close()
 
     def call(self, fn: Any, arg: Any) -> None:
         """Run ``fn(arg)`` on the loop soon; ``RuntimeError`` if the loop is closed."""
@@ -222,6 +264,88 @@ class LoopBridge:
             self._scheduled = False
         for fn, arg in ready:
             fn(arg)
+
+
+class PipeReader:
+    """An event loop's watch on one worker's pipe, kept while the tasks it lends to this
+    loop keep coming back through it: registering a reader costs more than the rest of the
+    loop's side of a task.
+
+    The loop watches a duplicate of the pipe's fd, closed here: the loop never holds a number
+    that the dispatcher may close (the worker died) and the system give to another file. The
+    watch ends at the first readiness that is not this loop's lent answer (the worker now
+    answers someone else, or died)."""
+
+    def __init__(self, bridge: LoopBridge, loop: asyncio.AbstractEventLoop, lent: Any,
+                 reclaim: Any) -> None:
+        # No reference to the loop: the pool's loop -> bridge map holds this (through the
+        # bridge) and must not keep the loop alive.
+        self._bridge = bridge
+        self._reclaim = reclaim
+        self.slot = lent.slot
+        self.conn = lent.conn
+        self.lent: Any = None
+        self.fd = os.dup(lent.fd)
+        try:
+            loop.add_reader(self.fd, self._ready)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        bridge._pipes[self.slot] = self
+        bridge._fds.add(self.fd)
+        self._open = True
+
+    def _ready(self) -> None:
+        lent, self.lent = self.lent, None
+        if lent is None or not self._reclaim(lent, True, True):
+            self.close()  # not an answer this loop reads: the dispatcher's to read
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        bridge = self._bridge
+        if bridge._pipes.get(self.slot) is self:
+            del bridge._pipes[self.slot]
+        bridge._fds.discard(self.fd)
+        loop = bridge._loop()
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.fd)
+        os.close(self.fd)
+
+
+def _close_pipes(loop_ref: Any, fds: set[int]) -> None:
+    """A dropped bridge's watches: removed on its loop if that still runs, else closed."""
+    if not fds:
+        return
+    fds = set(fds)
+    loop = loop_ref()
+    if loop is not None and not loop.is_closed():
+        try:
+            loop.call_soon_threadsafe(_remove_and_close, loop, fds)
+            return
+        except RuntimeError:
+            pass  # closed meanwhile
+        _close_fds(fds)
+    else:
+        _close_fds(fds)
+
+
+def _remove_and_close(loop: asyncio.AbstractEventLoop, fds: set[int]) -> None:
+    for fd in fds:
+        try:
+            loop.remove_reader(fd)
+        except Exception:
+            pass
+    _close_fds(fds)
+
+
+def _close_fds(fds: set[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _copy_outcome(pair: tuple[Task, asyncio.Future[Any]]) -> None:

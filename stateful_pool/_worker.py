@@ -132,9 +132,9 @@ def worker_main(conn: Connection, worker_cls: ClassRef, parent_pid: int) -> None
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
                      name="stateful_pool-parent-watch").start()
-    send = conn.send_bytes
+    send = m.frame_sender(conn)
     try:
-        blobs = m.recv_message(conn.recv_bytes).blobs
+        blobs = m.recv_message(m.frame_receiver(conn)).blobs
         assert blobs is not None
         payload = blobs[0]
     except (EOFError, OSError):
