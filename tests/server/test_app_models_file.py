@@ -193,12 +193,12 @@ def test_a_reload_under_load_fails_no_request_and_new_requests_reach_the_new_mod
         async def scenario() -> tuple[list[str], list[str], httpx.Response]:
             stop = asyncio.Event()
             running = asyncio.ensure_future(load(url, stop))
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.0)
             async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False,
                                          headers=AUTH) as admin:
                 reloaded = await admin.post("/admin/models/loaded/reload",
                                             json={"model_name": "second"})
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.0)
             stop.set()
             served, failures = await asyncio.wait_for(running, 60)
             return served, failures, reloaded
@@ -218,15 +218,22 @@ def test_a_reload_under_load_fails_no_request_and_new_requests_reach_the_new_mod
         assert wait_until(lambda: not any(pid_alive(pid) for pid in old_pids), 30)
 
 
+def test_admin_routes_are_off_without_an_api_key(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    app = create_app(settings(models_file=str(write(tmp_path, RELOADABLE))))
+    client = TestClient(app)  # no lifespan: the key is checked before anything else
+    refused = client.post("/admin/models/loaded/reload")
+    assert refused.status_code == 403 and "API_KEY" in refused.json()["detail"]
+
+
 @pytest.mark.slow
 def test_reload_needs_the_api_key_names_unknown_models_and_keeps_the_old_model_on_failure(
         tmp_path):
     models = write(tmp_path, RELOADABLE)
     env = {"MODELS_FILE": str(models), "PYTHONPATH": str(ROOT / "tests" / "support")}
-    with serve(tmp_path, **env) as (process, url, log), http_client(url) as http:
-        wait_ready(http, process, log)
-        refused = http.post("/admin/models/loaded/reload")
-        assert refused.status_code == 403 and "API_KEY" in refused.json()["detail"]
     with serve(tmp_path, API_KEY=KEY, **env) as (process, url, log), \
             http_client(url) as http:
         http.headers.update(AUTH)
