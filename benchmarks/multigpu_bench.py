@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from app.examples.simulated_gpu import FIXED_MS, PER_IMAGE_MS  # noqa: E402
 from benchmarks.bench_servers import READY_TIMEOUT, app_server  # noqa: E402
 from benchmarks.http_load import http_caller, run_load, sample_jpeg  # noqa: E402
-from benchmarks.proc_cpu import children, cpu_seconds, load_average  # noqa: E402
+from benchmarks.proc_cpu import children_running, cpu_seconds, load_average  # noqa: E402
 
 SIMULATED = "app.examples.simulated_gpu:SimulatedGPU"
 ECHO = "app.examples.echo_worker:EchoWorker"
@@ -56,14 +56,7 @@ def scrape(url: str) -> tuple[float, float]:
 def api_processes(server_pid: int) -> list[int]:
     """The API processes of a server: its children running ``api_process``, or the server
     itself when it has none (``API_PROCESSES=1``)."""
-    found = []
-    for pid in children(server_pid):
-        try:
-            if b"api_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except OSError:
-            pass
-    return found or [server_pid]
+    return children_running(server_pid, b"api_process") or [server_pid]
 
 
 def cpu_of(server_pid: int) -> dict[str, float]:

@@ -33,6 +33,19 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def children_running(pid: int, marker: bytes) -> list[int]:
+    """The children of ``pid`` whose command line holds ``marker`` (``b"api_process"``: the
+    API processes of ``API_PROCESSES=N``)."""
+    found = []
+    for child in children(pid):
+        try:
+            if marker in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:
+            pass
+    return found
+
+
 def reading(server_pid: int) -> dict[str, float]:
     """CPU seconds so far: ``load generator``, ``API process``, ``worker PID`` each."""
     times = {"load generator": cpu_seconds(os.getpid()),

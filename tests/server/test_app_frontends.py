@@ -9,14 +9,13 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 from app_helpers import http_client, image_bytes, serve, wait_ready, wait_until
 from procs import pid_alive
 
-from benchmarks.proc_cpu import children
+from benchmarks.proc_cpu import children_running
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +24,7 @@ ECHO = "app.examples.echo_worker:EchoWorker"
 
 def api_pids(supervisor: int) -> set[int]:
     """The supervisor's API processes (its other children are the pool's workers)."""
-    found = set()
-    for pid in children(supervisor):
-        try:
-            if b"api_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.add(pid)
-        except OSError:
-            pass
-    return found
+    return set(children_running(supervisor, b"api_process"))
 
 
 def post(url: str, image: tuple[str, bytes, str]) -> int:
