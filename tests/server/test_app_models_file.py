@@ -54,6 +54,12 @@ max_batch_size = 8
 """
 
 
+def every_worker_ready(http: httpx.Client) -> bool:
+    """``/readyz`` is 200 once each model has a worker; a reload waits for all of them."""
+    body = http.get("/readyz").json()
+    return bool(body.get("workers")) and body.get("workers_ready") == body["workers"]
+
+
 def write(tmp_path: Path, text: str, name: str = "models.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
@@ -188,6 +194,7 @@ def test_a_reload_under_load_fails_no_request_and_new_requests_reach_the_new_mod
             ROOT / "tests" / "support")) as (process, url, log), http_client(url) as http:
         http.headers.update(AUTH)
         wait_ready(http, process, log)
+        assert wait_until(lambda: every_worker_ready(http), 60)
         old_pids = {w["pid"] for w in http.get("/models/loaded").json()["workers"]}
 
         async def scenario() -> tuple[list[str], list[str], httpx.Response]:
@@ -238,6 +245,7 @@ def test_reload_needs_the_api_key_names_unknown_models_and_keeps_the_old_model_o
             http_client(url) as http:
         http.headers.update(AUTH)
         wait_ready(http, process, log)
+        assert wait_until(lambda: every_worker_ready(http), 60)
         assert http.post("/admin/models/loaded/reload",
                          headers={"Authorization": "Bearer wrong"}).status_code == 401
         unknown = http.post("/admin/models/other/reload")
