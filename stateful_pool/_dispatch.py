@@ -246,19 +246,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
                          ) -> None:
         """A lent pipe's answer, read by its caller: ``_on_results`` without the dispatching,
         which is left to the dispatcher thread (``reclaim`` wakes it if tasks wait)."""
-        now = time.monotonic()
-        done, now_idle = slot.take_results(outcomes, now)
-        record = self.counts.run_time.record
-        for task, _ in done:
-            record(now - task.started_at)
-        if now_idle:
-            self.idle.append(slot)
-        for task, outcome in done:
-            ok, value = o.rebuild_outcome(outcome)
-            if ok:
-                self._finish(task, value)
-            else:
-                self._finish(task, exc=value)
+        self._on_results(slot, outcomes, dispatch=False)
 
     def wait_lent(self, lent: Lent) -> None:
         """Block the calling thread until the lent pipe has the answer (or the worker died, or
@@ -520,7 +508,8 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         else:
             self._on_message(slot, message)
 
-    def _on_results(self, slot: WorkerSlot, outcomes: list[tuple[int, o.Outcome]]) -> None:
+    def _on_results(self, slot: WorkerSlot, outcomes: list[tuple[int, o.Outcome]], *,
+                    dispatch: bool = True) -> None:
         now = time.monotonic()
         done, now_idle = slot.take_results(outcomes, now)
         record = self.counts.run_time.record
@@ -528,7 +517,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
             record(now - task.started_at)
         if now_idle:
             self.idle.append(slot)
-            if self.pending and not slot.reaping:
+            if dispatch and self.pending and not slot.reaping:
                 # The worker's next task goes out before the callers are woken: resolving
                 # futures runs their callbacks, and the worker would idle meanwhile.
                 self._expire_tasks(now)  # never send what has expired

@@ -65,14 +65,15 @@ def check_admin_key(request: Request, core: ServingCore) -> None:
 
 def mount(app: FastAPI, core: ServingCore, guards: Guards) -> None:
     router = APIRouter(prefix="/admin", tags=["admin"])
-    texts = {403: "API_KEY is not set: admin routes are off",
+    texts = {400: "the body is not valid JSON (or not UTF-8)",
+             403: "API_KEY is not set: admin routes are off",
              404: "no model is served under this name",
              409: "a reload of this model, or its start-up, is under way",
              422: "the body does not match its schema, or the new settings are invalid",
              500: "the new workers could not start; the old ones serve on"}
 
     @router.post("/models/{name}/reload", response_model=Reloaded,
-                 responses=error_docs([401, 403, 404, 409, 422, 500], {"model": ErrorBody},
+                 responses=error_docs([400, 401, 403, 404, 409, 422, 500], {"model": ErrorBody},
                                       texts))
     async def reload_model(request: Request, name: str,
                            body: Annotated[Reload | None, Body()] = None) -> Any:

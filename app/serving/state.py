@@ -368,10 +368,6 @@ class ServerState:
         return self.main.worker_cls
 
     @property
-    def plan(self) -> WorkerPlan:
-        return self.main.plan
-
-    @property
     def telemetry(self) -> Telemetry:
         return self.main.telemetry
 
@@ -379,13 +375,6 @@ class ServerState:
     def telemetry(self, value: Telemetry) -> None:
         for model in self.models.values():
             model.telemetry = value
-
-    @property
-    def spawning(self) -> bool:
-        return any(m.spawning for m in self.models.values())
-
-    def pool_stats(self) -> PoolStats | None:
-        return self.main.pool_stats()
 
     def all_stats(self) -> dict[str, PoolStats | None]:
         return {name: m.pool_stats() for name, m in self.models.items()}
@@ -412,9 +401,6 @@ class ServerState:
                    if not m.worker_counts()[0]]
         return self._labelled(reasons) if reasons else None
 
-    def not_ready_reason(self) -> str:
-        return self.not_ready() or "every model is ready"
-
     def degraded_reason(self) -> str | None:
         reasons = [(m.name, why) for m in self.models.values()
                    if (why := m.degraded_reason()) is not None]
@@ -425,9 +411,6 @@ class ServerState:
         reasons = [(m.name, why) for m in self.models.values()
                    if (why := m.unrecoverable_reason()) is not None]
         return self._labelled(reasons) if reasons else None
-
-    def random_weight_workers(self) -> list[int]:
-        return self.main.random_weight_workers()
 
     def weights_summary(self) -> dict[str, Any]:
         return self.main.weights_summary()
