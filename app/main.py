@@ -1,7 +1,10 @@
-"""The application factory: settings -> worker class -> plan -> serving core -> protocols.
+"""The application factory: settings -> models (worker class, plan, state) -> serving core ->
+protocols.
 
-One uvicorn process, one pool: parallelism comes from the pool's worker processes (one per
-GPU), never from uvicorn workers, each of which would load its own copy of the model.
+One pool per model (one model, or those of ``MODELS_FILE``): parallelism comes from the
+pools' worker processes (one per GPU), never from uvicorn workers, each of which would load
+its own copy of the model. ``API_PROCESSES=N`` runs N copies of this app against pools owned
+by one other process (``app.serving.frontends``).
 """
 
 from __future__ import annotations
