@@ -58,6 +58,7 @@ from . import _outcomes as o
 from ._batching import PendingQueue
 from ._config import PoolConfig
 from ._deadlines import PRUNE_AT, Deadlines
+from ._drive import LoopDriving
 from ._inbox import Cancelled, Close, Credit, Message, Reclaim, StartWorker, StopStream
 from ._poll import Poller
 from ._restart import MAX_RESTART_DELAY, RestartPolicy
@@ -91,7 +92,7 @@ class Lent(NamedTuple):
     conn: Any
 
 
-class Dispatcher(StreamScheduling, WorkerShutdown):
+class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
     def __init__(self, worker_cls: type, transport: Transport, config: PoolConfig,
                  batching: bool, release_slot: Callable[[Task], None],
                  streams_per_worker: int = 1) -> None:
@@ -139,6 +140,8 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         # pipe must be paused in the poller meanwhile (epoll), and the answer must be that
         # task's alone (no execute_batch, no stream_step batch).
         self._can_lend = self.poller.can_pause and not batching and streams_per_worker == 1
+        # Whether an event loop may read every pipe itself (``_drive``): epoll only.
+        self._init_driving(self.poller.can_pause)
         self.wake = self.poller.wake
         self.thread = threading.Thread(target=self._run, name="stateful_pool-dispatcher",
                                        daemon=True)
@@ -340,6 +343,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         finally:
             with self._sched, self._lock:
                 self.accepting = False  # from now on no caller sends to a worker either
+                self._undrive()
                 for slot in self.slots:
                     slot.lent = None  # the pipes are the dispatcher's again, to close
             self._stop_workers()
@@ -354,6 +358,7 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
                 timeout = self._step()
                 if timeout is _DONE:
                     return
+                timeout = self._sleep_cap(timeout)
                 sched.release()
                 try:
                     ready = self.poller.poll(timeout)
@@ -367,6 +372,8 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         """One round of scheduling; returns the poll timeout (seconds or None) or _DONE."""
         self._drain_inbox()
         now = time.monotonic()
+        if self.driver is not None:
+            self._watch_driver(now)
         if len(self.deadlines) > PRUNE_AT:
             self.deadlines.prune(len(self.pending) + sum(len(s.tasks) for s in self.slots))
         self._expire_tasks(now)
@@ -380,6 +387,11 @@ class Dispatcher(StreamScheduling, WorkerShutdown):
         return self._next_timer(now)
 
     def _handle(self, ready: list[int]) -> None:
+        poller = self.poller
+        if poller.pipes_fd in ready:  # one or more pipes; read here unless a loop drives
+            ready = [fd for fd in ready if fd != poller.pipes_fd]
+            if self.driver is None:
+                ready += poller.ready_pipes()
         for fd in ready:
             owner = self.poller.owner(fd)
             if owner is None:

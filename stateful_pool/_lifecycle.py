@@ -80,7 +80,7 @@ class WorkerLifecycle:
     def _watch(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None
         for fd, is_pipe in ((slot.conn.fileno(), True), (slot.process.sentinel, False)):
-            self.poller.watch(fd, (slot, is_pipe))
+            self.poller.watch(fd, (slot, is_pipe), pipe=is_pipe)
 
     def _unwatch(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None

@@ -11,6 +11,7 @@ from typing import Any
 from . import _messages as m
 from ._calls import Default, StreamTimeouts
 from ._dispatch import Dispatcher, Lent
+from ._drive import NEEDS_ROOM, PLACED
 from ._stream import Stream
 from ._task import Task
 from ._waiting import Capacity, LoopBridge
@@ -131,11 +132,21 @@ class Submission:
         if not bridge.reads_pipes:
             task = await self._async_submit(payload, timeout, context)
             return await self._await_task(bridge, task)
-        # On an idle worker, the event loop reads the answer from the worker's pipe itself:
-        # no hop through the dispatcher thread, no wakeup of the loop from another thread.
         dispatcher = self._dispatcher
         deadline = self._deadline(timeout)
         task = self._new_task(payload, deadline, context, None)
+        # The loop that drives the pool queues, dispatches and reads answers itself (_drive).
+        placed = dispatcher.submit_from_loop(task, bridge, self.queue_size is None)
+        if placed == NEEDS_ROOM:
+            await self._capacity.admit_async(self.submission_timeout, deadline, bridge)
+            task.holds_slot = True
+            if dispatcher.submit_from_loop(task, bridge, True) != PLACED:
+                self._enqueue(task)
+            return await self._await_task(bridge, task)
+        if placed == PLACED:
+            return await self._await_task(bridge, task)
+        # Another loop drives (or none may): on an idle worker, this loop still reads the
+        # answer from the worker's pipe itself, for this one task.
         lent = dispatcher.try_run_now(task, lend=True)
         if type(lent) is not Lent:
             if not lent:

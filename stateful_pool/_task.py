@@ -20,8 +20,19 @@ def mark_dispatcher_thread() -> None:
     _thread.dispatcher = True
 
 
+def enter_delivery() -> None:
+    """An event loop that drives a pool starts delivering results on its thread: like the
+    dispatcher thread, it runs done-callbacks, which must not wait for the pool meanwhile."""
+    _thread.delivering = True
+
+
+def leave_delivery() -> None:
+    del _thread.delivering
+
+
 def on_dispatcher_thread() -> bool:
-    """Whether this code runs on a pool's dispatcher thread: in a future's done-callback."""
+    """Whether this code runs where a pool delivers results (its dispatcher thread, or an event
+    loop reading the workers' pipes): in a future's done-callback."""
     return bool(_thread.__dict__)
 
 

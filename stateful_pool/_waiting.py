@@ -242,6 +242,10 @@ class LoopBridge:
 
     def call(self, fn: Any, arg: Any) -> None:
         """Run ``fn(arg)`` on the loop soon; ``RuntimeError`` if the loop is closed."""
+        loop = _running_loop()
+        if loop is not None and loop is self._loop():  # on the loop itself: no wakeup needed
+            loop.call_soon(fn, arg)
+            return
         with self._lock:
             self._ready.append((fn, arg))
             if self._scheduled:
