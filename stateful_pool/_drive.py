@@ -31,7 +31,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ._task import Task, enter_delivery, leave_delivery
 
@@ -133,7 +134,8 @@ class LoopDriving:
         self._drive_after = 0.0
 
     # Provided by the Dispatcher.
-    def wake(self) -> None: ...
+    wake: Callable[[], None]
+
     def _accept(self, task: Task) -> None: ...
     def _dispatch(self, now: float) -> None: ...
     def _on_readable(self, slot: WorkerSlot) -> None: ...
