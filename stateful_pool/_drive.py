@@ -166,6 +166,7 @@ class LoopDriving:
             if not may_queue and (self.pending or not self.idle):
                 return NEEDS_ROOM
             now = time.monotonic()
+            self._drive_ticks += 1  # a loop busy submitting is not a stalled one
             self._accept(task)
             self._dispatch(now)
             deadline = task.deadline

@@ -267,8 +267,12 @@ class PoolServer:
         return ("H", pools, *self._snapshot()[1:])
 
     def finished(self, conn: _ServerConnection, task_id: int, future: Future[Any]) -> None:
-        """A task's done-callback (on a dispatcher thread): its answer goes out with the
-        others that finished before the server's loop got round to them."""
+        """A task's done-callback: on the server's loop (which drives the pool), its answer
+        goes out now; on a dispatcher thread, with the others that finished before the
+        server's loop got round to them."""
+        if asyncio._get_running_loop() is self._loop:
+            conn.answer(task_id, future)
+            return
         with self._lock:
             self._finished.append((conn, task_id, future))
             if self._scheduled:

@@ -17,6 +17,8 @@ from ._task import Task
 from ._waiting import Capacity, LoopBridge
 from .errors import NoWorkersError, PoolClosedError
 
+_running_loop = asyncio._get_running_loop  # the running loop of this thread, or None
+
 
 class Submission:
     # Provided by SPool.
@@ -82,6 +84,10 @@ class Submission:
         payload = self._payload(args, kwargs, stream is not None)
         deadline = self._deadline(timeout)
         task = self._new_task(payload, deadline, context, stream)
+        if stream is None and _running_loop() is not None and (
+                self._dispatcher.submit_from_loop(task, self._bridge(), self.queue_size is None)
+                == PLACED):
+            return task  # from a coroutine: that loop drives the pool (_drive)
         if self._dispatcher.try_run_now(task):  # a worker was idle: it has the task already
             return task
         if self.queue_size is not None:
