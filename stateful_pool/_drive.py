@@ -180,6 +180,17 @@ class LoopDriving:
         finally:
             self._sched.release()
 
+    def leave_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """That loop is about to block its thread (a synchronous ``execute`` in a coroutine):
+        the dispatcher thread reads the pipes again, for ``_REST`` seconds at least."""
+        drive = self.driver
+        if drive is None or drive._loop() is not loop:
+            return
+        with self._sched:
+            if self.driver is drive:
+                self._undrive()
+                self._drive_after = time.monotonic() + _REST
+
     def _start_driving(self, bridge: LoopBridge) -> bool:
         """This loop drives from now on (under ``_sched``); False if it cannot."""
         self._undrive()
