@@ -101,8 +101,9 @@ class Submission:
         payload = self._payload(args, kwargs)
         deadline = self._deadline(timeout)
         task = self._new_task(payload, deadline, context, None)
-        if _running_loop() is not None:  # a blocking call in a coroutine: this loop stops
-            self._dispatcher.leave_loop(_running_loop())  # reading the pipes meanwhile
+        loop = _running_loop()
+        if loop is not None:  # a blocking call in a coroutine: this loop stops reading the
+            self._dispatcher.leave_loop(loop)  # pipes meanwhile
         lent = self._dispatcher.try_run_now(task, lend=True)
         if type(lent) is Lent:
             self._dispatcher.wait_lent(lent)
