@@ -13,7 +13,7 @@ from ._calls import Default, StreamTimeouts
 from ._dispatch import Dispatcher, Lent
 from ._drive import NEEDS_ROOM, PLACED
 from ._stream import Stream
-from ._task import Task
+from ._task import LoopTask, Task
 from ._waiting import Capacity, LoopBridge
 from .errors import NoWorkersError, PoolClosedError
 
@@ -143,7 +143,8 @@ class Submission:
             return await self._await_task(bridge, task)
         dispatcher = self._dispatcher
         deadline = self._deadline(timeout)
-        task = self._new_task(payload, deadline, context, None)
+        task = LoopTask(self._ids(), payload, deadline, self._on_cancel, context,
+                        bridge.loop().create_future(), bridge)
         # The loop that drives the pool queues, dispatches and reads answers itself (_drive).
         placed = dispatcher.submit_from_loop(task, bridge, self.queue_size is None)
         if placed == NEEDS_ROOM:
@@ -175,6 +176,8 @@ class Submission:
 
     async def _await_task(self, bridge: LoopBridge, task: Task) -> Any:
         try:
+            if type(task) is LoopTask:
+                return await task.waiter
             return await bridge.watch(task)
         except asyncio.CancelledError:
             if not task.cancel():  # queued: it leaves the queue and never runs

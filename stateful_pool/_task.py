@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 from . import _messages as m
@@ -127,3 +128,120 @@ def settle(future: Future[Any], result: Any = None, exc: BaseException | None = 
     except InvalidStateError:
         return False
     return True
+
+
+_PENDING, _RUNNING, _FINISHED, _CANCELLED = 0, 1, 2, 3
+_running_loop = asyncio._get_running_loop
+
+
+class LoopTask(Task):
+    """``async_execute``'s task. Its caller never sees it: it resolves the awaiting
+    coroutine's own asyncio future (``waiter``), on the loop when the loop settles it (a loop
+    that drives the pool), else through the loop's bridge. It keeps ``Task``'s interface for
+    the pool without a ``concurrent.futures`` condition or done-callbacks: a lock of its own
+    makes settling and cancelling exclusive."""
+
+    def __init__(self, task_id: int, payload: m.Payload, deadline: float | None,
+                 on_cancel: Callable[[Task], None], context: dict[str, Any] | None,
+                 waiter: asyncio.Future[Any], bridge: Any) -> None:
+        # Not Future.__init__: nothing but ``waiter`` waits for this object.
+        self._lock = threading.Lock()
+        self._status = _PENDING
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.waiter = waiter
+        self.bridge = bridge
+        self.id = task_id
+        self.payload = payload
+        self.deadline = deadline
+        self.context = context
+        self.submitted_at = time.monotonic()
+        self.started_at = 0.0
+        self.state = TaskState.QUEUED
+        self.holds_slot = False
+        self.abandoned = False
+        self.on_cancel = on_cancel
+
+    def done(self) -> bool:
+        return self._status >= _FINISHED
+
+    def cancelled(self) -> bool:
+        return self._status == _CANCELLED
+
+    def running(self) -> bool:
+        return self._status == _RUNNING
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with self._lock:
+            if self._status == _CANCELLED:
+                return False
+            if self._status != _PENDING:
+                raise RuntimeError(f"LoopTask {self.id} in an unexpected state")
+            self._status = _RUNNING
+            return True
+
+    def set_result(self, result: Any) -> None:
+        with self._lock:
+            if self._status >= _FINISHED:
+                raise InvalidStateError(f"task {self.id} is done already")
+            self._status = _FINISHED
+            self._value = result
+        self._deliver()
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        with self._lock:
+            if self._status >= _FINISHED:
+                raise InvalidStateError(f"task {self.id} is done already")
+            self._status = _FINISHED
+            self._error = exception
+        self._deliver()
+
+    def cancel(self) -> bool:
+        with self._lock:
+            if self._status == _CANCELLED:
+                return True
+            if self._status != _PENDING:
+                return False
+            self._status = _CANCELLED
+        on_cancel, self.on_cancel = self.on_cancel, _done
+        on_cancel(self)
+        self._deliver()
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._status == _CANCELLED:
+            raise CancelledError()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._status == _CANCELLED:
+            raise CancelledError()
+        return self._error
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        raise TypeError("a LoopTask resolves its waiter; it takes no done-callbacks")
+
+    def _deliver(self) -> None:
+        waiter = self.waiter
+        if _running_loop() is waiter.get_loop():  # settled on the loop: no hop
+            settle_waiter(self)
+            return
+        try:
+            self.bridge.call(settle_waiter, self)
+        except RuntimeError:
+            pass  # the loop is closed: nobody awaits this any more
+
+
+def settle_waiter(task: LoopTask) -> None:
+    """Copy a done ``LoopTask``'s outcome to its waiter (on the waiter's loop)."""
+    waiter = task.waiter
+    if waiter.done():
+        return  # its coroutine was cancelled
+    if task._status == _CANCELLED:
+        waiter.cancel()
+    elif task._error is not None:
+        waiter.set_exception(task._error)
+    else:
+        waiter.set_result(task._value)

@@ -195,6 +195,12 @@ class LoopBridge:
         self._fds: set[int] = set()
         weakref.finalize(self, _close_pipes, self._loop, self._fds).atexit = False
 
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """Its loop (called on that loop, which is running)."""
+        loop = self._loop()
+        assert loop is not None
+        return loop
+
     def watch(self, task: Task) -> asyncio.Future[Any]:
         """A future of this loop that follows ``task``."""
         waiter = asyncio.get_running_loop().create_future()
