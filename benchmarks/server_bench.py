@@ -211,7 +211,21 @@ def cpu_table(sides: dict[str, list[Phase]]) -> dict[str, Any]:
                   for name, f in figures.items()},
         "goals": [{"side": side, "baseline": base, "ratio": ratio(side, base), "goal": goal}
                   for (side, base), goal in CPU_GOALS.items()],
+        "hop": hop_costs(cpu),
         "load_average": load_average()}
+
+
+def hop_costs(cpu: dict[str, float | None]) -> dict[str, float | None]:
+    """The pool hop's share of the seed shape's CPU per request: the seed shape less the plain
+    endpoint (the same FastAPI route with the work done in process), on each library."""
+    plain = cpu.get(PLAIN)
+    hops: dict[str, float | None] = {}
+    for side, name in ((SEED, "ours_us"), (SEED_032, "seed_032_us")):
+        mine = cpu.get(side)
+        hops[name] = None if mine is None or plain is None else mine - plain
+    ours, theirs = hops["ours_us"], hops["seed_032_us"]
+    hops["ratio"] = None if ours is None or not theirs or theirs <= 0 else ours / theirs
+    return hops
 
 
 def print_cpu_table(table: dict[str, Any]) -> None:
@@ -230,6 +244,14 @@ def print_cpu_table(table: dict[str, Any]) -> None:
             met = "met" if goal["ratio"] <= goal["goal"] else "missed"
             print(f"API CPU per request, {goal['side']} / {goal['baseline']}: "
                   f"{goal['ratio']:.2f} (goal <= {goal['goal']:g}, {met})")
+    hop = table.get("hop") or {}
+    if hop.get("ours_us") is not None:
+        line = f"pool hop (seed shape less plain FastAPI): ours {hop['ours_us']:.0f} us"
+        if hop.get("seed_032_us") is not None:
+            line += f", {SEED_VERSION} {hop['seed_032_us']:.0f} us"
+        if hop.get("ratio") is not None:
+            line += f", ratio {hop['ratio']:.2f}"
+        print(line)
     print(f"load average at the end: {table['load_average']}")
 
 
