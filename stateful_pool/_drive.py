@@ -227,11 +227,14 @@ class LoopDriving:
                 due = self.pending.due_at()
                 if due is not None and due < self._wake_at:
                     self.wake()
-        except BaseException:
+        except Exception:
             logger.exception("stateful_pool: reading the workers' pipes on the event loop "
                              "failed; the dispatcher thread reads them from now on")
             self._undrive()
             self._drive_after = math.inf
+        except BaseException:  # Ctrl-C on the loop: the dispatcher thread reads from now on
+            self._undrive()
+            raise
         finally:
             leave_delivery()
             self._sched.release()
