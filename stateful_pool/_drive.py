@@ -142,11 +142,13 @@ class LoopDriving:
 
     # ---- the driving loop's side --------------------------------------------------------
 
-    def submit_from_loop(self, task: Task, bridge: LoopBridge, may_queue: bool) -> int:
+    def submit_from_loop(self, task: Task, bridge: LoopBridge,
+                         take_room: Callable[[], bool] | None) -> int:
         """From a coroutine: queue ``task`` and dispatch, on this loop, which drives the pool
-        from now on if no other loop does. ``may_queue``: the task holds a place in
-        ``queue_size`` or there is no limit (else it runs only on an idle worker, and
-        NEEDS_ROOM says it must wait for a place). FALLBACK: nothing done."""
+        from now on if no other loop does. ``take_room``: takes a place in ``queue_size``
+        without waiting, if there is one (None: no limit, or the task holds one already); a
+        task that finds no idle worker needs it, and NEEDS_ROOM says it must wait for a
+        place. FALLBACK: nothing done."""
         drive = self.driver
         if drive is None or drive.bridge is not bridge:
             if not self._can_drive or not bridge.reads_pipes:
@@ -163,8 +165,10 @@ class LoopDriving:
             if (self.driver is None or self.driver.bridge is not bridge) \
                     and not self._start_driving(bridge):
                 return FALLBACK
-            if not may_queue and (self.pending or not self.idle):
-                return NEEDS_ROOM
+            if take_room is not None and (self.pending or not self.idle):
+                if not take_room():
+                    return NEEDS_ROOM
+                task.holds_slot = True
             now = time.monotonic()
             self._drive_ticks += 1  # a loop busy submitting is not a stalled one
             self._accept(task)

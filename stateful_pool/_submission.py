@@ -53,6 +53,11 @@ class Submission:
             raise NoWorkersError("cannot execute: the pool has no live worker; call spawn() first")
         return payload
 
+    @property
+    def _take_room(self) -> Any:
+        """Takes a place in ``queue_size`` if one is free now (None: no limit)."""
+        return None if self.queue_size is None else self._capacity.try_take
+
     def _enqueue(self, task: Task) -> Task:
         task.holds_slot = self.queue_size is not None
         if self._closed or not self._dispatcher.submit(task):
@@ -85,7 +90,7 @@ class Submission:
         deadline = self._deadline(timeout)
         task = self._new_task(payload, deadline, context, stream)
         if stream is None and _running_loop() is not None and (
-                self._dispatcher.submit_from_loop(task, self._bridge(), self.queue_size is None)
+                self._dispatcher.submit_from_loop(task, self._bridge(), self._take_room)
                 == PLACED):
             return task  # from a coroutine: that loop drives the pool (_drive)
         if self._dispatcher.try_run_now(task):  # a worker was idle: it has the task already
@@ -146,11 +151,11 @@ class Submission:
         task = LoopTask(self._ids(), payload, deadline, self._on_cancel, context,
                         bridge.loop().create_future(), bridge)
         # The loop that drives the pool queues, dispatches and reads answers itself (_drive).
-        placed = dispatcher.submit_from_loop(task, bridge, self.queue_size is None)
+        placed = dispatcher.submit_from_loop(task, bridge, self._take_room)
         if placed == NEEDS_ROOM:
             await self._capacity.admit_async(self.submission_timeout, deadline, bridge)
             task.holds_slot = True
-            if dispatcher.submit_from_loop(task, bridge, True) != PLACED:
+            if dispatcher.submit_from_loop(task, bridge, None) != PLACED:
                 self._enqueue(task)
             return await self._await_task(bridge, task)
         if placed == PLACED:

@@ -81,6 +81,11 @@ class Capacity:
             return True
         return False
 
+    def try_take(self) -> bool:
+        """Take a place if one is free and nobody waits for one; never waits."""
+        with self._lock:
+            return self._try_take()
+
     def admit(self, submission_timeout: float | None, deadline: float | None) -> None:
         """Take a place for one task from a thread, waiting ``submission_timeout`` at most
         and never past the task's ``deadline``; raise if no place came."""
