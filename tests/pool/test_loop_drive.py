@@ -244,3 +244,30 @@ def test_a_blocking_call_inside_a_coroutine_is_answered_at_once(make_pool):
 
     waited = run_async(main())
     assert waited < 0.35, waited  # the running task's 0.2 s, not a stall of the loop on top
+
+
+def test_deadlines_of_a_driving_loops_tasks_are_kept_queued_or_running(make_pool):
+    from stateful_pool import TaskTimeoutError
+
+    pool = make_pool(Tasks)
+    pool.spawn()
+
+    async def main():
+        assert await pool.async_execute("echo", 0) == 0  # this loop drives the pool
+        t0 = time.monotonic()
+        running = asyncio.ensure_future(pool.with_timeout(0.3).async_execute("sleep", 2.0))
+        await asyncio.sleep(0.02)
+        queued = [asyncio.ensure_future(pool.with_timeout(0.15).async_execute("echo", i))
+                  for i in range(5)]
+        outcomes = await asyncio.gather(*queued, return_exceptions=True)
+        queued_at = time.monotonic() - t0
+        with pytest.raises(TaskTimeoutError, match="while running"):
+            await running
+        running_at = time.monotonic() - t0
+        return outcomes, queued_at, running_at
+
+    outcomes, queued_at, running_at = run_async(main())
+    assert all(isinstance(o, TaskTimeoutError) and "before it started" in str(o)
+               for o in outcomes), outcomes
+    assert queued_at < 1.0 and running_at < 1.5  # at their deadlines, not the task's 2 s
+    assert pool.stats().timed_out == 6
