@@ -78,7 +78,20 @@ _ERROR_SCHEMA = {"model": ErrorBody}
 _PLAIN_SECONDS = re.compile(rb"[0-9]{1,15}(\.[0-9]{1,15})?")
 _DEADLINE_KEY = DEADLINE_HEADER.lower().encode("latin-1")
 
+# The multipart bodies split by the route itself (``_multipart_parts``): up to the size that
+# Starlette's parser would keep in memory too, with a plain boundary and plain part headers.
+_SPLIT_MAX_BYTES = 1024 * 1024
+_MULTIPART_TYPE = re.compile(
+    rb'(?i:multipart/form-data); boundary=(?:([0-9A-Za-z\'()+_,./:=?-]{1,70})'
+    rb'|"([0-9A-Za-z\'()+_,./:=?-]{1,70})")')
+_PART_HEAD_MAX = 1024
+_PART_HEADERS_MAX = 4
+_PART_HEADER = re.compile(rb"([A-Za-z0-9-]+): ([^ \r\n][^\r\n]*)")
+_FILE_DISPOSITION = re.compile(rb'form-data; name="([^"\\;\r\n]+)"; filename="([^"\\;\r\n]+)"')
+
 Handler = Callable[[Request], Awaitable[Response]]
+# Upload field -> the files sent under it, as (filename, bytes).
+Files = dict[str, list[tuple[str | None, bytes]]]
 
 
 def mount(app: FastAPI, core: ServingCore, guards: Guards) -> None:
@@ -138,16 +151,108 @@ def _form_limits(scope: Any) -> Any:
     return isinstance(fastapi_scope, dict) and fastapi_scope.get("form_limits")
 
 
-def _plain_seconds(headers: Sequence[tuple[bytes, bytes]]) -> float | None | bool:
-    """The request's ``X-Request-Timeout`` (its first value): None without one; False for
-    a value FastAPI must validate (not a plain decimal, or below its minimum)."""
+def _request_head(headers: Sequence[tuple[bytes, bytes]]
+                  ) -> tuple[float | None | bool, bytes | None]:
+    """From the request's headers, in one pass: its ``X-Request-Timeout`` (its first value;
+    None without one; False for a value FastAPI must validate: not a plain decimal, or below
+    its minimum), and the multipart boundary of a body small and plain enough for
+    ``_multipart_parts`` (else None)."""
+    deadline: float | None | bool = None
+    content_type = length = None
     for key, value in headers:
         if key == _DEADLINE_KEY:
-            if not _PLAIN_SECONDS.fullmatch(value):
-                return False
-            seconds = float(value)
-            return seconds if seconds >= 0.001 else False
-    return None
+            if deadline is None:
+                seconds = float(value) if _PLAIN_SECONDS.fullmatch(value) else 0.0
+                deadline = seconds if seconds >= 0.001 else False
+        elif key == b"content-type":
+            if content_type is None:
+                content_type = value
+        elif key == b"content-length" and length is None:
+            length = value
+    if (content_type is None or length is None or not length.isdigit()
+            or int(length) > _SPLIT_MAX_BYTES):
+        return deadline, None
+    match = _MULTIPART_TYPE.fullmatch(content_type)
+    return deadline, None if match is None else (match[1] or match[2])
+
+
+def _multipart_parts(body: bytes, boundary: bytes) -> list[tuple[bytes, bytes, bytes]] | None:
+    """The (name, filename, bytes) of each part of a multipart body that is a named file
+    with plain headers, as Starlette's parser would read them; None for any other body (a
+    field that is not a file, a quoted-pair or an extended parameter, a preamble, padding,
+    malformed framing...), which is then left to that parser."""
+    delimiter = b"\r\n--" + boundary
+    if not body.startswith(delimiter[2:] + b"\r\n"):
+        return None
+    parts = []
+    start = len(delimiter) - 2  # at the CRLF after the first boundary
+    while True:
+        head_end = body.find(b"\r\n\r\n", start)
+        if head_end < 0 or head_end - start > _PART_HEAD_MAX:
+            return None
+        name = filename = None
+        lines = body[start + 2:head_end].split(b"\r\n")
+        if len(lines) > _PART_HEADERS_MAX:
+            return None
+        for line in lines:
+            header = _PART_HEADER.fullmatch(line)
+            if header is None:
+                return None
+            if header[1].lower() == b"content-disposition":
+                disposition = _FILE_DISPOSITION.fullmatch(header[2])
+                if disposition is None or name is not None:
+                    return None
+                name, filename = disposition[1], disposition[2]
+        end = body.find(delimiter, head_end + 4)
+        if name is None or not filename or end < 0:
+            return None
+        parts.append((name, filename, body[head_end + 4:end]))
+        after = body[end + len(delimiter):end + len(delimiter) + 2]
+        if after == b"--":
+            rest = body[end + len(delimiter) + 2:]
+            return parts if rest in (b"", b"\r\n") and len(parts) <= 1000 else None
+        if after != b"\r\n":
+            return None
+        start = end + len(delimiter)
+
+
+def _decoded(raw: bytes) -> str:
+    """A name or filename as Starlette decodes it (UTF-8, else Latin-1)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _files_of_parts(parts: list[tuple[bytes, bytes, bytes]], uploads: dict[str, bool],
+                    required: dict[str, bool]) -> Files | None:
+    """``parts`` by upload field, when they pass FastAPI's checks of the route's file
+    parameters (each part under an upload field, each required field sent, a one-file field
+    sent once); else None."""
+    files: Files = {}
+    for raw_name, raw_filename, data in parts:
+        name = _decoded(raw_name)
+        if name not in uploads:
+            return None
+        files.setdefault(name, []).append((_decoded(raw_filename), data))
+    for name, many in uploads.items():
+        sent = files.get(name)
+        if (sent is None and required[name]) or (sent is not None and not many
+                                                 and len(sent) > 1):
+            return None
+    # In the order of the fields, as FastAPI hands them over.
+    return {name: files[name] for name in uploads if name in files}
+
+
+async def _read_uploads(sent: dict[str, Any]) -> Files:
+    """Each upload field's files (an UploadFile, a list of them, or None) read, as
+    (filename, bytes)."""
+    files: Files = {}
+    for name, uploaded in sent.items():
+        if uploaded is not None:
+            files[name] = [(upload.filename, await upload.read()) for upload in
+                           (uploaded if isinstance(uploaded, list) else [uploaded])]
+    return files
 
 
 def _uploads_of(form: Any, uploads: dict[str, bool], required: dict[str, bool]
@@ -221,21 +326,18 @@ def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
         return Response(answer.dump_json(result), media_type="application/json")
 
     async def answer_uploads(request: Request, core: ServingCore, query: Any,
-                             deadline_s: float | None, files: dict[str, Any]) -> Response:
+                             deadline_s: float | None, files: Files) -> Response:
         """The answer to uploads that passed FastAPI's checks: ``files`` maps each upload
-        field to its file, its list of files, or None."""
+        field sent to its files, as (filename, bytes)."""
         values: dict[str, Any] = dict(query) if query is not None else {}
         labels: list[str] = []
         number = 0
         for name, uploaded in files.items():
-            if uploaded is None:
-                continue
             checked = []
-            for upload in uploaded if isinstance(uploaded, list) else [uploaded]:
+            for filename, data in uploaded:
                 number += 1
-                label = (f"file {number} ({upload.filename})" if upload.filename
-                         else f"file {number}")
-                checked.append(core.check_upload(await upload.read(), label, upload.filename))
+                label = f"file {number} ({filename})" if filename else f"file {number}"
+                checked.append(core.check_upload(data, label, filename))
             labels += [image.label for image in checked]
             values[name] = checked if uploads[name] else checked[0]
         # The values are keyed by field name, also those the client sent under an alias
@@ -252,16 +354,18 @@ def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
         core.check_file_count(
             sum(len(v) if isinstance(v, list) else v is not None for v in params.values()))
         await check_form(request, single_fields, query_fields)
-        return await answer_uploads(request, core, query, deadline_s, params)
+        return await answer_uploads(request, core, query, deadline_s,
+                                    await _read_uploads(params))
 
     upload_required = {name: request_model.model_fields[name].is_required()
                        for name in uploads} if request_model is not None else {}
     query_adapter = None if query_model is None else TypeAdapter(query_model)
 
     def fast_uploads(full: Handler) -> Handler:
-        """The route's handler: the common request (files under their field names, no query
-        string, at most a plain ``X-Request-Timeout``) read straight from the form, without
-        FastAPI's parameter resolution; any other request goes to FastAPI's handler
+        """The route's handler: the common request (named files under the upload fields, no
+        query string, at most a plain ``X-Request-Timeout``) read without FastAPI's
+        parameter resolution, and a small well-formed multipart body split here rather than
+        spooled through Starlette's parser; any other request goes to FastAPI's handler
         (``full``), whose checks and errors are the route's."""
 
         async def handle(request: Request) -> Response:
@@ -269,7 +373,7 @@ def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
             if (scope["query_string"] or MAX_BODY_SIZE_SCOPE_KEY in scope
                     or _form_limits(scope) or _traced()):
                 return await full(request)
-            deadline_s = _plain_seconds(scope["headers"])
+            deadline_s, boundary = _request_head(scope["headers"])
             if deadline_s is False:
                 return await full(request)
             query = None
@@ -278,21 +382,31 @@ def add_inference_route(router: APIRouter, model: ServedModel | Declaration,
                     query = query_adapter.validate_python({})
                 except ValidationError:
                     return await full(request)  # a required query parameter is missing
-            # As FastAPI reads a form body.
+            # The body is read as FastAPI reads a form, with its errors.
             try:
-                form = await request.form()
+                if boundary is not None:
+                    parts = _multipart_parts(await request.body(), boundary)
+                if boundary is None or parts is None:
+                    form = await request.form()  # the cached body, if read above
             except HTTPException:
                 raise
             except Exception as exc:
                 raise HTTPException(400, "There was an error parsing the body") from exc
-            try:
-                files = _uploads_of(form, uploads, upload_required)
+            core = serving or core_of(request)
+            if boundary is not None and parts is not None:
+                files = _files_of_parts(parts, uploads, upload_required)
                 if files is None:
                     return await full(request)
-                core = serving or core_of(request)
-                core.check_file_count(sum(
-                    len(v) if isinstance(v, list) else v is not None for v in files.values()))
+                core.check_file_count(sum(len(v) for v in files.values()))
                 return await answer_uploads(request, core, query, deadline_s, files)
+            try:
+                sent = _uploads_of(form, uploads, upload_required)
+                if sent is None:
+                    return await full(request)
+                core.check_file_count(sum(
+                    len(v) if isinstance(v, list) else v is not None for v in sent.values()))
+                return await answer_uploads(request, core, query, deadline_s,
+                                            await _read_uploads(sent))
             finally:
                 await form.close()
 
