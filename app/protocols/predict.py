@@ -11,6 +11,13 @@ schema and the 422 answers are FastAPI's own:
 Per request: check the uploads, build the request value, ``core.infer``, serialise the
 answer. Errors are FastAPI's ``{"detail": ...}``.
 
+An upload route reads the common request itself (``UploadRoute``): named files under the
+upload fields, no query string, at most a plain ``X-Request-Timeout``, and no dependency
+(the API key) to resolve. Such a request passes FastAPI's checks by construction, so they are
+skipped, and a small plain multipart body is split here (``_multipart_parts``) rather than
+spooled file by file through Starlette's parser. Any other request goes to FastAPI's own
+handler, unchanged: whatever a client sends is answered as FastAPI answers it.
+
 A streaming worker's route answers with server-sent events when the client asks for a stream
 (``Accept: text/event-stream``, or a true ``stream`` field), one chunk per event
 (``app.protocols.sse``); otherwise with the whole answer in JSON, as any route.
