@@ -153,10 +153,12 @@ def install_error_handlers(app: FastAPI, render_for: Callable[[str], Renderer]) 
 
 # ---- a request's lifetime over HTTP ---------------------------------------------------------
 
-def request_lifetime(request: Request, client_limits: Mapping[str, float | None]) -> Lifetime:
-    """The request's deadline, counted from its arrival, and the watch on its connection."""
-    return core_of(request).lifetime(request.scope.get(RECEIVED_AT), client_limits,
-                                     lambda: disconnected(request.receive))
+def request_lifetime(request: Request, client_limits: Mapping[str, float | None],
+                     core: ServingCore | None = None) -> Lifetime:
+    """The request's deadline, counted from its arrival, and the watch on its connection;
+    ``core``: the app's (default: looked up in ``app.state``)."""
+    return (core or core_of(request)).lifetime(request.scope.get(RECEIVED_AT), client_limits,
+                                               lambda: disconnected(request.receive))
 
 
 async def disconnected(receive: Receive) -> None:
