@@ -13,8 +13,9 @@ runs this). In order, each step in a subprocess of its own, so CUDA state dies w
    model at bf16 (target: >= 0.8x).
 
 A step that would end past ``--budget`` seconds is skipped and said so (the device runner
-stops a command at 10 minutes). ``--smoke``: the same steps with vit_tiny on CPU in tens of
-seconds (tests/tooling/test_gpu_check.py runs it), compilation disabled (TORCHDYNAMO_DISABLE=1).
+stops a command at 10 minutes). ``--smoke``: the same steps with vit_tiny on CPU in about a
+minute (tests/tooling/test_gpu_check.py runs it): two CPU workers of one thread each, 3 s
+load runs, compilation disabled (TORCHDYNAMO_DISABLE=1).
 
 Writes at most six files in ``--output`` (the device runner returns 8): results.md,
 results.json, gpu_util.csv, check.log, and everything else (locust and server logs, raw JSON)
@@ -52,14 +53,18 @@ RAW_LEGS = (  # name, precision, tf32, compile
 )
 DECODES = ("device", "pillow")
 
+# workers: None is one per GPU for the server, and one worker timed bare. The smoke mode runs
+# 2 CPU workers of one torch thread each, as a GPU worker runs with one CPU thread: one worker
+# with a thread per core stalls on OpenMP barriers whenever anything else (locust, the API
+# process, other work on the machine) takes a core, and then answers nothing for seconds.
 FULL = SimpleNamespace(model="vit_large_patch16_224", device="cuda", precision="bf16",
                        batch_sizes="1,32,128,256", raw_seconds=2.0, users=[64, 256],
                        duration=20.0, max_batch_size=256, image_size="320x240",
-                       ready_timeout=300.0, raw_timeout=300.0)
+                       ready_timeout=300.0, raw_timeout=300.0, workers=None)
 SMOKE = SimpleNamespace(model="vit_tiny_patch16_224", device="cpu", precision="bf16",
-                        batch_sizes="1,2", raw_seconds=0.1, users=[2, 4], duration=5.0,
+                        batch_sizes="1,2", raw_seconds=0.1, users=[2, 4], duration=3.0,
                         max_batch_size=8, image_size="96x64", ready_timeout=90.0,
-                        raw_timeout=120.0)
+                        raw_timeout=120.0, workers=2)
 
 
 class Check:
@@ -105,7 +110,7 @@ def raw_model(check: Check) -> None:
         command = raw_model_command(
             plan.model, output, device=plan.device, precision=precision, tf32=tf32,
             batch_sizes=[int(v) for v in plan.batch_sizes.split(",")],
-            seconds=plan.raw_seconds, workers=1, compile=compile_)
+            seconds=plan.raw_seconds, workers=plan.workers or 1, compile=compile_)
         result = run_child(command, output, plan.raw_timeout, env=check.env())
         check.results["raw_model"][name] = result
         check.log(f"raw model {name}: {result.get('images_per_s_by_batch') or result}")
@@ -124,6 +129,8 @@ def server(check: Check) -> None:
         env = {"MODEL_NAME": plan.model, "MODEL_WEIGHTS": "random", "DEVICE": plan.device,
                "PRECISION": plan.precision, "LOG_LEVEL": "warning", "API_KEY": "",
                "QUEUE_SIZE": str(4 * max(plan.users)), "DECODE": decode}
+        if plan.workers:
+            env["NUM_WORKERS"] = str(plan.workers)
         if check.args.smoke:
             env["TORCHDYNAMO_DISABLE"] = "1"
         process = ServerProcess(spec, env, check.work / f"server_{decode}.log")
