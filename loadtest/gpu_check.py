@@ -192,7 +192,9 @@ def server(check: Check) -> None:
 def worker_info(url: str) -> dict[str, Any]:
     import urllib.request
 
-    with urllib.request.urlopen(f"{url}/v1/model", timeout=10) as response:
+    # Never through a proxy a shell may name: the server is on 127.0.0.1.
+    local = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with local.open(f"{url}/v1/model", timeout=10) as response:
         workers = json.loads(response.read()).get("workers") or [{}]
     return workers[0]  # type: ignore[no-any-return]
 
