@@ -367,7 +367,7 @@ def main() -> None:
         cpu_worker_study(args.cpu_workers, seconds=2.0 if args.quick else 40.0)
         return
     if args.quick:
-        args.duration, args.warmup, args.rounds, args.clients = 2.0, 0.5, 1, 8
+        args.duration, args.warmup, args.rounds, args.clients = 1.0, 0.25, 1, 8
     with tempfile.TemporaryDirectory(prefix="server_bench-") as logs:
         args.logs = Path(logs)  # the servers' logs; an error about a server shows its tail
         run(args)

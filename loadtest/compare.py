@@ -199,8 +199,7 @@ def compare(args: argparse.Namespace) -> int:
                         if name in session.up:
                             session.measure(name, ipr, repeat)
     finally:
-        for name in list(session.up):
-            session.shut_down(name)
+        session.shut_down_all()
     runs = session.runs
 
     summary["environment"]["load_average_after"] = load_average()

@@ -13,8 +13,9 @@ runs this). In order, each step in a subprocess of its own, so CUDA state dies w
    model at bf16 (target: >= 0.8x).
 
 A step that would end past ``--budget`` seconds is skipped and said so (the device runner
-stops a command at 10 minutes). ``--smoke``: the same steps with vit_tiny on CPU in tens of
-seconds (tests/tooling/test_gpu_check.py runs it), compilation disabled (TORCHDYNAMO_DISABLE=1).
+stops a command at 10 minutes). ``--smoke``: the same steps with vit_tiny on CPU in about a
+minute (tests/tooling/test_gpu_check.py runs it): two CPU workers of one thread each, the
+bare-model legs two at a time, 3 s load runs, compilation disabled (TORCHDYNAMO_DISABLE=1).
 
 Writes at most six files in ``--output`` (the device runner returns 8): results.md,
 results.json, gpu_util.csv, check.log, and everything else (locust and server logs, raw JSON)
@@ -32,6 +33,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,14 +54,19 @@ RAW_LEGS = (  # name, precision, tf32, compile
 )
 DECODES = ("device", "pillow")
 
+# workers: None is one per GPU for the server, and one worker timed bare. The smoke mode runs
+# 2 CPU workers of one torch thread each, as a GPU worker runs with one CPU thread: one worker
+# with a thread per core stalls on OpenMP barriers whenever anything else (locust, the API
+# process, other work on the machine) takes a core, and then answers nothing for seconds.
+# raw_at_once: bare-model legs running at the same time (1-thread CPU legs share no device).
 FULL = SimpleNamespace(model="vit_large_patch16_224", device="cuda", precision="bf16",
                        batch_sizes="1,32,128,256", raw_seconds=2.0, users=[64, 256],
                        duration=20.0, max_batch_size=256, image_size="320x240",
-                       ready_timeout=300.0, raw_timeout=300.0)
+                       ready_timeout=300.0, raw_timeout=300.0, workers=None, raw_at_once=1)
 SMOKE = SimpleNamespace(model="vit_tiny_patch16_224", device="cpu", precision="bf16",
-                        batch_sizes="1,2", raw_seconds=0.1, users=[2, 4], duration=5.0,
+                        batch_sizes="1,2", raw_seconds=0.1, users=[2, 4], duration=3.0,
                         max_batch_size=8, image_size="96x64", ready_timeout=90.0,
-                        raw_timeout=120.0)
+                        raw_timeout=120.0, workers=2, raw_at_once=2)
 
 
 class Check:
@@ -97,18 +104,41 @@ class Check:
 
 
 def raw_model(check: Check) -> None:
+    """Each setting of RAW_LEGS in a process of its own: one after another on a GPU (each
+    needs the whole device), in this thread; the smoke mode's 1-thread CPU legs
+    ``plan.raw_at_once`` at a time. A leg starts only if the budget still holds it when its
+    turn comes."""
     plan = check.plan
-    for name, precision, tf32, compile_ in RAW_LEGS:
-        if not check.has_time(f"raw model {name}", 90 if compile_ else 40):
-            continue
-        output = check.work / f"raw_{name.replace('+', '_')}.json"
-        command = raw_model_command(
-            plan.model, output, device=plan.device, precision=precision, tf32=tf32,
-            batch_sizes=[int(v) for v in plan.batch_sizes.split(",")],
-            seconds=plan.raw_seconds, workers=1, compile=compile_)
-        result = run_child(command, output, plan.raw_timeout, env=check.env())
-        check.results["raw_model"][name] = result
-        check.log(f"raw model {name}: {result.get('images_per_s_by_batch') or result}")
+    running: dict[Future[dict[str, Any]], str] = {}
+
+    def collect(done: set[Future[dict[str, Any]]]) -> None:
+        for future in done:
+            name = running.pop(future)
+            result = check.results["raw_model"][name] = future.result()
+            check.log(f"raw model {name}: {result.get('images_per_s_by_batch') or result}")
+
+    def start(command: list[str], output: Path) -> Future[dict[str, Any]]:
+        if plan.raw_at_once > 1:
+            return threads.submit(run_child, command, output, plan.raw_timeout, check.env())
+        done: Future[dict[str, Any]] = Future()  # here, where Ctrl-C ends it at once
+        done.set_result(run_child(command, output, plan.raw_timeout, check.env()))
+        return done
+
+    with ThreadPoolExecutor(plan.raw_at_once) as threads:
+        for name, precision, tf32, compile_ in RAW_LEGS:
+            while len(running) >= plan.raw_at_once:
+                collect(wait(running, return_when=FIRST_COMPLETED).done)
+            if not check.has_time(f"raw model {name}", 90 if compile_ else 40):
+                continue
+            output = check.work / f"raw_{name.replace('+', '_')}.json"
+            command = raw_model_command(
+                plan.model, output, device=plan.device, precision=precision, tf32=tf32,
+                batch_sizes=[int(v) for v in plan.batch_sizes.split(",")],
+                seconds=plan.raw_seconds, workers=plan.workers or 1, compile=compile_)
+            running[start(command, output)] = name
+        collect(wait(running).done)
+    legs = check.results["raw_model"]  # in RAW_LEGS order, whichever leg finished first
+    check.results["raw_model"] = {name: legs[name] for name, *_ in RAW_LEGS if name in legs}
 
 
 def server(check: Check) -> None:
@@ -124,6 +154,8 @@ def server(check: Check) -> None:
         env = {"MODEL_NAME": plan.model, "MODEL_WEIGHTS": "random", "DEVICE": plan.device,
                "PRECISION": plan.precision, "LOG_LEVEL": "warning", "API_KEY": "",
                "QUEUE_SIZE": str(4 * max(plan.users)), "DECODE": decode}
+        if plan.workers:
+            env["NUM_WORKERS"] = str(plan.workers)
         if check.args.smoke:
             env["TORCHDYNAMO_DISABLE"] = "1"
         process = ServerProcess(spec, env, check.work / f"server_{decode}.log")
@@ -160,7 +192,9 @@ def server(check: Check) -> None:
 def worker_info(url: str) -> dict[str, Any]:
     import urllib.request
 
-    with urllib.request.urlopen(f"{url}/v1/model", timeout=10) as response:
+    # Never through a proxy a shell may name: the server is on 127.0.0.1.
+    local = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with local.open(f"{url}/v1/model", timeout=10) as response:
         workers = json.loads(response.read()).get("workers") or [{}]
     return workers[0]  # type: ignore[no-any-return]
 

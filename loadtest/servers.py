@@ -183,6 +183,8 @@ class ServerProcess:
             except urllib.error.HTTPError as exc:
                 raise ServerError(f"{self.spec.name} warm-up: HTTP {exc.code} "
                                   f"{exc.read()[:300]!r}") from None
+            except (OSError, ValueError) as exc:  # refused, reset, timed out, not JSON
+                raise ServerError(f"{self.spec.name} warm-up: {exc}\n{self.log_tail()}") from None
             if count != expected:
                 raise ServerError(f"{self.spec.name} warm-up: {count} predictions for "
                                   f"{expected} images")

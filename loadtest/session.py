@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,14 @@ class Session:
         self.info[name].setdefault("error", str(exc).splitlines()[0])
         print(f"  {name}: ERROR {exc}", flush=True)
         self.shut_down(name)
+
+    def shut_down_all(self) -> None:
+        """Stop every server still up, all at once: each stop is a SIGTERM and a bounded wait
+        for that server's own exit, so there is no reason to wait for them one by one."""
+        names = list(self.up)
+        if names:
+            with ThreadPoolExecutor(len(names)) as threads:
+                list(threads.map(self.shut_down, names))
 
     def shut_down(self, name: str) -> None:
         server = self.up.pop(name, None)

@@ -247,7 +247,7 @@ def test_compare_runs_every_server_without_a_failed_request(tmp_path, capsys):
     code = compare.main([
         "--servers", ",".join(ALL_SERVERS), "--users", "4", "--duration", "3",
         "--repeats", "1", "--images-per-request", "2", "--image-size", "96x64",
-        "--ready-timeout", "60", "--raw-batch-sizes", "1,2", "--raw-seconds", "0.5",
+        "--ready-timeout", "60", "--raw-batch-sizes", "1,2", "--raw-seconds", "0.1",
         "--output", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
