@@ -68,7 +68,7 @@ from ._states import LIVE_STATES, TaskState, WorkerState
 from ._stats import Counters, PoolStats
 from ._stream import Stream
 from ._stream_dispatch import StreamScheduling
-from ._task import LoopTask, Task, mark_dispatcher_thread, settle
+from ._task import LoopTask, Task, ThreadTask, mark_dispatcher_thread, settle
 from ._transport import Transport
 from .errors import NoWorkersError, PoolClosedError, TaskTimeoutError
 
@@ -407,7 +407,8 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         inbox = self.inbox
         while inbox:
             item = inbox.popleft()
-            if type(item) is LoopTask or type(item) is Task or type(item) is Stream:
+            kind = type(item)
+            if kind is LoopTask or kind is ThreadTask or kind is Task or kind is Stream:
                 self._accept(item)
             elif isinstance(item, StartWorker):
                 self._start_process(item.slot)

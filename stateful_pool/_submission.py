@@ -13,7 +13,7 @@ from ._calls import Default, StreamTimeouts
 from ._dispatch import Dispatcher, Lent
 from ._drive import NEEDS_ROOM, PLACED
 from ._stream import Stream
-from ._task import LoopTask, Task
+from ._task import LoopTask, Task, ThreadTask
 from ._waiting import Capacity, LoopBridge
 from .errors import NoWorkersError, PoolClosedError
 
@@ -105,7 +105,7 @@ class Submission:
         itself (no hop through the dispatcher thread); otherwise it queues and waits."""
         payload = self._payload(args, kwargs)
         deadline = self._deadline(timeout)
-        task = self._new_task(payload, deadline, context, None)
+        task = ThreadTask(self._ids(), payload, deadline, self._on_cancel, context)
         loop = _running_loop()
         if loop is not None:  # a blocking call in a coroutine: this loop stops reading the
             self._dispatcher.leave_loop(loop)  # pipes meanwhile

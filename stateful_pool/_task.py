@@ -78,6 +78,11 @@ class Task(PoolFuture):
                  holds_slot: bool, on_cancel: Callable[[Task], None],
                  context: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self._fields(task_id, payload, deadline, holds_slot, on_cancel, context)
+
+    def _fields(self, task_id: int, payload: m.Payload, deadline: float | None,
+                holds_slot: bool, on_cancel: Callable[[Task], None],
+                context: dict[str, Any] | None) -> None:
         self.id = task_id
         self.payload = payload
         self.deadline = deadline
@@ -134,33 +139,23 @@ _PENDING, _RUNNING, _FINISHED, _CANCELLED = 0, 1, 2, 3
 _running_loop = asyncio._get_running_loop
 
 
-class LoopTask(Task):
-    """``async_execute``'s task. Its caller never sees it: it resolves the awaiting
-    coroutine's own asyncio future (``waiter``), on the loop when the loop settles it (a loop
-    that drives the pool), else through the loop's bridge. It keeps ``Task``'s interface for
-    the pool without a ``concurrent.futures`` condition or done-callbacks: a lock of its own
-    makes settling and cancelling exclusive."""
+class DirectTask(Task):
+    """A task whose caller waits for it inside the library (``execute``, ``async_execute``)
+    and never sees it. It keeps ``Task``'s interface for the pool without a
+    ``concurrent.futures`` condition or done-callbacks: a lock of its own makes settling and
+    cancelling exclusive, and ``_deliver`` tells the one waiter, once."""
 
     def __init__(self, task_id: int, payload: m.Payload, deadline: float | None,
-                 on_cancel: Callable[[Task], None], context: dict[str, Any] | None,
-                 waiter: asyncio.Future[Any], bridge: Any) -> None:
-        # Not Future.__init__: nothing but ``waiter`` waits for this object.
+                 on_cancel: Callable[[Task], None], context: dict[str, Any] | None) -> None:
+        # Not Future.__init__: nothing but the caller's own waiter waits for this object.
         self._lock = threading.Lock()
         self._status = _PENDING
         self._value: Any = None
         self._error: BaseException | None = None
-        self.waiter = waiter
-        self.bridge = bridge
-        self.id = task_id
-        self.payload = payload
-        self.deadline = deadline
-        self.context = context
-        self.submitted_at = time.monotonic()
-        self.started_at = 0.0
-        self.state = TaskState.QUEUED
-        self.holds_slot = False
-        self.abandoned = False
-        self.on_cancel = on_cancel
+        self._fields(task_id, payload, deadline, False, on_cancel, context)
+
+    def _deliver(self) -> None:
+        raise NotImplementedError
 
     def done(self) -> bool:
         return self._status >= _FINISHED
@@ -176,25 +171,24 @@ class LoopTask(Task):
             if self._status == _CANCELLED:
                 return False
             if self._status != _PENDING:
-                raise RuntimeError(f"LoopTask {self.id} in an unexpected state")
+                raise RuntimeError(f"task {self.id} in an unexpected state")
             self._status = _RUNNING
             return True
 
-    def set_result(self, result: Any) -> None:
+    def _settle(self, value: Any, error: BaseException | None) -> None:
         with self._lock:
             if self._status >= _FINISHED:
                 raise InvalidStateError(f"task {self.id} is done already")
             self._status = _FINISHED
-            self._value = result
+            self._value = value
+            self._error = error
         self._deliver()
 
+    def set_result(self, result: Any) -> None:
+        self._settle(result, None)
+
     def set_exception(self, exception: BaseException | None) -> None:
-        with self._lock:
-            if self._status >= _FINISHED:
-                raise InvalidStateError(f"task {self.id} is done already")
-            self._status = _FINISHED
-            self._error = exception
-        self._deliver()
+        self._settle(None, exception)
 
     def cancel(self) -> bool:
         with self._lock:
@@ -209,6 +203,7 @@ class LoopTask(Task):
         return True
 
     def result(self, timeout: float | None = None) -> Any:
+        """The outcome of a done task (its waiter was told)."""
         if self._status == _CANCELLED:
             raise CancelledError()
         if self._error is not None:
@@ -221,7 +216,44 @@ class LoopTask(Task):
         return self._error
 
     def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
-        raise TypeError("a LoopTask resolves its waiter; it takes no done-callbacks")
+        raise TypeError(f"a {type(self).__name__} tells its one waiter; it takes no "
+                        "done-callbacks")
+
+
+class ThreadTask(DirectTask):
+    """A thread's ``execute``: the thread blocks on a lock of the task's own, released when
+    the task is settled (by that thread itself when it read the answer from a lent pipe, or
+    by whichever thread delivers results)."""
+
+    def __init__(self, task_id: int, payload: m.Payload, deadline: float | None,
+                 on_cancel: Callable[[Task], None], context: dict[str, Any] | None) -> None:
+        super().__init__(task_id, payload, deadline, on_cancel, context)
+        self._settled = threading.Lock()
+        self._settled.acquire()
+
+    def _deliver(self) -> None:
+        self._settled.release()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait until the task is done (``timeout`` is not used), then its outcome."""
+        if self._status < _FINISHED:
+            if _thread.__dict__:
+                raise refuse_to_wait("pool.execute()")
+            self._settled.acquire()
+        return DirectTask.result(self)
+
+
+class LoopTask(DirectTask):
+    """``async_execute``'s task: it resolves the awaiting coroutine's own asyncio future
+    (``waiter``), on the loop when the loop settles it (a loop that drives the pool), else
+    through the loop's bridge."""
+
+    def __init__(self, task_id: int, payload: m.Payload, deadline: float | None,
+                 on_cancel: Callable[[Task], None], context: dict[str, Any] | None,
+                 waiter: asyncio.Future[Any], bridge: Any) -> None:
+        super().__init__(task_id, payload, deadline, on_cancel, context)
+        self.waiter = waiter
+        self.bridge = bridge
 
     def _deliver(self) -> None:
         waiter = self.waiter
