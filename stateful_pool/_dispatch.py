@@ -176,15 +176,15 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
             return False
         lent: Lent | bool = True
         try:
-            if not self.idle or self.pending or self.inbox or self.closing:
+            # (``accepting`` turns False under ``_sched`` too: no need for ``_lock`` here.)
+            if (not self.idle or self.pending or self.inbox or self.closing
+                    or not self.accepting):
                 return False
             slot = self.idle[0]
-            if slot.conn is None or (slot.writer is not None and not slot.writer.idle.is_set()):
+            conn = slot.conn
+            if conn is None or (slot.writer is not None and not slot.writer.idle.is_set()):
                 return False
-            with self._lock:
-                if not self.accepting:
-                    return False
-                self.idle.popleft()
+            self.idle.popleft()
             self.counts.submitted += 1
             task.set_running_or_notify_cancel()
             task.state = T.RUNNING
@@ -192,11 +192,15 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
             if task.deadline is not None:
                 self.deadlines.push(task)
             if lend and self._can_lend:
-                fd = slot.conn.fileno()
+                fd = conn.fileno()
                 self.poller.pause(fd)  # before the send: the answer is not the dispatcher's
                 slot.lent = task
-                lent = Lent(slot, task, fd, slot.process.sentinel, slot.conn)
-            self._send(slot, [task], now)
+                lent = Lent(slot, task, fd, slot.process.sentinel, conn)
+            self.counts.queue_wait.record(now - task.submitted_at)
+            if task.context is None and not task.is_stream:
+                slot.send_one(task, payload, now)
+            else:
+                slot.send_tasks([task], False, now)
         finally:
             self._sched.release()
         if task.deadline is not None or self.hang_timeout is not None:
@@ -231,8 +235,7 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
             self.poller.resume(lent.fd)
             if frame is not None:
                 if frame[0] == m.RESULT1:
-                    task_id, name, blob = m.read_result1(frame)
-                    self._on_lent_results(slot, [(task_id, (True, name, blob))])
+                    self._on_lent_result1(slot, frame)
                 else:
                     message = m.recv_message(conn.recv_bytes, frame)
                     if message.kind == m.Kind.RESULTS:
@@ -244,6 +247,22 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         if self.pending or self.inbox or self.closing:
             self.wake()
         return frame is not None
+
+    def _on_lent_result1(self, slot: WorkerSlot, frame: bytes) -> None:
+        """``_on_lent_results`` for the usual answer: one task's result (a RESULT1 frame)."""
+        task_id, name, blob = m.read_result1(frame)
+        now = time.monotonic()
+        task, now_idle = slot.take_one(task_id, now)
+        if now_idle:
+            self.idle.append(slot)
+        if task is None:
+            return  # no longer this worker's task
+        self.counts.run_time.record(now - task.started_at)
+        ok, value = o.rebuild_value(name, blob)
+        if ok:
+            self._finish(task, value)
+        else:
+            self._finish(task, exc=value)
 
     def _on_lent_results(self, slot: WorkerSlot, outcomes: list[tuple[int, o.Outcome]]
                          ) -> None:

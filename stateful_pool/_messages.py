@@ -199,6 +199,11 @@ def exec1(task_id: int, blob: bytes) -> bytes:
     return _pack_head(EXEC1, task_id) + blob
 
 
+def read_exec1(frame: bytes) -> tuple[int, bytes]:
+    """``(task_id, blob)`` of an EXEC1 frame."""
+    return _unpack_head(frame)[1], frame[_EXEC_HEAD_LEN:]
+
+
 def result1(task_id: int, type_name: str, blob: bytes) -> bytes:
     """The compact RESULTS frame of one task's result (``blob``: inline bytes)."""
     name = type_name.encode()
@@ -330,7 +335,8 @@ def recv_message(recv: Callable[[], bytes], first: bytes | None = None) -> Messa
         task_id, name, blob = read_result1(data)
         return Message(Kind.RESULTS, [task_id], [(True, name)], None, [blob])
     if tag == EXEC1:
-        return Message(Kind.EXEC, [_unpack_head(data)[1]], None, None, [data[_EXEC_HEAD_LEN:]])
+        task_id, blob = read_exec1(data)
+        return Message(Kind.EXEC, [task_id], None, None, [blob])
     kind, ids, metas, contexts, header, frames = loads(data)
     if not frames:
         return Message(_KINDS[kind], ids, metas, contexts, header)

@@ -123,6 +123,21 @@ class WorkerSlot:
         self.send(m.Kind.BATCH if batch else m.Kind.EXEC, [t.id for t in tasks], None,
                   contexts, payloads)
 
+    def send_one(self, task: Task, payload: bytes, now: float) -> None:
+        """``send_tasks`` for the fast path's task: one, with an inline payload, no context,
+        not a stream, and no large message queued before it (the caller checked)."""
+        self.tasks[task.id] = task
+        task.started_at = now
+        task.payload = b""
+        if self._state is not WorkerState.BUSY:
+            self.state = WorkerState.BUSY
+            self.busy_since = now
+        self.messages += 1
+        try:
+            self.send_frame(m.exec1(task.id, payload))
+        except OSError:
+            pass  # the worker died; its sentinel fires next and fails its tasks
+
     def send(self, kind: m.Kind, ids: list[int], metas: list[Any] | None = None,
              contexts: list[dict[str, Any] | None] | None = None,
              blobs: list[m.Payload] | None = None) -> None:
@@ -160,6 +175,21 @@ class WorkerSlot:
         if self.messages:
             self.busy_since = now  # its next (prefetched) message starts now
         return done, False
+
+    def take_one(self, task_id: int, now: float) -> tuple[Task | None, bool]:
+        """``take_results`` for a message that answers one task."""
+        task = self.tasks.pop(task_id, None)
+        if task is not None:
+            self.run_time.record(now - task.started_at)
+        self.tasks_done += 1
+        self.messages -= 1
+        if not self.tasks and self._state is WorkerState.BUSY:
+            self.state = WorkerState.IDLE
+            self.messages = 0
+            return task, True
+        if self.messages:
+            self.busy_since = now
+        return task, False
 
     def stats(self) -> WorkerStats:
         """This worker at about this moment (read from any thread; no lock)."""

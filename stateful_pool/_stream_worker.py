@@ -111,10 +111,6 @@ class StreamRunner:
         self._held_some = threading.Condition(self.lock)
         self._flusher: threading.Thread | None = None
 
-    def next_message(self) -> m.Message:
-        """The next message for the worker loop: one that waited in the backlog first."""
-        return self.backlog.popleft() if self.backlog else m.recv_message(self.recv)
-
     def run(self, message: m.Message) -> None:
         """Run a STREAM (or, batched, an EXEC) message and every stream that joins it."""
         if self._flusher is None:

@@ -145,9 +145,20 @@ def worker_main(conn: Connection, worker_cls: ClassRef, parent_pid: int) -> None
     o.send_outcomes(send, m.Kind.SPAWNED, [(0, outcome)])
     streams = StreamRunner(host, conn)
     K = m.Kind
+    recv = streams.recv
+    backlog = streams.backlog
+    plain = not streams.collects
     while True:
         try:
-            message = streams.next_message()
+            if backlog:
+                message = backlog.popleft()
+            else:
+                frame = recv()
+                if frame[0] == m.EXEC1 and plain:  # the usual task: one, without a context
+                    task_id, blob = m.read_exec1(frame)
+                    o.send_outcomes(send, K.RESULTS, [_runner.run_one(host, task_id, blob)])
+                    continue
+                message = m.recv_message(recv, frame)
             kind = message.kind
             if kind == K.STREAM or (kind == K.EXEC and streams.collects):
                 streams.run(message)
