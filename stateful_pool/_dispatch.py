@@ -180,11 +180,11 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
             if (not self.idle or self.pending or self.inbox or self.closing
                     or not self.accepting):
                 return False
-            slot = self.idle[0]
+            slot = self.idle[-1]  # the worker idle the shortest time (see _dispatch)
             conn = slot.conn
             if conn is None or (slot.writer is not None and not slot.writer.idle.is_set()):
                 return False
-            self.idle.popleft()
+            self.idle.pop()
             self.counts.submitted += 1
             task.set_running_or_notify_cancel()
             task.state = T.RUNNING
@@ -476,7 +476,9 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
                 return
             started = [task for task in batch if self._start(task)]
             if started:
-                self._send(idle.popleft(), started, now)
+                # The worker idle the shortest time: its process is the likeliest to be on a
+                # core and in cache still (measurably shorter round trips than round-robin).
+                self._send(idle.pop(), started, now)
         if self.streams_per_worker > 1 and pending:
             self._join_running(now)
         if self.prefetch and pending:
