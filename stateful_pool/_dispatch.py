@@ -193,9 +193,13 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
                 self.deadlines.push(task)
             if lend and self._can_lend:
                 fd = conn.fileno()
-                self.poller.pause(fd)  # before the send: the answer is not the dispatcher's
+                if not slot.paused:  # before the send: the answer is not the dispatcher's
+                    self.poller.pause(fd)
+                    slot.paused = True
                 slot.lent = task
                 lent = Lent(slot, task, fd, slot.process.sentinel, conn)
+            elif slot.paused:
+                self._arm(slot)
             self.counts.queue_wait.record(now - task.submitted_at)
             if task.context is None and not task.is_stream:
                 slot.send_one(task, payload, now)
@@ -232,10 +236,15 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
                         frame = slot.recv_frame()
                 except (EOFError, OSError):
                     pass  # died: the dispatcher hears it from the pipe or the sentinel
-            self.poller.resume(lent.fd)
+            if frame is None or frame[0] != m.RESULT1:
+                self._arm(slot)  # what is left to read is the dispatcher's
             if frame is not None:
                 if frame[0] == m.RESULT1:
+                    # The usual answer: the worker idles now, and its pipe stays paused
+                    # until it gets a task whose answer is the dispatcher's to read.
                     self._on_lent_result1(slot, frame)
+                    if slot.tasks:
+                        self._arm(slot)
                 else:
                     message = m.recv_message(conn.recv_bytes, frame)
                     if message.kind == m.Kind.RESULTS:
@@ -247,6 +256,13 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         if self.pending or self.inbox or self.closing:
             self.wake()
         return frame is not None
+
+    def _arm(self, slot: WorkerSlot) -> None:
+        """Have the poller report this worker's pipe again (its answers are the
+        dispatcher's to read)."""
+        slot.paused = False
+        if slot.conn is not None:
+            self.poller.resume(slot.conn.fileno())
 
     def _on_lent_result1(self, slot: WorkerSlot, frame: bytes) -> None:
         """``_on_lent_results`` for the usual answer: one task's result (a RESULT1 frame)."""
@@ -448,8 +464,7 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         dispatcher needs it (``None``)."""
         if slot.lent is not None and (task is None or slot.lent is task):
             slot.lent = None
-            if slot.conn is not None:
-                self.poller.resume(slot.conn.fileno())
+            self._arm(slot)
 
     def _take_back_all(self) -> None:
         """Read every lent pipe here from now on: tasks queue, or the pool is closing, and
@@ -458,6 +473,8 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         for slot in self.slots:
             if slot.lent is not None:
                 self._take_back(slot, None)
+            elif slot.paused and self.closing:
+                self._arm(slot)
 
     def _accept(self, task: Task) -> None:
         self.counts.submitted += 1
@@ -511,6 +528,8 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         return False
 
     def _send(self, slot: WorkerSlot, tasks: list[Task], now: float) -> None:
+        if slot.paused:
+            self._arm(slot)
         record_wait = self.counts.queue_wait.record
         for task in tasks:
             record_wait(now - task.submitted_at)

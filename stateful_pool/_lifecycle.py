@@ -79,6 +79,7 @@ class WorkerLifecycle:
 
     def _watch(self, slot: WorkerSlot) -> None:
         assert slot.conn is not None
+        slot.paused = False
         for fd, is_pipe in ((slot.conn.fileno(), True), (slot.process.sentinel, False)):
             self.poller.watch(fd, (slot, is_pipe), pipe=is_pipe)
 

@@ -54,6 +54,11 @@ class WorkerSlot:
         # the dispatcher leaves the pipe alone meanwhile. Changed under the dispatcher's
         # scheduling lock only.
         self.lent: Task | None = None
+        # Its pipe is paused in the dispatcher's poller (``Poller.pause``): lent now, or left
+        # paused after a lent answer while the worker idles, so that the next caller to lend
+        # it needs no system call. Whoever sends it a task whose answer is the dispatcher's
+        # resumes it first (``Dispatcher._arm``). Changed under the scheduling lock only.
+        self.paused = False
         # Its work.
         self.tasks: dict[int, Task] = {}
         self.messages = 0  # EXEC/BATCH messages sent and not answered yet

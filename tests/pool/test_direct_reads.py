@@ -15,7 +15,7 @@ import time
 import pytest
 from workers import Tasks
 
-from stateful_pool import RemoteError, TaskTimeoutError, WorkerCrashedError
+from stateful_pool import RemoteError, SWorker, TaskTimeoutError, WorkerCrashedError
 
 WAIT = 30.0  # the longest any wait below may take
 
@@ -292,3 +292,38 @@ def test_event_loops_that_come_and_go_leave_no_fd_behind(make_pool):
         assert run_async(calls()) == list(range(10))
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+class Counter(SWorker):
+    """Echoes, or streams ``n`` numbers: one class for every kind of call."""
+
+    def spawn(self):
+        return os.getpid()
+
+    def execute(self, n, stream=False):
+        if stream:
+            return (i for i in range(n))
+        return n
+
+
+def test_a_worker_left_idle_after_direct_reads_serves_every_other_path(make_pool):
+    """After a thread's calls read their answers themselves, the worker's next task may come
+    from anywhere: a queued submit, a stream, a coroutine, a thread again; and a worker that
+    dies while it idles there is noticed and replaced."""
+    from procs import wait_until
+
+    pool = make_pool(Counter, max_restarts=5)
+    pid = pool.spawn()
+    for round_ in range(3):
+        assert [pool.execute(i) for i in range(10)] == list(range(10))
+        assert pool.submit_execute(round_).result(timeout=WAIT) == round_
+        assert list(pool.stream(3, stream=True)) == [0, 1, 2]
+        assert pool.execute(7) == 7
+        assert run_async(pool.async_execute(8)) == 8
+        assert pool.execute(9) == 9
+    os.kill(pid, signal.SIGKILL)  # while it idles, after an answer its caller read
+    assert wait_until(lambda: pool.stats().restarts == 1
+                      and pool.stats().workers[0].state == "idle", timeout=WAIT)
+    assert [pool.execute(i) for i in range(5)] == list(range(5))
+    assert pool.submit_execute(11).result(timeout=WAIT) == 11
+    assert pool.stats().workers[0].pid != pid
