@@ -290,22 +290,22 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         """Block the calling thread until the lent pipe has the answer (or the worker died, or
         the task was settled otherwise: timed out, shutdown), then ``reclaim`` the pipe. The
         task is done afterwards, or soon is: wait on it."""
-        task = lent.task
+        task, slot, fd = lent.task, lent.slot, lent.fd
         waiter = select.poll()
-        waiter.register(lent.fd, select.POLLIN)
+        waiter.register(fd, select.POLLIN)
         waiter.register(lent.sentinel, select.POLLIN)
         deadline = task.deadline
         readable = False
         try:
-            while lent.slot.lent is task and not task.done():
+            while slot.lent is task and not task.done():
                 wait = _LENT_CHECK
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
                         break  # the dispatcher times the task out
                 events = waiter.poll(wait * 1000.0)
-                if events:
-                    readable = any(fd == lent.fd for fd, _ in events)
+                if events:  # the pipe, the process's end, or both
+                    readable = len(events) == 2 or events[0][0] == fd
                     break
         except BaseException:  # Ctrl-C: the dispatcher reads the answer when it comes
             self.reclaim(lent, False)

@@ -147,8 +147,14 @@ def _may_hold_large_bytes(obj: Any) -> bool:
     (this runs on every submit; the walk costs several microseconds)."""
     if type(obj) is tuple and len(obj) == 2 and type(obj[0]) is tuple and type(obj[1]) is dict:
         args, kwargs = obj
-        return (any(type(a) in _CONTAINERS for a in args)
-                or any(type(v) in _CONTAINERS for v in kwargs.values()))
+        for a in args:  # loops, not any(): a generator costs more than the usual check
+            if type(a) in _CONTAINERS:
+                return True
+        if kwargs:
+            for v in kwargs.values():
+                if type(v) in _CONTAINERS:
+                    return True
+        return False
     return type(obj) in _CONTAINERS
 
 

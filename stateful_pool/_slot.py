@@ -134,8 +134,8 @@ class WorkerSlot:
         self.tasks[task.id] = task
         task.started_at = now
         task.payload = b""
-        if self._state is not WorkerState.BUSY:
-            self.state = WorkerState.BUSY
+        if self._state is not WorkerState.BUSY:  # idle (the fast path takes idle workers):
+            self._state = WorkerState.BUSY      # a legal move, not checked on this path
             self.busy_since = now
         self.messages += 1
         try:
@@ -189,7 +189,7 @@ class WorkerSlot:
         self.tasks_done += 1
         self.messages -= 1
         if not self.tasks and self._state is WorkerState.BUSY:
-            self.state = WorkerState.IDLE
+            self._state = WorkerState.IDLE  # (a legal move, not checked on this path)
             self.messages = 0
             return task, True
         if self.messages:

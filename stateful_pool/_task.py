@@ -227,9 +227,14 @@ class ThreadTask(DirectTask):
 
     def __init__(self, task_id: int, payload: m.Payload, deadline: float | None,
                  on_cancel: Callable[[Task], None], context: dict[str, Any] | None) -> None:
-        super().__init__(task_id, payload, deadline, on_cancel, context)
-        self._settled = threading.Lock()
-        self._settled.acquire()
+        # DirectTask's fields, set here without super(): this runs on every execute().
+        self._lock = threading.Lock()
+        self._settled = settled = threading.Lock()
+        settled.acquire()
+        self._status = _PENDING
+        self._value = None
+        self._error = None
+        self._fields(task_id, payload, deadline, False, on_cancel, context)
 
     def _deliver(self) -> None:
         self._settled.release()
