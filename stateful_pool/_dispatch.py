@@ -242,7 +242,7 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
                 if frame[0] == m.RESULT1:
                     # The usual answer: the worker idles now, and its pipe stays paused
                     # until it gets a task whose answer is the dispatcher's to read.
-                    self._on_lent_result1(slot, frame)
+                    self._on_result1(slot, frame, dispatch=False)
                     if slot.tasks:
                         self._arm(slot)
                 else:
@@ -264,13 +264,16 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         if slot.conn is not None:
             self.poller.resume(slot.conn.fileno())
 
-    def _on_lent_result1(self, slot: WorkerSlot, frame: bytes) -> None:
-        """``_on_lent_results`` for the usual answer: one task's result (a RESULT1 frame)."""
+    def _on_result1(self, slot: WorkerSlot, frame: bytes, dispatch: bool = True) -> None:
+        """``_on_results`` for the usual answer: one task's result (a RESULT1 frame)."""
         task_id, name, blob = m.read_result1(frame)
         now = time.monotonic()
         task, now_idle = slot.take_one(task_id, now)
         if now_idle:
             self.idle.append(slot)
+            if dispatch and self.pending and not slot.reaping:
+                self._expire_tasks(now)  # (as in _on_results: its next task goes out first)
+                self._dispatch(now)
         if task is None:
             return  # no longer this worker's task
         self.counts.run_time.record(now - task.started_at)
@@ -533,6 +536,14 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         record_wait = self.counts.queue_wait.record
         for task in tasks:
             record_wait(now - task.submitted_at)
+        if len(tasks) == 1 and not self.batching:
+            task = tasks[0]
+            payload = task.payload
+            if (task.context is None and not task.is_stream and type(payload) is bytes
+                    and len(payload) <= m.INLINE_MAX
+                    and (slot.writer is None or slot.writer.idle.is_set())):
+                slot.send_one(task, payload, now)  # the usual task, as the fast path sends it
+                return
         if self.batching:
             self.counts.batches.record(len(tasks))
             if len(tasks) > 1 and any(t.is_stream for t in tasks):
@@ -552,8 +563,7 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         try:
             frame = slot.recv_frame()
             if frame[0] == m.RESULT1:  # one task's result: the usual message
-                task_id, name, blob = m.read_result1(frame)
-                self._on_results(slot, [(task_id, (True, name, blob))])
+                self._on_result1(slot, frame)
                 return
             message = m.recv_message(conn.recv_bytes, frame)
         except (EOFError, OSError):

@@ -129,13 +129,16 @@ class WorkerSlot:
                   contexts, payloads)
 
     def send_one(self, task: Task, payload: bytes, now: float) -> None:
-        """``send_tasks`` for the fast path's task: one, with an inline payload, no context,
-        not a stream, and no large message queued before it (the caller checked)."""
+        """``send_tasks`` for the usual task: one, with an inline payload, no context, not a
+        stream, and no large message queued before it (the caller checked)."""
         self.tasks[task.id] = task
         task.started_at = now
         task.payload = b""
-        if self._state is not WorkerState.BUSY:  # idle (the fast path takes idle workers):
-            self._state = WorkerState.BUSY      # a legal move, not checked on this path
+        if self._state is WorkerState.IDLE:
+            self._state = WorkerState.BUSY  # (a legal move, not checked on this path)
+            self.busy_since = now
+        elif self._state is not WorkerState.BUSY:
+            self.state = WorkerState.BUSY  # (checked: raises if not a legal move)
             self.busy_since = now
         self.messages += 1
         try:
