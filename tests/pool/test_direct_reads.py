@@ -13,15 +13,12 @@ import threading
 import time
 
 import pytest
+from procs import run_async, wait_until
 from workers import Tasks
 
 from stateful_pool import RemoteError, SWorker, TaskTimeoutError, WorkerCrashedError
 
 WAIT = 30.0  # the longest any wait below may take
-
-
-def run_async(coro, timeout=WAIT):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def test_sequential_calls_get_their_own_results_errors_included(make_pool):
@@ -310,8 +307,6 @@ def test_a_worker_left_idle_after_direct_reads_serves_every_other_path(make_pool
     """After a thread's calls read their answers themselves, the worker's next task may come
     from anywhere: a queued submit, a stream, a coroutine, a thread again; and a worker that
     dies while it idles there is noticed and replaced."""
-    from procs import wait_until
-
     pool = make_pool(Counter, max_restarts=5)
     pid = pool.spawn()
     for round_ in range(3):

@@ -13,15 +13,12 @@ import time
 from concurrent.futures import wait
 
 import pytest
+from procs import run_async
 from workers import Tasks
 
 from stateful_pool import WorkerCrashedError
 
 WAIT = 30.0  # the longest any wait below may take
-
-
-def run_async(coro, timeout=WAIT):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def test_a_blocked_loop_does_not_hold_the_answers_of_other_callers(make_pool):

@@ -1,8 +1,9 @@
-"""Process helpers for the tests: the children of this process, whether a pid lives, and a
-bounded wait."""
+"""Process helpers for the tests: the children of this process, whether a pid lives, and
+bounded waits (a condition, a coroutine)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -45,3 +46,8 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0,
             return True
         time.sleep(interval)
     return predicate()
+
+
+def run_async(coro, timeout: float = 30.0):
+    """Run a coroutine on a new event loop; ``TimeoutError`` if it takes over ``timeout``."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
