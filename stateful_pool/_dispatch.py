@@ -335,7 +335,7 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
 
     def abandoned(self, task: Task) -> None:
         """A running task's caller stopped waiting; shutdown will not wait for it."""
-        task.abandoned = True
+        task.abandon()
         self.wake()
 
     def close(self, cancel_futures: bool, timeout: float | None, kill: bool = False) -> None:
@@ -445,8 +445,8 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         inbox = self.inbox
         while inbox:
             item = inbox.popleft()
-            kind = type(item)
-            if kind is LoopTask or kind is ThreadTask or kind is Task or kind is Stream:
+            if (type(item) is LoopTask or type(item) is ThreadTask or type(item) is Task
+                    or type(item) is Stream):
                 self._accept(item)
             elif isinstance(item, StartWorker):
                 self._start_process(item.slot)

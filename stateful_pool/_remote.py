@@ -41,6 +41,7 @@ from typing import Any, Generic, TypeVar
 from ._config import check_timeout
 from ._outcomes import RemoteTraceback, type_name
 from ._stats import PoolStats
+from ._task import Task
 from .errors import PoolClosedError, PoolError, RemoteError
 
 __all__ = ["PoolClient", "PoolServer", "RemotePool", "ServerGoneError"]
@@ -509,10 +510,8 @@ def _withdraw(task: Any) -> None:
     pool's shutdown does not wait for it)."""
     if task.cancel() or isinstance(task, asyncio.Task):
         return
-    abandon = getattr(getattr(task, "on_cancel", None), "__self__", None)
-    dispatcher = getattr(abandon, "_dispatcher", None)
-    if dispatcher is not None and not task.done():
-        dispatcher.abandoned(task)
+    if isinstance(task, Task) and not task.done():
+        task.abandon()
 
 
 # ---- the client ---------------------------------------------------------------------------
