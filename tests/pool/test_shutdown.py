@@ -60,6 +60,25 @@ def test_cancel_futures_drops_what_has_not_started():
     assert all(f.cancelled() for f in queued)
 
 
+def test_cancel_futures_tells_threads_blocked_in_execute_on_queued_tasks():
+    from concurrent.futures import CancelledError, ThreadPoolExecutor
+
+    pool = SPool(Tasks)
+    try:
+        pool.spawn()
+        running = pool.submit_execute("sleep", 1.0, "ran")
+        with ThreadPoolExecutor(4) as threads:
+            blocked = [threads.submit(pool.execute, "echo", i) for i in range(4)]
+            assert wait_until(lambda: pool.stats().queue_depth == 4, timeout=10)
+            pool.shutdown(cancel_futures=True)
+            for call in blocked:
+                with pytest.raises(CancelledError):
+                    call.result(timeout=10)
+        assert running.result(timeout=0) == "ran"
+    finally:
+        pool.shutdown(cancel_futures=True, timeout=5)
+
+
 def assert_shutdown_ends_in_time(pool, future, why):
     """``shutdown(timeout=0.5)`` returns within 3 s, and the future still in the works then
     fails with ``PoolClosedError`` saying ``why``."""
