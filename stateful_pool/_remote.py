@@ -41,7 +41,6 @@ from typing import Any, Generic, TypeVar
 from ._config import check_timeout
 from ._outcomes import RemoteTraceback, type_name
 from ._stats import PoolStats
-from ._task import Task
 from .errors import PoolClosedError, PoolError, RemoteError
 
 __all__ = ["PoolClient", "PoolServer", "RemotePool", "ServerGoneError"]
@@ -510,8 +509,12 @@ def _withdraw(task: Any) -> None:
     pool's shutdown does not wait for it)."""
     if task.cancel() or isinstance(task, asyncio.Task):
         return
-    if isinstance(task, Task) and not task.done():
-        task.abandon()
+    # The task's pool, through its cancel hook (a bound method of the pool): its dispatcher
+    # must be told, and woken, since a shutdown in progress may be waiting for this task.
+    abandon = getattr(getattr(task, "on_cancel", None), "__self__", None)
+    dispatcher = getattr(abandon, "_dispatcher", None)
+    if dispatcher is not None and not task.done():
+        dispatcher.abandoned(task)
 
 
 # ---- the client ---------------------------------------------------------------------------

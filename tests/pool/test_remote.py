@@ -308,3 +308,21 @@ def test_stats_are_pushed_and_threads_share_one_client(served, client):
     assert wait_until(lambda: tasks.stats().completed == 200, 5)
     assert tasks.stats().serving_workers == 2
     assert isinstance(SPool, type)
+
+
+def test_a_client_that_leaves_during_shutdown_lets_the_shutdown_end(served, client):
+    """``shutdown()`` waits for a running task while its remote caller waits for it; when
+    that client goes, the pool stops waiting at once and stops the worker."""
+    pool, _ = served(workers=1)
+    remote = client()
+    remote.pool("tasks").submit_execute("sleep", 30)
+    assert wait_until(lambda: pool.stats().busy_workers == 1, 10)
+    closing = threading.Thread(target=pool.shutdown)
+    closing.start()
+    time.sleep(0.3)
+    assert closing.is_alive()  # the task's caller still waits for it
+    t0 = time.monotonic()
+    remote.close()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert time.monotonic() - t0 < 5
