@@ -269,7 +269,7 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         task_id, name, blob = m.read_result1(frame)
         now = time.monotonic()
         task, now_idle = slot.take_one(task_id, now)
-        if now_idle:
+        if now_idle and not slot.kill_reason:  # (a worker being killed takes no more tasks)
             self.idle.append(slot)
             if dispatch and self.pending and not slot.reaping:
                 self._expire_tasks(now)  # (as in _on_results: its next task goes out first)
@@ -578,7 +578,7 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         record = self.counts.run_time.record
         for task, _ in done:
             record(now - task.started_at)
-        if now_idle:
+        if now_idle and not slot.kill_reason:  # (a worker being killed takes no more tasks)
             self.idle.append(slot)
             if dispatch and self.pending and not slot.reaping:
                 # The worker's next task goes out before the callers are woken: resolving

@@ -184,9 +184,9 @@ class DirectTask(Task):
         with self._lock:
             if self._status >= _FINISHED:
                 raise InvalidStateError(f"task {self.id} is done already")
-            self._status = _FINISHED
             self._value = value
             self._error = error
+            self._status = _FINISHED  # last: a reader that sees it done finds the outcome
         self._deliver()
 
     def set_result(self, result: Any) -> None:

@@ -312,7 +312,10 @@ class PipeReader:
 
     def _ready(self) -> None:
         lent, self.lent = self.lent, None
-        if lent is None or not self._reclaim(lent, True, True):
+        # Not ``readable``: a readiness the selector reported for another party's answer
+        # (read meanwhile, and the worker lent to this loop again) must not block the loop
+        # in a read; ``reclaim`` looks at the pipe once more.
+        if lent is None or not self._reclaim(lent, True, False):
             self.close()  # not an answer this loop reads: the dispatcher's to read
 
     def close(self) -> None:
