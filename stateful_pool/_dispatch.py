@@ -224,10 +224,12 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
             self.wake()
             return False
         frame = None
+        given_back = idle = False
         try:
             if slot.lent is not task:
                 return False
             slot.lent = None
+            given_back = True
             conn = slot.conn
             assert conn is not None
             if read:
@@ -236,22 +238,26 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
                         frame = slot.recv_frame()
                 except (EOFError, OSError):
                     pass  # died: the dispatcher hears it from the pipe or the sentinel
-            if frame is None or frame[0] != m.RESULT1:
-                self._arm(slot)  # what is left to read is the dispatcher's
             if frame is not None:
                 if frame[0] == m.RESULT1:
-                    # The usual answer: the worker idles now, and its pipe stays paused
-                    # until it gets a task whose answer is the dispatcher's to read.
                     self._on_result1(slot, frame, dispatch=False)
-                    if slot.tasks:
-                        self._arm(slot)
+                    idle = not slot.tasks
                 else:
-                    message = m.recv_message(conn.recv_bytes, frame)
+                    try:  # a message of several frames (a large result)
+                        message = m.recv_message(conn.recv_bytes, frame)
+                    except (EOFError, OSError):
+                        return False  # died mid-message: its sentinel fails the task
                     if message.kind == m.Kind.RESULTS:
                         self._on_lent_results(slot, o.outcomes_of(message))
                     else:  # not the answer to an EXEC: not expected; the dispatcher's way
                         self._on_message(slot, message)
         finally:
+            # After the usual answer the worker idles, and its pipe stays paused until it
+            # gets a task whose answer is the dispatcher's to read. Otherwise (no answer yet,
+            # another message, or an exception here: Ctrl-C) what is left is the
+            # dispatcher's to read.
+            if given_back and not idle:
+                self._arm(slot)
             self._sched.release()
         if self.pending or self.inbox or self.closing:
             self.wake()
