@@ -201,10 +201,7 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
             elif slot.paused:
                 self._arm(slot)
             self.counts.queue_wait.record(now - task.submitted_at)
-            if task.context is None and not task.is_stream:
-                slot.send_one(task, payload, now)
-            else:
-                slot.send_tasks([task], False, now)
+            slot.send_tasks([task], False, now)
         finally:
             self._sched.release()
         if task.deadline is not None or self.hang_timeout is not None:
@@ -275,11 +272,8 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         task_id, name, blob = m.read_result1(frame)
         now = time.monotonic()
         task, now_idle = slot.take_one(task_id, now)
-        if now_idle and not slot.kill_reason:  # (a worker being killed takes no more tasks)
-            self.idle.append(slot)
-            if dispatch and self.pending and not slot.reaping:
-                self._expire_tasks(now)  # (as in _on_results: its next task goes out first)
-                self._dispatch(now)
+        if now_idle:
+            self._now_idle(slot, now, dispatch)
         if task is None:
             return  # no longer this worker's task
         self.counts.run_time.record(now - task.started_at)
@@ -341,7 +335,7 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
 
     def abandoned(self, task: Task) -> None:
         """A running task's caller stopped waiting; shutdown will not wait for it."""
-        task.abandon()
+        task.abandoned = True
         self.wake()
 
     def close(self, cancel_futures: bool, timeout: float | None, kill: bool = False) -> None:
@@ -542,14 +536,6 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         record_wait = self.counts.queue_wait.record
         for task in tasks:
             record_wait(now - task.submitted_at)
-        if len(tasks) == 1 and not self.batching:
-            task = tasks[0]
-            payload = task.payload
-            if (task.context is None and not task.is_stream and type(payload) is bytes
-                    and len(payload) <= m.INLINE_MAX
-                    and (slot.writer is None or slot.writer.idle.is_set())):
-                slot.send_one(task, payload, now)  # the usual task, as the fast path sends it
-                return
         if self.batching:
             self.counts.batches.record(len(tasks))
             if len(tasks) > 1 and any(t.is_stream for t in tasks):
@@ -584,19 +570,25 @@ class Dispatcher(LoopDriving, StreamScheduling, WorkerShutdown):
         record = self.counts.run_time.record
         for task, _ in done:
             record(now - task.started_at)
-        if now_idle and not slot.kill_reason:  # (a worker being killed takes no more tasks)
-            self.idle.append(slot)
-            if dispatch and self.pending and not slot.reaping:
-                # The worker's next task goes out before the callers are woken: resolving
-                # futures runs their callbacks, and the worker would idle meanwhile.
-                self._expire_tasks(now)  # never send what has expired
-                self._dispatch(now)
+        if now_idle:
+            self._now_idle(slot, now, dispatch)
         for task, outcome in done:
             ok, value = o.rebuild_outcome(outcome)
             if ok:
                 self._finish(task, value)
             else:
                 self._finish(task, exc=value)
+
+    def _now_idle(self, slot: WorkerSlot, now: float, dispatch: bool) -> None:
+        """The worker answered its last task: it may take the next one (not if it is being
+        killed). With ``dispatch``, that task goes out before the callers are woken:
+        resolving futures runs their callbacks, and the worker would idle meanwhile."""
+        if slot.kill_reason:
+            return
+        self.idle.append(slot)
+        if dispatch and self.pending and not slot.reaping:
+            self._expire_tasks(now)  # never send what has expired
+            self._dispatch(now)
 
     def _on_message(self, slot: WorkerSlot, message: m.Message) -> None:
         kind = message.kind

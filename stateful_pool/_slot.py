@@ -95,6 +95,13 @@ class WorkerSlot:
     def send_tasks(self, tasks: list[Task], batch: bool, now: float) -> None:
         """Hand tasks to this worker in one message: EXEC (one task) or BATCH
         (``execute_batch``). It is busy from now on, if it was not already."""
+        first: Any = tasks[0]
+        if len(tasks) == 1 and first.context is None and not first.is_stream and not batch:
+            payload = first.payload
+            if (type(payload) is bytes and len(payload) <= m.INLINE_MAX
+                    and (self.writer is None or self.writer.idle.is_set())):
+                self.send_one(first, payload, now)
+                return
         for task in tasks:
             self.tasks[task.id] = task
             task.started_at = now
@@ -102,17 +109,6 @@ class WorkerSlot:
             self.state = WorkerState.BUSY
             self.busy_since = now
         self.messages += 1
-        first: Any = tasks[0]
-        if len(tasks) == 1 and first.context is None and not first.is_stream and not batch:
-            payload = first.payload
-            if (type(payload) is bytes and len(payload) <= m.INLINE_MAX
-                    and (self.writer is None or self.writer.idle.is_set())):
-                first.payload = b""
-                try:  # the usual task: one compact frame, straight to the pipe
-                    self.send_frame(m.exec1(first.id, payload))
-                except OSError:
-                    pass  # the worker died; its sentinel fires next and fails its tasks
-                return
         payloads = [t.payload for t in tasks]
         for task in tasks:
             task.payload = b""  # the worker gets it now; free the memory with the message
@@ -129,8 +125,9 @@ class WorkerSlot:
                   contexts, payloads)
 
     def send_one(self, task: Task, payload: bytes, now: float) -> None:
-        """``send_tasks`` for the usual task: one, with an inline payload, no context, not a
-        stream, and no large message queued before it (the caller checked)."""
+        """The usual task: one, with an inline payload, no context, not a stream, and no
+        large message queued before it (``send_tasks`` checked), in one compact frame
+        straight to the pipe."""
         self.tasks[task.id] = task
         task.started_at = now
         task.payload = b""
@@ -174,30 +171,26 @@ class WorkerSlot:
                 if (task := tasks.pop(task_id, None)) is not None]
         for task, _ in done:
             self.run_time.record(now - task.started_at)
-        self.tasks_done += len(outcomes)
-        self.messages -= 1
-        if not tasks and self._state == WorkerState.BUSY:
-            self.state = WorkerState.IDLE
-            self.messages = 0
-            return done, True
-        if self.messages:
-            self.busy_since = now  # its next (prefetched) message starts now
-        return done, False
+        return done, self._answered(len(outcomes), now)
 
     def take_one(self, task_id: int, now: float) -> tuple[Task | None, bool]:
         """``take_results`` for a message that answers one task."""
         task = self.tasks.pop(task_id, None)
         if task is not None:
             self.run_time.record(now - task.started_at)
-        self.tasks_done += 1
+        return task, self._answered(1, now)
+
+    def _answered(self, count: int, now: float) -> bool:
+        """One message answering ``count`` tasks came back; whether the worker idles now."""
+        self.tasks_done += count
         self.messages -= 1
         if not self.tasks and self._state is WorkerState.BUSY:
             self._state = WorkerState.IDLE  # (a legal move, not checked on this path)
             self.messages = 0
-            return task, True
+            return True
         if self.messages:
-            self.busy_since = now
-        return task, False
+            self.busy_since = now  # its next (prefetched) message starts now
+        return False
 
     def stats(self) -> WorkerStats:
         """This worker at about this moment (read from any thread; no lock)."""

@@ -114,11 +114,6 @@ class Task(PoolFuture):
             on_cancel(self)
         return cancelled
 
-    def abandon(self) -> None:
-        """Its caller stopped waiting while it runs: the pool's shutdown will not wait for it
-        (its result is dropped when it comes)."""
-        self.abandoned = True
-
     def forget_pool(self) -> None:
         """The task is done: it needs its pool no more."""
         self.on_cancel = _done
